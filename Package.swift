@@ -1,0 +1,36 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "flowtag",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "FlowTagKernel", targets: ["FlowTagKernel"]),
+        .library(name: "FlowContext", targets: ["FlowContext"]),
+        .library(name: "FlowTagAgent", targets: ["FlowTagAgent"]),
+        .executable(name: "flowtagd", targets: ["flowtagd"]),
+        .executable(name: "flowtag", targets: ["flowtag"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLibbpf", pkgConfig: "libbpf",
+                       providers: [.apt(["libbpf-dev", "libelf-dev", "zlib1g-dev"])]),
+        .target(name: "CFlowTagBPF", dependencies: ["CLibbpf"],
+                exclude: ["generated"]),
+        .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF"]),
+        .target(name: "FlowContext"),
+        .target(name: "FlowTagAgent", dependencies: ["FlowTagKernel", "FlowContext"]),
+        .executableTarget(name: "flowtagd", dependencies: [
+            "FlowTagAgent", "FlowTagKernel",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "flowtag", dependencies: [
+            "FlowTagAgent",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent"]),
+        .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
+    ]
+)

@@ -1,0 +1,1 @@
+../../../bpf/include/flowtag_abi.h

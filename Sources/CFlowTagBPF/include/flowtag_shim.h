@@ -1,0 +1,91 @@
+/* C shim around the generated flowtag skeleton.
+ *
+ * A handful of non-inline functions, module-prefixed (ftbpf_), returning 0 or a
+ * negative errno. No libbpf types, macros, unions or va_list appear here, so Swift
+ * imports it cleanly; the ABI structs come from flowtag_abi.h.
+ */
+#ifndef FLOWTAG_SHIM_H
+#define FLOWTAG_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "flowtag_abi.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ftbpf;
+
+/* Maps the agent reads or writes. */
+enum ftbpf_map {
+    FTBPF_MAP_TCP_FLOWS = 0,
+    FTBPF_MAP_UDP_FLOWS = 1,
+    FTBPF_MAP_PROCS = 2,
+    FTBPF_MAP_COUNTERS = 3,
+    FTBPF_MAP_EVENTS = 4,
+    FTBPF_MAP_SK_STATE = 5,
+    FTBPF_MAP_COUNT = 6,
+};
+
+struct ftbpf_config {
+    uint32_t tcp_flows_max;  /* 0: default of the object */
+    uint32_t udp_flows_max;
+    uint32_t procs_max;
+    uint32_t ringbuf_bytes;  /* power of two, multiple of the page size */
+};
+
+/* Open and load the programs. On failure *err receives libbpf's last words. */
+int ftbpf_open_load(const struct ftbpf_config *config, struct ftbpf **out, char *err, size_t err_len);
+
+/* Attach every program: the cgroup ones to cgroup_fd (multi-attach links), the rest
+ * to their tracepoints. On failure nothing stays attached and *err names the program. */
+int ftbpf_attach(struct ftbpf *obj, int cgroup_fd, char *err, size_t err_len);
+
+/* Pin maps under dir/maps and links under dir/links (dir must be on a bpffs). */
+int ftbpf_pin(struct ftbpf *obj, const char *dir);
+/* Remove the pins made by ftbpf_pin (the objects stay alive while we hold them). */
+int ftbpf_unpin(struct ftbpf *obj, const char *dir);
+
+/* Detach every link, close every fd and free the object. NULL is fine. */
+void ftbpf_destroy(struct ftbpf *obj);
+
+int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map map);
+/* Kernel ids of the loaded programs, for tests that check nothing is left behind. */
+int ftbpf_prog_ids(struct ftbpf *obj, uint32_t *ids, size_t cap);
+
+/* Ring buffer. The callback returns 0 to go on, nonzero to stop the current poll. */
+typedef int (*ftbpf_event_fn)(void *ctx, const void *data, size_t len);
+int ftbpf_events_open(struct ftbpf *obj, ftbpf_event_fn fn, void *ctx);
+/* Wait up to timeout_ms and consume what arrived: count of records or -errno. */
+int ftbpf_events_poll(struct ftbpf *obj, int timeout_ms);
+/* Consume what is there without waiting. */
+int ftbpf_events_consume(struct ftbpf *obj);
+
+/* Thin map access by fd (also for maps opened from pins). */
+int ftbpf_map_lookup(int fd, const void *key, void *value);
+int ftbpf_map_next_key(int fd, const void *key, void *next_key);
+int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags);
+int ftbpf_map_delete(int fd, const void *key);
+/* Sum of one slot of a per-CPU u64 array. */
+int ftbpf_percpu_sum(int fd, uint32_t index, uint64_t *sum);
+
+/* Feature probe: 0 when this kernel can run the programs; otherwise -errno and
+ * *missing names the first missing program or map type. */
+int ftbpf_probe(char *missing, size_t missing_len);
+
+/* statfs(2) f_type of a path (bpffs and cgroup2 checks); Swift's Glibc lacks statfs. */
+int ftbpf_statfs_type(const char *path, int64_t *type);
+
+/* Number of possible CPUs (per-CPU map value counts). */
+int ftbpf_num_cpus(void);
+
+/* BPF run-time statistics of one loaded program (kernel.bpf_stats_enabled=1). */
+int ftbpf_prog_stats(struct ftbpf *obj, size_t index, char *name, size_t name_len,
+                     uint64_t *run_time_ns, uint64_t *run_cnt);
+size_t ftbpf_prog_count(struct ftbpf *obj);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,391 @@
+#include "flowtag_shim.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+#include <pthread.h>
+#include <bpf/libbpf.h>
+#include <bpf/bpf.h>
+
+#include "generated/flowtag.skel.h"
+
+_Static_assert(FTBPF_MAP_COUNT == 6, "map table");
+
+#define FTBPF_MAX_LINKS 32
+
+struct ftbpf {
+    struct flowtag_bpf *skel;
+    struct bpf_link *links[FTBPF_MAX_LINKS];
+    char link_names[FTBPF_MAX_LINKS][64];
+    size_t nlinks;
+    struct ring_buffer *rb;
+};
+
+/* libbpf talks through one global print hook: keep its recent words per thread so a
+ * failed load can say why, and print only when FLOWTAG_LIBBPF_DEBUG is set. */
+static __thread char last_log[2048];
+static __thread size_t last_log_len;
+
+static int ftbpf_print(enum libbpf_print_level level, const char *fmt, va_list ap)
+{
+    char line[512];
+    va_list copy;
+    va_copy(copy, ap);
+    int n = vsnprintf(line, sizeof(line), fmt, copy);
+    va_end(copy);
+    if (n > 0) {
+        size_t len = strlen(line);
+        if (len >= sizeof(last_log)) len = sizeof(last_log) - 1;
+        if (last_log_len + len >= sizeof(last_log)) {
+            /* keep the tail: the reason is usually last */
+            size_t keep = sizeof(last_log) / 2;
+            if (last_log_len > keep) {
+                memmove(last_log, last_log + last_log_len - keep, keep);
+                last_log_len = keep;
+            }
+            if (last_log_len + len >= sizeof(last_log)) last_log_len = 0;
+        }
+        memcpy(last_log + last_log_len, line, len);
+        last_log_len += len;
+        last_log[last_log_len] = 0;
+    }
+    (void)level;
+    if (getenv("FLOWTAG_LIBBPF_DEBUG"))
+        return vfprintf(stderr, fmt, ap);
+    return 0;
+}
+
+static pthread_once_t print_once = PTHREAD_ONCE_INIT;
+static void install_print(void) { libbpf_set_print(ftbpf_print); }
+
+static void set_err(char *err, size_t err_len, const char *what, int rc)
+{
+    if (!err || !err_len)
+        return;
+    /* last two lines of libbpf's log, which name the program and the reason */
+    const char *tail = last_log;
+    int newlines = 0;
+    for (const char *p = last_log + last_log_len; p > last_log; p--) {
+        if (p[-1] == '\n' && p != last_log + last_log_len) {
+            if (++newlines == 3) { tail = p; break; }
+        }
+    }
+    snprintf(err, err_len, "%s: %s%s%s", what, strerror(-rc), *tail ? "\n" : "", tail);
+}
+
+int ftbpf_open_load(const struct ftbpf_config *config, struct ftbpf **out, char *err, size_t err_len)
+{
+    pthread_once(&print_once, install_print);
+    last_log_len = 0;
+    last_log[0] = 0;
+    *out = NULL;
+    struct ftbpf *obj = calloc(1, sizeof(*obj));
+    if (!obj)
+        return -ENOMEM;
+    obj->skel = flowtag_bpf__open();
+    if (!obj->skel) {
+        int rc = -errno;
+        set_err(err, err_len, "open BPF object", rc);
+        free(obj);
+        return rc;
+    }
+    if (config) {
+        if (config->tcp_flows_max)
+            bpf_map__set_max_entries(obj->skel->maps.ft_tcp_flows, config->tcp_flows_max);
+        if (config->udp_flows_max)
+            bpf_map__set_max_entries(obj->skel->maps.ft_udp_flows, config->udp_flows_max);
+        if (config->procs_max)
+            bpf_map__set_max_entries(obj->skel->maps.ft_procs, config->procs_max);
+        if (config->ringbuf_bytes)
+            bpf_map__set_max_entries(obj->skel->maps.ft_events, config->ringbuf_bytes);
+    }
+    int rc = flowtag_bpf__load(obj->skel);
+    if (rc) {
+        set_err(err, err_len, "load BPF programs", rc);
+        flowtag_bpf__destroy(obj->skel);
+        free(obj);
+        return rc;
+    }
+    *out = obj;
+    return 0;
+}
+
+static int is_cgroup_prog(enum bpf_prog_type type)
+{
+    return type == BPF_PROG_TYPE_CGROUP_SOCK || type == BPF_PROG_TYPE_CGROUP_SOCK_ADDR ||
+           type == BPF_PROG_TYPE_SOCK_OPS || type == BPF_PROG_TYPE_CGROUP_SKB;
+}
+
+static void detach_all(struct ftbpf *obj)
+{
+    for (size_t i = 0; i < obj->nlinks; i++)
+        bpf_link__destroy(obj->links[i]);
+    obj->nlinks = 0;
+}
+
+int ftbpf_attach(struct ftbpf *obj, int cgroup_fd, char *err, size_t err_len)
+{
+    struct bpf_program *prog;
+    last_log_len = 0;
+    last_log[0] = 0;
+    bpf_object__for_each_program(prog, obj->skel->obj) {
+        if (obj->nlinks >= FTBPF_MAX_LINKS) {
+            detach_all(obj);
+            return -E2BIG;
+        }
+        struct bpf_link *link;
+        if (is_cgroup_prog(bpf_program__type(prog)))
+            link = bpf_program__attach_cgroup(prog, cgroup_fd);
+        else
+            link = bpf_program__attach(prog);
+        if (!link) {
+            int rc = -errno;
+            char what[128];
+            snprintf(what, sizeof(what), "attach program %s (%s)", bpf_program__name(prog),
+                     bpf_program__section_name(prog));
+            set_err(err, err_len, what, rc);
+            detach_all(obj);
+            return rc;
+        }
+        snprintf(obj->link_names[obj->nlinks], sizeof(obj->link_names[0]), "%s", bpf_program__name(prog));
+        obj->links[obj->nlinks++] = link;
+    }
+    return 0;
+}
+
+static int mkdir_p(const char *dir)
+{
+    if (mkdir(dir, 0700) && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+int ftbpf_pin(struct ftbpf *obj, const char *dir)
+{
+    char path[512];
+    int rc;
+    if ((rc = mkdir_p(dir)))
+        return rc;
+    snprintf(path, sizeof(path), "%s/maps", dir);
+    if ((rc = mkdir_p(path)))
+        return rc;
+    snprintf(path, sizeof(path), "%s/links", dir);
+    if ((rc = mkdir_p(path)))
+        return rc;
+    struct bpf_map *map;
+    bpf_object__for_each_map(map, obj->skel->obj) {
+        if (strstr(bpf_map__name(map), ".bss") || strstr(bpf_map__name(map), ".rodata") ||
+            strstr(bpf_map__name(map), ".data"))
+            continue;
+        snprintf(path, sizeof(path), "%s/maps/%s", dir, bpf_map__name(map));
+        if ((rc = bpf_map__pin(map, path)))
+            return rc;
+    }
+    for (size_t i = 0; i < obj->nlinks; i++) {
+        snprintf(path, sizeof(path), "%s/links/%s", dir, obj->link_names[i]);
+        if ((rc = bpf_link__pin(obj->links[i], path)))
+            return rc;
+    }
+    return 0;
+}
+
+int ftbpf_unpin(struct ftbpf *obj, const char *dir)
+{
+    char path[512];
+    int first = 0;
+    struct bpf_map *map;
+    bpf_object__for_each_map(map, obj->skel->obj) {
+        if (bpf_map__is_pinned(map)) {
+            int rc = bpf_map__unpin(map, NULL);
+            if (rc && !first) first = rc;
+        }
+    }
+    for (size_t i = 0; i < obj->nlinks; i++) {
+        if (bpf_link__pin_path(obj->links[i])) {
+            int rc = bpf_link__unpin(obj->links[i]);
+            if (rc && !first) first = rc;
+        }
+    }
+    snprintf(path, sizeof(path), "%s/maps", dir);
+    rmdir(path);
+    snprintf(path, sizeof(path), "%s/links", dir);
+    rmdir(path);
+    if (rmdir(dir) && errno != ENOENT && !first)
+        first = -errno;
+    return first;
+}
+
+void ftbpf_destroy(struct ftbpf *obj)
+{
+    if (!obj)
+        return;
+    if (obj->rb)
+        ring_buffer__free(obj->rb);
+    detach_all(obj);
+    flowtag_bpf__destroy(obj->skel);
+    free(obj);
+}
+
+int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
+{
+    struct bpf_map *m;
+    switch (which) {
+    case FTBPF_MAP_TCP_FLOWS: m = obj->skel->maps.ft_tcp_flows; break;
+    case FTBPF_MAP_UDP_FLOWS: m = obj->skel->maps.ft_udp_flows; break;
+    case FTBPF_MAP_PROCS: m = obj->skel->maps.ft_procs; break;
+    case FTBPF_MAP_COUNTERS: m = obj->skel->maps.ft_counters; break;
+    case FTBPF_MAP_EVENTS: m = obj->skel->maps.ft_events; break;
+    case FTBPF_MAP_SK_STATE: m = obj->skel->maps.ft_sk_state; break;
+    default: return -EINVAL;
+    }
+    return bpf_map__fd(m);
+}
+
+size_t ftbpf_prog_count(struct ftbpf *obj)
+{
+    size_t n = 0;
+    struct bpf_program *prog;
+    bpf_object__for_each_program(prog, obj->skel->obj) n++;
+    return n;
+}
+
+static struct bpf_program *prog_at(struct ftbpf *obj, size_t index)
+{
+    size_t n = 0;
+    struct bpf_program *prog;
+    bpf_object__for_each_program(prog, obj->skel->obj) {
+        if (n++ == index)
+            return prog;
+    }
+    return NULL;
+}
+
+int ftbpf_prog_ids(struct ftbpf *obj, uint32_t *ids, size_t cap)
+{
+    size_t n = 0;
+    struct bpf_program *prog;
+    bpf_object__for_each_program(prog, obj->skel->obj) {
+        if (n >= cap)
+            break;
+        struct bpf_prog_info info = {};
+        __u32 len = sizeof(info);
+        int rc = bpf_obj_get_info_by_fd(bpf_program__fd(prog), &info, &len);
+        if (rc)
+            return rc < 0 ? rc : -errno;
+        ids[n++] = info.id;
+    }
+    return (int)n;
+}
+
+int ftbpf_prog_stats(struct ftbpf *obj, size_t index, char *name, size_t name_len,
+                     uint64_t *run_time_ns, uint64_t *run_cnt)
+{
+    struct bpf_program *prog = prog_at(obj, index);
+    if (!prog)
+        return -ENOENT;
+    struct bpf_prog_info info = {};
+    __u32 len = sizeof(info);
+    int rc = bpf_obj_get_info_by_fd(bpf_program__fd(prog), &info, &len);
+    if (rc)
+        return rc < 0 ? rc : -errno;
+    snprintf(name, name_len, "%s", bpf_program__name(prog));
+    *run_time_ns = info.run_time_ns;
+    *run_cnt = info.run_cnt;
+    return 0;
+}
+
+int ftbpf_events_open(struct ftbpf *obj, ftbpf_event_fn fn, void *ctx)
+{
+    if (obj->rb)
+        return -EBUSY;
+    obj->rb = ring_buffer__new(bpf_map__fd(obj->skel->maps.ft_events), (ring_buffer_sample_fn)fn, ctx, NULL);
+    if (!obj->rb)
+        return -errno;
+    return 0;
+}
+
+int ftbpf_events_poll(struct ftbpf *obj, int timeout_ms)
+{
+    if (!obj->rb)
+        return -EINVAL;
+    int rc = ring_buffer__poll(obj->rb, timeout_ms);
+    return rc == -EINTR ? 0 : rc;
+}
+
+int ftbpf_events_consume(struct ftbpf *obj)
+{
+    if (!obj->rb)
+        return -EINVAL;
+    return ring_buffer__consume(obj->rb);
+}
+
+static int neg_errno(int rc) { return rc < 0 ? (rc == -1 ? -errno : rc) : 0; }
+
+int ftbpf_map_lookup(int fd, const void *key, void *value) { return neg_errno(bpf_map_lookup_elem(fd, key, value)); }
+int ftbpf_map_next_key(int fd, const void *key, void *next_key) { return neg_errno(bpf_map_get_next_key(fd, key, next_key)); }
+int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags) { return neg_errno(bpf_map_update_elem(fd, key, value, flags)); }
+int ftbpf_map_delete(int fd, const void *key) { return neg_errno(bpf_map_delete_elem(fd, key)); }
+
+int ftbpf_num_cpus(void) { return libbpf_num_possible_cpus(); }
+
+int ftbpf_percpu_sum(int fd, uint32_t index, uint64_t *sum)
+{
+    int ncpu = libbpf_num_possible_cpus();
+    if (ncpu <= 0)
+        return ncpu < 0 ? ncpu : -EINVAL;
+    uint64_t *vals = calloc((size_t)ncpu, sizeof(uint64_t));
+    if (!vals)
+        return -ENOMEM;
+    int rc = neg_errno(bpf_map_lookup_elem(fd, &index, vals));
+    if (!rc) {
+        uint64_t s = 0;
+        for (int i = 0; i < ncpu; i++) s += vals[i];
+        *sum = s;
+    }
+    free(vals);
+    return rc;
+}
+
+int ftbpf_probe(char *missing, size_t missing_len)
+{
+    pthread_once(&print_once, install_print);
+    static const struct { enum bpf_prog_type type; const char *name; } progs[] = {
+        { BPF_PROG_TYPE_CGROUP_SOCK, "cgroup_sock (CONFIG_CGROUP_BPF)" },
+        { BPF_PROG_TYPE_CGROUP_SOCK_ADDR, "cgroup_sock_addr (CONFIG_CGROUP_BPF)" },
+        { BPF_PROG_TYPE_SOCK_OPS, "sock_ops (CONFIG_CGROUP_BPF)" },
+    };
+    static const struct { enum bpf_map_type type; const char *name; } maps[] = {
+        { BPF_MAP_TYPE_SK_STORAGE, "sk_storage map (CONFIG_BPF_SYSCALL, Linux >= 5.2)" },
+        { BPF_MAP_TYPE_RINGBUF, "ringbuf map (Linux >= 5.8)" },
+        { BPF_MAP_TYPE_LRU_HASH, "lru_hash map" },
+    };
+    for (size_t i = 0; i < sizeof(progs) / sizeof(progs[0]); i++) {
+        int rc = libbpf_probe_bpf_prog_type(progs[i].type, NULL);
+        if (rc <= 0) {
+            snprintf(missing, missing_len, "program type %s", progs[i].name);
+            return rc < 0 ? rc : -EOPNOTSUPP;
+        }
+    }
+    for (size_t i = 0; i < sizeof(maps) / sizeof(maps[0]); i++) {
+        int rc = libbpf_probe_bpf_map_type(maps[i].type, NULL);
+        if (rc <= 0) {
+            snprintf(missing, missing_len, "map type %s", maps[i].name);
+            return rc < 0 ? rc : -EOPNOTSUPP;
+        }
+    }
+    return 0;
+}
+
+int ftbpf_statfs_type(const char *path, int64_t *type)
+{
+    struct statfs st;
+    if (statfs(path, &st))
+        return -errno;
+    *type = (int64_t)st.f_type;
+    return 0;
+}

@@ -1,0 +1,122 @@
+/// Transport protocol of a flow.
+public enum FlowProtocol: String, Codable, Sendable, CaseIterable {
+    case tcp, udp
+}
+
+/// Address family as seen on the wire (IPv4-mapped IPv6 sockets carry IPv4 flows).
+public enum AddressFamily: String, Codable, Sendable, CaseIterable {
+    case ipv4, ipv6
+}
+
+public enum FlowDirection: String, Codable, Sendable, CaseIterable {
+    case outbound, inbound
+}
+
+/// How the owner of a flow was learned.
+public enum Attribution: String, Codable, Sendable, CaseIterable {
+    /// Stamped in the kernel, in the context of the process that acted on the socket.
+    case kernel
+    /// The process acted in the kernel, but its executable came from /proc because it
+    /// started before the programs were loaded.
+    case seeded
+    /// Cloned from the listening socket; no process has accepted the connection yet.
+    case inherited
+    /// The socket predates the programs: no stamp.
+    case unknown
+}
+
+/// The process that owns a flow.
+public struct ProcessOwner: Codable, Sendable, Hashable {
+    public var pid: UInt32
+    public var tid: UInt32
+    public var exe: String
+    public var comm: String
+    public var uid: UInt32
+    public var gid: UInt32
+    /// cgroup v2 id (the inode number of the cgroup directory).
+    public var cgroup: UInt64
+
+    public init(pid: UInt32, tid: UInt32, exe: String, comm: String, uid: UInt32, gid: UInt32, cgroup: UInt64) {
+        self.pid = pid; self.tid = tid; self.exe = exe; self.comm = comm
+        self.uid = uid; self.gid = gid; self.cgroup = cgroup
+    }
+}
+
+/// Counters the kernel reports when a TCP flow closes (UDP: what the agent counted).
+public struct CloseStats: Codable, Sendable, Hashable {
+    public var segmentsOut: UInt32
+    public var segmentsIn: UInt32
+    public var retransmits: UInt32
+    public var smoothedRTTMicroseconds: UInt32
+
+    public init(segmentsOut: UInt32 = 0, segmentsIn: UInt32 = 0, retransmits: UInt32 = 0, smoothedRTTMicroseconds: UInt32 = 0) {
+        self.segmentsOut = segmentsOut; self.segmentsIn = segmentsIn
+        self.retransmits = retransmits; self.smoothedRTTMicroseconds = smoothedRTTMicroseconds
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case segmentsOut = "segments_out", segmentsIn = "segments_in", retransmits
+        case smoothedRTTMicroseconds = "srtt_us"
+    }
+}
+
+/// One flow as flowtag reports it: identity, owner, counters.
+public struct FlowRecord: Codable, Sendable, Hashable {
+    /// Socket cookie: the flow handle, stable across every layer of the flow.
+    public var flow: UInt64
+    /// Network-namespace cookie: qualifies the flow handle and the 5-tuple.
+    public var netns: UInt64
+    public var `protocol`: FlowProtocol
+    public var family: AddressFamily
+    public var direction: FlowDirection
+    public var local: Endpoint
+    public var remote: Endpoint
+    public var process: ProcessOwner
+    public var attribution: Attribution
+    public var bytesSent: UInt64
+    public var bytesReceived: UInt64
+    /// Boot-time nanoseconds of the open; converted to wall time for display.
+    public var openedAt: WallTime
+    public var closedAt: WallTime?
+    public var stats: CloseStats?
+
+    public init(flow: UInt64, netns: UInt64, protocol: FlowProtocol, family: AddressFamily, direction: FlowDirection,
+                local: Endpoint, remote: Endpoint, process: ProcessOwner, attribution: Attribution,
+                bytesSent: UInt64 = 0, bytesReceived: UInt64 = 0, openedAt: WallTime, closedAt: WallTime? = nil,
+                stats: CloseStats? = nil) {
+        self.flow = flow; self.netns = netns; self.protocol = `protocol`; self.family = family
+        self.direction = direction; self.local = local; self.remote = remote; self.process = process
+        self.attribution = attribution; self.bytesSent = bytesSent; self.bytesReceived = bytesReceived
+        self.openedAt = openedAt; self.closedAt = closedAt; self.stats = stats
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case flow, netns, `protocol`, family, direction, local, remote, process, attribution
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received"
+        case openedAt = "opened_at", closedAt = "closed_at", stats
+    }
+}
+
+public enum FlowEventKind: String, Codable, Sendable {
+    case open, close
+}
+
+/// A flow opening or closing, as `flowtagd --json` prints it: one JSON object a line.
+public struct FlowEvent: Sendable, Hashable, Encodable {
+    public var kind: FlowEventKind
+    public var time: WallTime
+    public var record: FlowRecord
+
+    public init(kind: FlowEventKind, time: WallTime, record: FlowRecord) {
+        self.kind = kind; self.time = time; self.record = record
+    }
+
+    enum CodingKeys: String, CodingKey { case event, time }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(kind, forKey: .event)
+        try c.encode(time, forKey: .time)
+        try record.encode(to: encoder)
+    }
+}

@@ -1,0 +1,199 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFlowTagBPF
+import Foundation
+import Synchronization
+
+/// Turns the kernel's ring-buffer records into `FlowEvent`s with the owner resolved,
+/// and ends UDP flows (socket released, or idle for `udpIdleTimeout`).
+///
+/// It runs on a thread of its own (ring-buffer polling blocks); events reach Swift
+/// concurrency through `events`, an `AsyncStream` that ends when `stop()` is called.
+public final class FlowMonitor: @unchecked Sendable {
+    public let programs: KernelPrograms
+    public let events: AsyncStream<FlowEvent>
+    public var udpIdleTimeout: Duration
+    private let continuation: AsyncStream<FlowEvent>.Continuation
+    private let processes: ProcessTable
+    private let stopping = Atomic<Bool>(false)
+    private let finished = Mutex<Bool>(false)
+    private var thread: Thread?
+    private let done = DispatchSemaphore(value: 0)
+    // Poll-thread state.
+    private var udpByCookie: [UInt64: Set<UDPKey>] = [:]
+    private var lastIdleScan: UInt64 = 0
+
+    public init(programs: KernelPrograms, udpIdleTimeout: Duration = .seconds(60), bufferLimit: Int = 1 << 20) {
+        self.programs = programs
+        self.udpIdleTimeout = udpIdleTimeout
+        self.processes = ProcessTable(programs: programs)
+        (events, continuation) = AsyncStream.makeStream(of: FlowEvent.self, bufferingPolicy: .bufferingOldest(bufferLimit))
+    }
+
+    /// Seeds the process table from /proc (after attach) and starts reading events.
+    public func start() throws {
+        processes.seedFromProc()
+        let ctx = Unmanaged.passUnretained(self).toOpaque()
+        let rc = programs.openEvents({ ctx, data, len in
+            guard let ctx, let data else { return 0 }
+            let monitor = Unmanaged<FlowMonitor>.fromOpaque(ctx).takeUnretainedValue()
+            monitor.handle(data, len)
+            return 0
+        }, context: ctx)
+        guard rc == 0 else { throw KernelError.system("open ring buffer", -rc) }
+        let t = Thread { [self] in
+            while !stopping.load(ordering: .relaxed) {
+                let n = programs.pollEvents(timeoutMilliseconds: 100)
+                if n < 0 && n != -EINTR { break }
+                expireIdleUDP()
+            }
+            _ = programs.pollEvents(timeoutMilliseconds: 0) // drain what is left
+            continuation.finish()
+            done.signal()
+        }
+        t.name = "flowtag-events"
+        thread = t
+        t.start()
+    }
+
+    /// Stops reading, drains the ring buffer and ends `events`. Idempotent.
+    public func stop() {
+        let wasStopped = stopping.exchange(true, ordering: .relaxed)
+        guard !wasStopped, thread != nil else { return }
+        done.wait()
+    }
+
+    // MARK: - Poll thread
+
+    private func handle(_ data: UnsafeRawPointer, _ len: Int) {
+        guard len >= MemoryLayout<ft_event>.size else { return }
+        let ev = data.loadUnaligned(as: ft_event.self)
+        switch ev.kind {
+        case FT_EV_OPEN.rawValue:
+            let record = makeRecord(ev.flow)
+            if record.protocol == .udp { udpByCookie[ev.flow.cookie, default: []].insert(UDPKey(ev.flow)) }
+            continuation.yield(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
+        case FT_EV_CLOSE.rawValue:
+            var record = makeRecord(ev.flow)
+            let s = ev.stats
+            record.bytesSent = Self.payloadBytes(s.bytes_sent, sentSYN: ev.flow.direction == FT_DIR_OUTBOUND.rawValue, lastState: s.last_state, fin: false)
+            record.bytesReceived = Self.payloadBytes(s.bytes_received, sentSYN: false, lastState: s.last_state,
+                                                     fin: ev.flow.flags & UInt8(FT_FLOW_FIN_IN.rawValue) != 0)
+            record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
+            record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
+                                      smoothedRTTMicroseconds: s.srtt_us)
+            continuation.yield(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
+        case FT_EV_SOCK_RELEASE.rawValue:
+            closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
+        default:
+            break
+        }
+    }
+
+    /// TCP's acked and received counters include the SYN (active side) and a received
+    /// FIN, one sequence number each; flows report payload bytes.
+    static func payloadBytes(_ raw: UInt64, sentSYN: Bool, lastState: UInt32, fin: Bool) -> UInt64 {
+        var v = raw
+        if fin && v > 0 { v -= 1 }
+        _ = sentSYN
+        _ = lastState
+        return v
+    }
+
+    private func closeUDP(cookie: UInt64, at time: UInt64) {
+        guard let keys = udpByCookie.removeValue(forKey: cookie) else { return }
+        let fd = programs.mapFD(.udpFlows)
+        for key in keys {
+            var raw = key.raw
+            var value = ft_udp_flow()
+            guard ftbpf_map_lookup(fd, &raw, &value) == 0, value.flow.cookie == cookie else { continue }
+            _ = ftbpf_map_delete(fd, &raw)
+            emitUDPClose(value, at: time)
+        }
+    }
+
+    private func emitUDPClose(_ value: ft_udp_flow, at time: UInt64) {
+        var record = makeRecord(value.flow)
+        record.bytesSent = value.bytes_sent
+        record.bytesReceived = value.bytes_received
+        record.closedAt = WallTime(bootNanoseconds: time)
+        record.stats = CloseStats(segmentsOut: UInt32(truncatingIfNeeded: value.packets_sent),
+                                  segmentsIn: UInt32(truncatingIfNeeded: value.packets_received))
+        continuation.yield(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record))
+    }
+
+    /// UDP has no close: a flow idle for `udpIdleTimeout` ends (checked every few seconds).
+    private func expireIdleUDP() {
+        let now = BootClock.nowNanoseconds()
+        guard now - lastIdleScan >= 1_000_000_000 else { return }
+        lastIdleScan = now
+        let (secs, attos) = udpIdleTimeout.components
+        let idle = UInt64(secs) * 1_000_000_000 + UInt64(attos / 1_000_000_000)
+        let fd = programs.mapFD(.udpFlows)
+        for (key, value) in programs.liveUDPFlows() where now > value.flow.last_ns && now - value.flow.last_ns >= idle {
+            var k = key
+            guard ftbpf_map_delete(fd, &k) == 0 else { continue }
+            udpByCookie[value.flow.cookie]?.remove(UDPKey(raw: key))
+            emitUDPClose(value, at: now)
+        }
+    }
+
+    /// Builds the user-facing record of a kernel flow, resolving the owner's executable.
+    func makeRecord(_ f: ft_flow) -> FlowRecord {
+        FlowRecordBuilder.record(f, processes: processes)
+    }
+}
+
+/// Converts kernel flows into records (shared by the monitor and resynchronisation).
+public enum FlowRecordBuilder {
+    public static func record(_ f: ft_flow, processes: ProcessTable) -> FlowRecord {
+        var f = f
+        let t = f.tuple
+        let family = Int32(t.family)
+        let local = IPAddress(bytes: withUnsafeBytes(of: t.local) { Array($0) }, family: family)
+        let remote = IPAddress(bytes: withUnsafeBytes(of: t.remote) { Array($0) }, family: family)
+        let wireFamily: AddressFamily = (remote.isIPv4 || (local.isIPv4 && remote.isUnspecified)) ? .ipv4 : .ipv6
+        let owner = f.owner
+        let entry = processes.resolve(tgid: owner.tgid, startNanoseconds: owner.proc_start_ns)
+        let attribution: Attribution
+        switch owner.attribution {
+        case UInt8(FT_ATTR_KERNEL.rawValue): attribution = entry?.seeded == true ? .seeded : .kernel
+        case UInt8(FT_ATTR_INHERITED.rawValue): attribution = .inherited
+        default: attribution = .unknown
+        }
+        let process = ProcessOwner(pid: owner.tgid, tid: owner.tid, exe: entry?.exe ?? "",
+                                   comm: cString(&f.owner.comm), uid: owner.uid, gid: owner.gid,
+                                   cgroup: owner.cgroup_id)
+        return FlowRecord(
+            flow: f.cookie, netns: f.netns_cookie,
+            protocol: t.protocol == 17 ? .udp : .tcp, family: wireFamily,
+            direction: f.direction == UInt8(FT_DIR_INBOUND.rawValue) ? .inbound : .outbound,
+            local: Endpoint(address: local, port: t.local_port),
+            remote: Endpoint(address: remote, port: t.remote_port),
+            process: process, attribution: attribution,
+            openedAt: WallTime(bootNanoseconds: f.opened_ns))
+    }
+}
+
+/// A UDP flow-map key as a hashable value (its raw bytes).
+struct UDPKey: Hashable {
+    var raw: ft_udp_key
+
+    init(raw: ft_udp_key) { self.raw = raw }
+    init(_ f: ft_flow) {
+        raw = ft_udp_key()
+        raw.netns_cookie = f.netns_cookie
+        raw.tuple = f.tuple
+    }
+
+    static func == (a: UDPKey, b: UDPKey) -> Bool {
+        var x = a.raw, y = b.raw
+        return memcmp(&x, &y, MemoryLayout<ft_udp_key>.size) == 0
+    }
+
+    func hash(into h: inout Hasher) {
+        var x = raw
+        withUnsafeBytes(of: &x) { h.combine(bytes: $0) }
+    }
+}

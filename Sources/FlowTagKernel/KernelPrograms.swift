@@ -1,0 +1,219 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFlowTagBPF
+import Synchronization
+
+/// Sizes of the kernel maps. Zero keeps the object's default.
+public struct KernelLimits: Sendable, Equatable {
+    public var tcpFlows: UInt32
+    public var udpFlows: UInt32
+    public var processes: UInt32
+    public var ringBufferBytes: UInt32
+
+    public init(tcpFlows: UInt32 = 0, udpFlows: UInt32 = 0, processes: UInt32 = 0, ringBufferBytes: UInt32 = 0) {
+        self.tcpFlows = tcpFlows; self.udpFlows = udpFlows
+        self.processes = processes; self.ringBufferBytes = ringBufferBytes
+    }
+}
+
+/// Which kernel map.
+public enum KernelMap: Sendable {
+    case tcpFlows, udpFlows, processes, counters, events, socketState
+
+    var shim: ftbpf_map {
+        switch self {
+        case .tcpFlows: return FTBPF_MAP_TCP_FLOWS
+        case .udpFlows: return FTBPF_MAP_UDP_FLOWS
+        case .processes: return FTBPF_MAP_PROCS
+        case .counters: return FTBPF_MAP_COUNTERS
+        case .events: return FTBPF_MAP_EVENTS
+        case .socketState: return FTBPF_MAP_SK_STATE
+        }
+    }
+}
+
+/// Run-time statistics of one program (needs `kernel.bpf_stats_enabled=1`).
+public struct ProgramStats: Sendable, Hashable {
+    public var name: String
+    public var runTimeNanoseconds: UInt64
+    public var runCount: UInt64
+    public var averageNanoseconds: Double { runCount == 0 ? 0 : Double(runTimeNanoseconds) / Double(runCount) }
+}
+
+/// flowtag's BPF programs: probe, load, attach to a cgroup v2, pin, and detach leaving
+/// nothing behind. One instance owns one loaded copy; `close()` is idempotent and also
+/// runs on deinit.
+public final class KernelPrograms: @unchecked Sendable {
+    private let closed = Atomic<Bool>(false)
+    private let handle: OpaquePointer
+    public private(set) var attachedCgroup: String?
+    public private(set) var pinDirectory: String?
+
+    /// Checks that this kernel and host can run the programs; throws naming what is missing.
+    public static func probe(btfPath: String = "/sys/kernel/btf/vmlinux") throws {
+        guard access(btfPath, R_OK) == 0 else {
+            if errno == EACCES { throw KernelError.notPrivileged("cannot read \(btfPath)") }
+            throw KernelError.missingBTF(btfPath)
+        }
+        if geteuid() != 0 && !hasBPFCapabilities() {
+            throw KernelError.notPrivileged("loading BPF programs needs CAP_BPF and CAP_PERFMON (or root)")
+        }
+        var missing = [CChar](repeating: 0, count: 256)
+        let rc = ftbpf_probe(&missing, missing.count)
+        if rc == -EPERM || rc == -EACCES {
+            throw KernelError.notPrivileged("the kernel refused a test program (\(errnoText(-rc)))")
+        }
+        if rc != 0 { throw KernelError.unsupported(cText(missing)) }
+        guard Cgroup2.mountPoint() != nil else { throw KernelError.noCgroup2 }
+    }
+
+    /// Effective capabilities include CAP_BPF (39) and CAP_PERFMON (38), or CAP_SYS_ADMIN (21).
+    static func hasBPFCapabilities() -> Bool {
+        guard let status = try? readFile("/proc/self/status") else { return false }
+        for line in status.split(separator: "\n") where line.hasPrefix("CapEff:") {
+            guard let caps = UInt64(line.dropFirst(7).trimmingCharacters(in: " \t"), radix: 16) else { return false }
+            let bpfAndPerfmon: UInt64 = (1 << 39) | (1 << 38)
+            return caps & bpfAndPerfmon == bpfAndPerfmon || caps & (1 << 21) != 0
+        }
+        return false
+    }
+
+    /// Loads the programs (not yet attached).
+    public init(limits: KernelLimits = KernelLimits()) throws {
+        var config = ftbpf_config(tcp_flows_max: limits.tcpFlows, udp_flows_max: limits.udpFlows,
+                                  procs_max: limits.processes, ringbuf_bytes: limits.ringBufferBytes)
+        var err = [CChar](repeating: 0, count: 2048)
+        var out: OpaquePointer?
+        let rc = ftbpf_open_load(&config, &out, &err, err.count)
+        guard rc == 0, let out else {
+            let text = cText(err)
+            // EACCES here is the verifier's refusal; EPERM is missing privilege.
+            if rc == -EPERM { throw KernelError.notPrivileged(text) }
+            throw KernelError.load(text)
+        }
+        handle = out
+    }
+
+    deinit { close() }
+
+    /// Attaches every program: the cgroup ones to `cgroupPath` (a cgroup v2 directory).
+    /// On failure nothing stays attached.
+    public func attach(cgroup cgroupPath: String) throws {
+        let fd = try Cgroup2.open(cgroupPath)
+        defer { Glibc.close(fd) }
+        var err = [CChar](repeating: 0, count: 2048)
+        let rc = ftbpf_attach(handle, fd, &err, err.count)
+        guard rc == 0 else {
+            let text = cText(err)
+            if rc == -EPERM || rc == -EACCES { throw KernelError.notPrivileged(text) }
+            throw KernelError.attach(text)
+        }
+        attachedCgroup = cgroupPath
+    }
+
+    /// Pins maps and links under `directory` (on a bpffs), so user space can find them
+    /// and a restarted agent can resynchronise.
+    public func pin(at directory: String) throws {
+        try BPFFS.check(pinDirectory: directory)
+        var st = stat()
+        if stat(directory, &st) == 0 {
+            throw KernelError.pin("\(directory) already exists: another flowtag agent may be running (remove it with: rm -r \(directory))")
+        }
+        let rc = ftbpf_pin(handle, directory)
+        guard rc == 0 else {
+            _ = ftbpf_unpin(handle, directory)
+            throw KernelError.pin("\(directory): \(errnoText(-rc))")
+        }
+        pinDirectory = directory
+    }
+
+    /// Detaches, unpins and frees everything. Safe to call more than once.
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        if let dir = pinDirectory { _ = ftbpf_unpin(handle, dir) }
+        ftbpf_destroy(handle)
+    }
+
+    public var isClosed: Bool { closed.load(ordering: .acquiring) }
+
+    /// The fd of one of the maps (owned by this object).
+    public func mapFD(_ map: KernelMap) -> Int32 { ftbpf_map_fd(handle, map.shim) }
+
+    /// Kernel ids of the loaded programs.
+    public func programIDs() -> [UInt32] {
+        var ids = [UInt32](repeating: 0, count: 64)
+        let n = ftbpf_prog_ids(handle, &ids, ids.count)
+        return n > 0 ? Array(ids[0..<Int(n)]) : []
+    }
+
+    public func programStats() -> [ProgramStats] {
+        (0..<ftbpf_prog_count(handle)).compactMap { i in
+            var name = [CChar](repeating: 0, count: 64)
+            var t: UInt64 = 0, c: UInt64 = 0
+            guard ftbpf_prog_stats(handle, i, &name, name.count, &t, &c) == 0 else { return nil }
+            return ProgramStats(name: cText(name), runTimeNanoseconds: t, runCount: c)
+        }
+    }
+
+    /// Sum over CPUs of one kernel counter.
+    public func counter(_ index: ft_counter) -> UInt64 {
+        var sum: UInt64 = 0
+        _ = ftbpf_percpu_sum(mapFD(.counters), index.rawValue, &sum)
+        return sum
+    }
+
+    /// Events the kernel could not deliver because the ring buffer was full.
+    public var lostEvents: UInt64 { counter(FT_CNT_EVENTS_LOST) }
+    /// Flows the kernel could not track because a flow map was full.
+    public var droppedFlows: UInt64 { counter(FT_CNT_FLOWS_DROPPED) }
+
+    /// Live TCP flows as the kernel holds them (also after an agent restart).
+    public func liveTCPFlows() -> [ft_flow] {
+        MapIterator<UInt64, ft_flow>(fd: mapFD(.tcpFlows)).all().map(\.1)
+    }
+
+    /// Live UDP flows with their running counters.
+    public func liveUDPFlows() -> [(ft_udp_key, ft_udp_flow)] {
+        MapIterator<ft_udp_key, ft_udp_flow>(fd: mapFD(.udpFlows)).all()
+    }
+
+    // Ring buffer access for EventReader.
+    func openEvents(_ fn: ftbpf_event_fn, context: UnsafeMutableRawPointer) -> Int32 {
+        ftbpf_events_open(handle, fn, context)
+    }
+    func pollEvents(timeoutMilliseconds: Int32) -> Int32 { ftbpf_events_poll(handle, timeoutMilliseconds) }
+}
+
+/// Iterates a BPF hash map by key.
+struct MapIterator<Key, Value> {
+    let fd: Int32
+
+    func all() -> [(Key, Value)] {
+        var out: [(Key, Value)] = []
+        let keySize = MemoryLayout<Key>.size, valueSize = MemoryLayout<Value>.size
+        let key = UnsafeMutableRawPointer.allocate(byteCount: keySize, alignment: 8)
+        let next = UnsafeMutableRawPointer.allocate(byteCount: keySize, alignment: 8)
+        let value = UnsafeMutableRawPointer.allocate(byteCount: valueSize, alignment: 8)
+        defer { key.deallocate(); next.deallocate(); value.deallocate() }
+        var first = true
+        while ftbpf_map_next_key(fd, first ? nil : key, next) == 0 {
+            first = false
+            key.copyMemory(from: next, byteCount: keySize)
+            if ftbpf_map_lookup(fd, key, value) == 0 {
+                out.append((key.load(as: Key.self), value.load(as: Value.self)))
+            }
+        }
+        return out
+    }
+}
+
+extension Substring {
+    func trimmingCharacters(in set: String) -> String {
+        let chars = Set(set)
+        var s = self[...]
+        while let f = s.first, chars.contains(f) { s = s.dropFirst() }
+        while let l = s.last, chars.contains(l) { s = s.dropLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,655 @@
+// SPDX-License-Identifier: GPL-2.0
+/* flowtag kernel programs: stamp every socket with its owner in process context and
+ * report each flow's open and close.
+ *
+ * Hooks used (no kprobes, no fentry/fexit, no BPF LSM on the kernels we target):
+ *   process table  tp_btf/sched_process_exec|fork|exit
+ *   stamps         cgroup/sock_create, cgroup/connect4|6, cgroup/sendmsg4|6,
+ *                  cgroup/recvmsg4|6, tp_btf/sock_send_length|sock_recv_length
+ *   accept         tp_btf/sys_exit (accept, accept4)
+ *   TCP lifecycle  sockops (active/passive established, state -> TCP_CLOSE)
+ *   UDP lifecycle  sock_send_length/sock_recv_length (open, counters),
+ *                  cgroup/sock_release (close); idle expiry is done by the agent.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "flowtag_abi.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define TCP_ESTABLISHED 1
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+#define TCP_CLOSING 11
+
+/* x86_64 syscall numbers of accept and accept4. */
+#define FT_NR_ACCEPT 43
+#define FT_NR_ACCEPT4 288
+
+/* Map sizes are defaults; the agent may resize before load. */
+struct {
+    __uint(type, BPF_MAP_TYPE_SK_STORAGE);
+    __uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+    __type(key, int);
+    __type(value, struct ft_sock_state);
+} ft_sk_state SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(max_entries, 262144);
+    __type(key, __u64); /* socket cookie */
+    __type(value, struct ft_flow);
+} ft_tcp_flows SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(max_entries, 65536);
+    __type(key, struct ft_udp_key);
+    __type(value, struct ft_udp_flow);
+} ft_udp_flows SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 32768);
+    __type(key, __u32); /* tgid */
+    __type(value, struct ft_proc);
+} ft_procs SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 8 << 20);
+} ft_events SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, FT_CNT_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} ft_counters SEC(".maps");
+
+#define FT_SCRATCH_LEN (FT_PATH_MAX * 2)
+struct ft_scratch {
+    char buf[FT_SCRATCH_LEN];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct ft_scratch);
+} ft_scratch_map SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+    __u64 *v = bpf_map_lookup_elem(&ft_counters, &idx);
+    if (v)
+        *v += 1; /* per-CPU: no atomic needed */
+}
+
+/* ---------------------------------------------------------------- stamps */
+
+static __always_inline void stamp_current(struct ft_stamp *s, __u8 hook)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u64 uid_gid = bpf_get_current_uid_gid();
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+    s->tgid = pid_tgid >> 32;
+    s->tid = (__u32)pid_tgid;
+    s->uid = (__u32)uid_gid;
+    s->gid = uid_gid >> 32;
+    s->cgroup_id = bpf_get_current_cgroup_id();
+    s->proc_start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+    s->stamped_ns = bpf_ktime_get_boot_ns();
+    bpf_get_current_comm(s->comm, sizeof(s->comm));
+    s->attribution = FT_ATTR_KERNEL;
+    s->hook = hook;
+}
+
+/* The stamp is rewritten only when another thread acts on the socket, so the common
+ * path (the creator connects) costs one storage lookup and a compare. */
+static __always_inline void refine(struct ft_sock_state *st, __u8 hook)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (st->owner.tid == (__u32)pid_tgid && st->owner.attribution == FT_ATTR_KERNEL)
+        return;
+    stamp_current(&st->owner, hook);
+}
+
+static __always_inline int is_inet_l4(__u32 family, __u32 protocol)
+{
+    return (family == AF_INET || family == AF_INET6) &&
+           (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP);
+}
+
+SEC("cgroup/sock_create")
+int ft_sock_create(struct bpf_sock *sk)
+{
+    if (!is_inet_l4(sk->family, sk->protocol))
+        return 1;
+    struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (st) {
+        stamp_current(&st->owner, FT_HOOK_SOCK_CREATE);
+        count(FT_CNT_STAMPS);
+    }
+    return 1;
+}
+
+static __always_inline int on_connect(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (st)
+        refine(st, FT_HOOK_CONNECT);
+    return 1;
+}
+
+SEC("cgroup/connect4")
+int ft_connect4(struct bpf_sock_addr *ctx) { return on_connect(ctx); }
+
+SEC("cgroup/connect6")
+int ft_connect6(struct bpf_sock_addr *ctx) { return on_connect(ctx); }
+
+/* Unconnected UDP: remember the peer so the send/recv tracepoint can name the flow. */
+static __always_inline void remember_peer(struct bpf_sock_addr *ctx, struct ft_sock_state *st, const int v6)
+{
+    /* v6 is a constant per program: the v4 hooks may not read user_ip6 */
+    if (!v6) {
+        __builtin_memset(st->udp_peer, 0, sizeof(st->udp_peer));
+        __u32 a = ctx->user_ip4;
+        __builtin_memcpy(st->udp_peer, &a, 4);
+    } else {
+        __u32 a[4];
+        a[0] = ctx->user_ip6[0];
+        a[1] = ctx->user_ip6[1];
+        a[2] = ctx->user_ip6[2];
+        a[3] = ctx->user_ip6[3];
+        __builtin_memcpy(st->udp_peer, a, 16);
+    }
+    st->udp_peer_port = bpf_ntohs((__u16)ctx->user_port);
+    st->udp_peer_family = v6 ? AF_INET6 : AF_INET;
+}
+
+static __always_inline int on_udp_msg(struct bpf_sock_addr *ctx, __u8 hook, const int v6)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!st)
+        return 1;
+    if (hook == FT_HOOK_SENDMSG)
+        refine(st, hook);
+    remember_peer(ctx, st, v6);
+    return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int ft_sendmsg4(struct bpf_sock_addr *ctx) { return on_udp_msg(ctx, FT_HOOK_SENDMSG, 0); }
+
+SEC("cgroup/sendmsg6")
+int ft_sendmsg6(struct bpf_sock_addr *ctx) { return on_udp_msg(ctx, FT_HOOK_SENDMSG, 1); }
+
+SEC("cgroup/recvmsg4")
+int ft_recvmsg4(struct bpf_sock_addr *ctx) { return on_udp_msg(ctx, FT_HOOK_RECVMSG, 0); }
+
+SEC("cgroup/recvmsg6")
+int ft_recvmsg6(struct bpf_sock_addr *ctx) { return on_udp_msg(ctx, FT_HOOK_RECVMSG, 1); }
+
+/* ---------------------------------------------------------------- events */
+
+static __always_inline void emit(__u32 kind, const struct ft_flow *flow, const struct ft_close_stats *stats)
+{
+    struct ft_event *ev = bpf_ringbuf_reserve(&ft_events, sizeof(*ev), 0);
+    if (!ev) {
+        count(FT_CNT_EVENTS_LOST);
+        return;
+    }
+    ev->kind = kind;
+    ev->pad = 0;
+    ev->time_ns = bpf_ktime_get_boot_ns();
+    __builtin_memcpy(&ev->flow, flow, sizeof(*flow));
+    if (stats)
+        __builtin_memcpy(&ev->stats, stats, sizeof(*stats));
+    else
+        __builtin_memset(&ev->stats, 0, sizeof(ev->stats));
+    ev->reserved = 0;
+    bpf_ringbuf_submit(ev, 0);
+}
+
+/* ---------------------------------------------------------------- TCP */
+
+static __always_inline void tuple_from_sockops(struct bpf_sock_ops *skops, struct ft_tuple *t)
+{
+    __builtin_memset(t, 0, sizeof(*t));
+    t->family = skops->family;
+    t->protocol = IPPROTO_TCP;
+    t->local_port = skops->local_port;
+    t->remote_port = bpf_ntohl(skops->remote_port);
+    if (skops->family == AF_INET) {
+        __u32 l = skops->local_ip4, r = skops->remote_ip4;
+        __builtin_memcpy(t->local, &l, 4);
+        __builtin_memcpy(t->remote, &r, 4);
+    } else {
+        __u32 l[4], r[4];
+        l[0] = skops->local_ip6[0]; l[1] = skops->local_ip6[1];
+        l[2] = skops->local_ip6[2]; l[3] = skops->local_ip6[3];
+        r[0] = skops->remote_ip6[0]; r[1] = skops->remote_ip6[1];
+        r[2] = skops->remote_ip6[2]; r[3] = skops->remote_ip6[3];
+        __builtin_memcpy(t->local, l, 16);
+        __builtin_memcpy(t->remote, r, 16);
+    }
+}
+
+static __always_inline void flow_from_sockops(struct bpf_sock_ops *skops, struct ft_flow *f, __u8 dir)
+{
+    __builtin_memset(f, 0, sizeof(*f));
+    tuple_from_sockops(skops, &f->tuple);
+    f->cookie = bpf_get_socket_cookie(skops);
+    f->netns_cookie = bpf_get_netns_cookie(skops);
+    f->opened_ns = bpf_ktime_get_boot_ns();
+    f->last_ns = f->opened_ns;
+    f->direction = dir;
+    struct bpf_sock *sk = skops->sk;
+    if (sk) {
+        struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, 0);
+        if (st)
+            __builtin_memcpy(&f->owner, &st->owner, sizeof(f->owner));
+    }
+}
+
+static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir)
+{
+    struct ft_flow f;
+    flow_from_sockops(skops, &f, dir);
+    if (dir == FT_DIR_INBOUND) {
+        /* Until accept the owner is the listener's (cloned): report at accept. */
+        if (f.owner.attribution == FT_ATTR_KERNEL)
+            f.owner.attribution = FT_ATTR_INHERITED;
+        f.flags |= FT_FLOW_PENDING_ACCEPT;
+    }
+    if (bpf_map_update_elem(&ft_tcp_flows, &f.cookie, &f, BPF_ANY))
+        count(FT_CNT_FLOWS_DROPPED);
+    if (!(f.flags & FT_FLOW_PENDING_ACCEPT))
+        emit(FT_EV_OPEN, &f, 0);
+    bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
+{
+    __u32 new_state = skops->args[1];
+    __u64 cookie = bpf_get_socket_cookie(skops);
+    struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
+
+    if (new_state == TCP_CLOSE_WAIT || new_state == TCP_CLOSING) {
+        if (f)
+            f->flags |= FT_FLOW_FIN_IN;
+        return;
+    }
+    if (new_state != TCP_CLOSE || !f)
+        return;
+
+    struct ft_flow flow;
+    __builtin_memcpy(&flow, f, sizeof(flow));
+    bpf_map_delete_elem(&ft_tcp_flows, &cookie);
+    if (flow.flags & FT_FLOW_PENDING_ACCEPT)
+        emit(FT_EV_OPEN, &flow, 0); /* never accepted: report with the inherited owner */
+
+    struct ft_close_stats s = {};
+    s.bytes_sent = skops->bytes_acked;
+    s.bytes_received = skops->bytes_received;
+    s.segs_out = skops->segs_out;
+    s.segs_in = skops->segs_in;
+    s.retransmits = skops->total_retrans;
+    s.srtt_us = skops->srtt_us >> 3;
+    s.last_state = skops->args[0];
+    emit(FT_EV_CLOSE, &flow, &s);
+}
+
+SEC("sockops")
+int ft_sockops(struct bpf_sock_ops *skops)
+{
+    switch (skops->op) {
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        tcp_established(skops, FT_DIR_OUTBOUND);
+        break;
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+        tcp_established(skops, FT_DIR_INBOUND);
+        break;
+    case BPF_SOCK_OPS_STATE_CB:
+        tcp_state_change(skops);
+        break;
+    }
+    return 1;
+}
+
+/* accept()/accept4() returned: the caller owns the new socket. The fd table walk gives an
+ * untrusted sock pointer, so the flow is found by the cookie sockops already assigned. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(ft_sys_exit, struct pt_regs *regs, long ret)
+{
+    if (ret < 0)
+        return 0;
+    long nr = BPF_CORE_READ(regs, orig_ax);
+    if (nr != FT_NR_ACCEPT && nr != FT_NR_ACCEPT4)
+        return 0;
+
+    struct task_struct *task = bpf_get_current_task_btf();
+    struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
+    struct file *file = 0;
+    if (bpf_probe_read_kernel(&file, sizeof(file), &fds[ret]) || !file)
+        return 0;
+    struct socket *sock = BPF_CORE_READ(file, private_data);
+    struct sock *sk = BPF_CORE_READ(sock, sk);
+    __u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+    if (!cookie)
+        return 0;
+    struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
+    if (!f || !(f->flags & FT_FLOW_PENDING_ACCEPT))
+        return 0;
+    stamp_current(&f->owner, FT_HOOK_ACCEPT);
+    f->flags &= ~FT_FLOW_PENDING_ACCEPT;
+    emit(FT_EV_OPEN, f, 0);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- send/recv */
+
+static __always_inline __u64 sk_netns_cookie(struct sock *sk)
+{
+    return BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+}
+
+static __always_inline void udp_tuple(struct sock *sk, struct ft_sock_state *st, struct ft_tuple *t)
+{
+    __builtin_memset(t, 0, sizeof(*t));
+    __u16 family = sk->__sk_common.skc_family;
+    t->family = family;
+    t->protocol = IPPROTO_UDP;
+    t->local_port = sk->__sk_common.skc_num;
+    int connected = sk->__sk_common.skc_state == TCP_ESTABLISHED;
+    if (family == AF_INET) {
+        __u32 l = sk->__sk_common.skc_rcv_saddr;
+        __builtin_memcpy(t->local, &l, 4);
+        if (connected) {
+            __u32 r = sk->__sk_common.skc_daddr;
+            __builtin_memcpy(t->remote, &r, 4);
+        }
+    } else {
+        BPF_CORE_READ_INTO(t->local, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+        if (connected)
+            BPF_CORE_READ_INTO(t->remote, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+    }
+    if (connected) {
+        t->remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+    } else {
+        __builtin_memcpy(t->remote, st->udp_peer, 16);
+        t->remote_port = st->udp_peer_port;
+    }
+}
+
+static __always_inline void udp_account(struct sock *sk, struct ft_sock_state *st, int bytes, __u8 dir)
+{
+    struct ft_udp_key key = {};
+    key.netns_cookie = sk_netns_cookie(sk);
+    udp_tuple(sk, st, &key.tuple);
+    if (!key.tuple.remote_port)
+        return; /* peer unknown (recv without an address on an unconnected socket) */
+
+    struct ft_udp_flow *uf = bpf_map_lookup_elem(&ft_udp_flows, &key);
+    if (!uf) {
+        struct ft_udp_flow nf = {};
+        __builtin_memcpy(&nf.flow.tuple, &key.tuple, sizeof(key.tuple));
+        __builtin_memcpy(&nf.flow.owner, &st->owner, sizeof(st->owner));
+        nf.flow.cookie = bpf_get_socket_cookie(sk);
+        nf.flow.netns_cookie = key.netns_cookie;
+        nf.flow.opened_ns = bpf_ktime_get_boot_ns();
+        nf.flow.last_ns = nf.flow.opened_ns;
+        nf.flow.direction = dir;
+        if (bpf_map_update_elem(&ft_udp_flows, &key, &nf, BPF_NOEXIST) == 0)
+            emit(FT_EV_OPEN, &nf.flow, 0);
+        uf = bpf_map_lookup_elem(&ft_udp_flows, &key);
+        if (!uf) {
+            count(FT_CNT_FLOWS_DROPPED);
+            return;
+        }
+    }
+    uf->flow.last_ns = bpf_ktime_get_boot_ns();
+    if (dir == FT_DIR_OUTBOUND) {
+        __sync_fetch_and_add(&uf->bytes_sent, bytes);
+        __sync_fetch_and_add(&uf->packets_sent, 1);
+    } else {
+        __sync_fetch_and_add(&uf->bytes_received, bytes);
+        __sync_fetch_and_add(&uf->packets_received, 1);
+    }
+}
+
+/* A TCP socket's owner follows the process that acts on it: the worker that accepted
+ * (inherited stamps), or a process that received the fd and sends on it. */
+static __always_inline void tcp_refine(struct sock *sk, struct ft_sock_state *st, __u8 hook)
+{
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (st->owner.tgid == (pid_tgid >> 32) && st->owner.attribution == FT_ATTR_KERNEL)
+        return;
+    stamp_current(&st->owner, hook);
+    __u64 cookie = bpf_get_socket_cookie(sk);
+    struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
+    if (f && !(f->flags & FT_FLOW_PENDING_ACCEPT))
+        __builtin_memcpy(&f->owner, &st->owner, sizeof(f->owner));
+}
+
+static __always_inline int on_io(struct sock *sk, int ret, __u8 dir)
+{
+    if (ret <= 0)
+        return 0;
+    __u16 family = sk->__sk_common.skc_family;
+    if (family != AF_INET && family != AF_INET6)
+        return 0;
+    struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, 0);
+    if (!st)
+        return 0; /* not a socket of the watched cgroup */
+    __u16 proto = sk->sk_protocol;
+    if (proto == IPPROTO_TCP) {
+        if (dir == FT_DIR_OUTBOUND)
+            tcp_refine(sk, st, FT_HOOK_SEND);
+        else if (st->owner.attribution == FT_ATTR_INHERITED)
+            tcp_refine(sk, st, FT_HOOK_IO);
+    } else if (proto == IPPROTO_UDP) {
+        if (dir == FT_DIR_OUTBOUND)
+            refine(st, FT_HOOK_SEND);
+        udp_account(sk, st, ret, dir);
+    }
+    return 0;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(ft_send_len, struct sock *sk, int ret, int flags)
+{
+    return on_io(sk, ret, FT_DIR_OUTBOUND);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(ft_recv_len, struct sock *sk, int ret, int flags)
+{
+    return on_io(sk, ret, FT_DIR_INBOUND);
+}
+
+SEC("cgroup/sock_release")
+int ft_sock_release(struct bpf_sock *sk)
+{
+    if (sk->protocol != IPPROTO_UDP || (sk->family != AF_INET && sk->family != AF_INET6))
+        return 1;
+    struct ft_flow f = {};
+    f.cookie = bpf_get_socket_cookie(sk);
+    f.netns_cookie = bpf_get_netns_cookie(sk);
+    f.tuple.protocol = IPPROTO_UDP;
+    f.tuple.family = sk->family;
+    emit(FT_EV_SOCK_RELEASE, &f, 0);
+    return 1;
+}
+
+/* ---------------------------------------------------------------- processes */
+
+/* Resolve a file's path the way readlink(/proc/PID/exe) shows it: walk dentries up to
+ * the mount root, cross to the parent mount, stop at the namespace root. The walk runs
+ * under bpf_loop so the verifier checks one step, not every unrolled path. */
+#define FT_MAX_COMPONENTS 64
+struct path_walk {
+    struct dentry *d;
+    struct mount *mnt;
+    struct ft_scratch *sc;
+    __u32 off; /* start of the text written so far; writing goes backwards */
+    __u32 truncated;
+};
+
+/* Mask an index so the verifier sees the bound (the compiler would drop a plain mask). */
+static __always_inline __u32 bounded(__u32 idx)
+{
+    asm volatile("%[i] &= %[m]" : [i] "+r"(idx) : [m] "i"(FT_PATH_MAX - 1));
+    return idx;
+}
+
+static long path_step(__u32 i, void *arg)
+{
+    struct path_walk *w = arg;
+    struct dentry *d = w->d;
+    struct mount *mnt = w->mnt;
+    struct dentry *mnt_root = BPF_CORE_READ(mnt, mnt.mnt_root);
+    struct dentry *parent = BPF_CORE_READ(d, d_parent);
+    if (d == mnt_root || d == parent) {
+        if (d != mnt_root)
+            return 1;
+        struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+        if (up == mnt)
+            return 1; /* namespace root */
+        w->d = BPF_CORE_READ(mnt, mnt_mountpoint);
+        w->mnt = up;
+        return 0;
+    }
+    __u32 len = BPF_CORE_READ(d, d_name.len);
+    const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+    __u32 off = w->off;
+    if (len == 0 || len > 255)
+        return 1;
+    if (len + 1 > off || off > FT_PATH_MAX - 1) {
+        w->truncated = 1;
+        return 1;
+    }
+    off -= len;
+    bpf_probe_read_kernel(&w->sc->buf[bounded(off)], len & 255, name);
+    off -= 1;
+    w->sc->buf[bounded(off)] = '/';
+    w->off = off;
+    w->d = parent;
+    return 0;
+}
+
+static __always_inline void resolve_path(struct file *file, struct ft_proc *p)
+{
+    __u32 zero = 0;
+    struct ft_scratch *sc = bpf_map_lookup_elem(&ft_scratch_map, &zero);
+    if (!sc)
+        return;
+    struct path_walk w = {};
+    struct vfsmount *vmnt = BPF_CORE_READ(file, f_path.mnt);
+    w.d = BPF_CORE_READ(file, f_path.dentry);
+    w.mnt = container_of(vmnt, struct mount, mnt);
+    w.sc = sc;
+    w.off = FT_PATH_MAX - 1; /* buf[FT_PATH_MAX-1] is the terminating NUL */
+    sc->buf[FT_PATH_MAX - 1] = 0;
+    bpf_loop(FT_MAX_COMPONENTS, path_step, &w, 0);
+    if (w.truncated)
+        p->flags |= FT_PROC_PATH_TRUNCATED;
+    __u32 off = w.off;
+    if (off >= FT_PATH_MAX - 1) {
+        p->exe[0] = '/';
+        p->exe[1] = 0;
+        return;
+    }
+    __u32 n = FT_PATH_MAX - off; /* includes the NUL */
+    bpf_probe_read_kernel(p->exe, bounded(n), &sc->buf[bounded(off)]);
+}
+
+static __always_inline struct ft_proc *proc_slot(__u32 tgid)
+{
+    struct ft_proc *p = bpf_map_lookup_elem(&ft_procs, &tgid);
+    if (p)
+        return p;
+    __u32 zero = 0;
+    struct ft_scratch *sc = bpf_map_lookup_elem(&ft_scratch_map, &zero);
+    if (!sc)
+        return 0;
+    /* A zeroed value from scratch space: ft_proc is too large for the stack. */
+    __builtin_memset(sc->buf, 0, sizeof(struct ft_proc));
+    bpf_map_update_elem(&ft_procs, &tgid, sc->buf, BPF_ANY);
+    return bpf_map_lookup_elem(&ft_procs, &tgid);
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(ft_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+    __u32 tgid = task->tgid;
+    struct ft_proc *p = proc_slot(tgid);
+    if (!p)
+        return 0;
+    __u64 uid_gid = bpf_get_current_uid_gid();
+    p->tgid = tgid;
+    p->ppid = BPF_CORE_READ(task, real_parent, tgid);
+    p->uid = (__u32)uid_gid;
+    p->gid = uid_gid >> 32;
+    p->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+    p->exit_ns = 0;
+    p->flags = 0;
+    bpf_get_current_comm(p->comm, sizeof(p->comm));
+    resolve_path(BPF_CORE_READ(bprm, file), p);
+    count(FT_CNT_EXECS);
+    return 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(ft_fork, struct task_struct *parent, struct task_struct *child)
+{
+    __u32 child_tgid = child->tgid;
+    if (child->pid != child_tgid)
+        return 0; /* a new thread, not a new process */
+    __u32 parent_tgid = parent->tgid;
+    struct ft_proc *pp = bpf_map_lookup_elem(&ft_procs, &parent_tgid);
+    if (!pp)
+        return 0; /* unknown parent: the agent resolves the child from /proc */
+    if (bpf_map_update_elem(&ft_procs, &child_tgid, pp, BPF_ANY))
+        return 0;
+    struct ft_proc *c = bpf_map_lookup_elem(&ft_procs, &child_tgid);
+    if (!c)
+        return 0;
+    c->tgid = child_tgid;
+    c->ppid = parent_tgid;
+    c->start_ns = child->start_boottime;
+    c->exit_ns = 0;
+    c->flags &= ~FT_PROC_EXITED;
+    return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(ft_exit, struct task_struct *task)
+{
+    if (task->pid != task->tgid)
+        return 0;
+    __u32 tgid = task->tgid;
+    struct ft_proc *p = bpf_map_lookup_elem(&ft_procs, &tgid);
+    if (p) {
+        /* Kept (LRU) so flows that outlive the process keep their owner. */
+        p->flags |= FT_PROC_EXITED;
+        p->exit_ns = bpf_ktime_get_boot_ns();
+    }
+    return 0;
+}

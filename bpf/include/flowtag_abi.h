@@ -1,0 +1,186 @@
+/* flowtag kernel/user ABI: the structs the BPF programs write and the agent reads.
+ *
+ * Plain C, fixed-width fields, explicit padding, every struct a multiple of 8 bytes.
+ * Included by bpf/flowtag.bpf.c (after vmlinux.h) and by the Swift side through the
+ * CFlowTagBPF module. Layout is checked by _Static_assert here and from Swift tests.
+ */
+#ifndef FLOWTAG_ABI_H
+#define FLOWTAG_ABI_H
+
+#ifndef __VMLINUX_H__
+#include <stdint.h>
+typedef uint8_t ft_u8;
+typedef uint16_t ft_u16;
+typedef uint32_t ft_u32;
+typedef uint64_t ft_u64;
+#else
+typedef __u8 ft_u8;
+typedef __u16 ft_u16;
+typedef __u32 ft_u32;
+typedef __u64 ft_u64;
+#endif
+
+#define FT_COMM_LEN 16
+#define FT_PATH_MAX 512
+
+/* ft_stamp.attribution */
+enum ft_attribution {
+    FT_ATTR_UNKNOWN = 0,   /* socket predates the programs: no stamp */
+    FT_ATTR_KERNEL = 1,    /* stamped in process context by the acting process */
+    FT_ATTR_INHERITED = 2, /* cloned from the listener, not yet refined by accept */
+};
+
+/* ft_stamp.hook: which hook wrote the stamp last */
+enum ft_hook {
+    FT_HOOK_NONE = 0,
+    FT_HOOK_SOCK_CREATE = 1,
+    FT_HOOK_CONNECT = 2,
+    FT_HOOK_SENDMSG = 3,
+    FT_HOOK_RECVMSG = 4,
+    FT_HOOK_ACCEPT = 5,
+    FT_HOOK_SEND = 6, /* sock_send_length: the process that actually sent */
+    FT_HOOK_IO = 7,   /* first I/O on an inherited (accepted) socket */
+};
+
+/* Owner of a socket, kept in socket-local storage and copied into flows. 64 bytes. */
+struct ft_stamp {
+    ft_u32 tgid;
+    ft_u32 tid;
+    ft_u32 uid;
+    ft_u32 gid;
+    ft_u64 cgroup_id;
+    ft_u64 proc_start_ns; /* boottime start of the process: (tgid, start) names a proc-table entry */
+    ft_u64 stamped_ns;    /* boottime */
+    char comm[FT_COMM_LEN];
+    ft_u8 attribution;
+    ft_u8 hook;
+    ft_u8 pad[6];
+};
+
+/* Socket-local storage value: the stamp plus per-socket bookkeeping. 96 bytes. */
+struct ft_sock_state {
+    struct ft_stamp owner;
+    ft_u8 udp_peer[16]; /* last peer given to sendmsg/recvmsg on an unconnected UDP socket */
+    ft_u16 udp_peer_port; /* host order */
+    ft_u8 udp_peer_family;
+    ft_u8 pad[5];
+    ft_u64 pad2;
+};
+
+/* Addresses are 16 bytes; IPv4 uses the first 4 (network order). Ports host order. 40 bytes. */
+struct ft_tuple {
+    ft_u8 local[16];
+    ft_u8 remote[16];
+    ft_u16 local_port;
+    ft_u16 remote_port;
+    ft_u8 family;   /* AF_INET (2) or AF_INET6 (10): the socket's family */
+    ft_u8 protocol; /* IPPROTO_TCP (6) or IPPROTO_UDP (17) */
+    ft_u8 pad[2];
+};
+
+enum ft_direction { FT_DIR_OUTBOUND = 1, FT_DIR_INBOUND = 2 };
+
+/* ft_flow.flags */
+enum ft_flow_flags {
+    FT_FLOW_PENDING_ACCEPT = 1, /* passive flow not yet accepted: open not reported */
+    FT_FLOW_FIN_IN = 2,         /* peer's FIN seen (bytes_received counts it) */
+};
+
+/* A live flow: value of the live-flow maps, and the body of every flow event. 144 bytes. */
+struct ft_flow {
+    struct ft_tuple tuple;
+    struct ft_stamp owner;
+    ft_u64 cookie;        /* socket cookie: the flow handle */
+    ft_u64 netns_cookie;
+    ft_u64 opened_ns;     /* boottime */
+    ft_u64 last_ns;       /* boottime of the last activity (UDP idle expiry) */
+    ft_u8 direction;
+    ft_u8 flags;
+    ft_u8 pad[6];
+};
+
+/* UDP flow key: one flow per (netns, 5-tuple). 56 bytes. */
+struct ft_udp_key {
+    ft_u64 netns_cookie;
+    struct ft_tuple tuple;
+    ft_u64 pad;
+};
+
+/* UDP flow value: the flow plus its running counters. 176 bytes. */
+struct ft_udp_flow {
+    struct ft_flow flow;
+    ft_u64 bytes_sent;
+    ft_u64 bytes_received;
+    ft_u64 packets_sent;
+    ft_u64 packets_received;
+};
+
+/* Counters reported when a flow closes. 40 bytes. */
+struct ft_close_stats {
+    ft_u64 bytes_sent;
+    ft_u64 bytes_received;
+    ft_u32 segs_out;
+    ft_u32 segs_in;
+    ft_u32 retransmits;
+    ft_u32 srtt_us;
+    ft_u32 last_state; /* TCP state before TCP_CLOSE */
+    ft_u32 pad;
+};
+
+enum ft_event_kind {
+    FT_EV_OPEN = 1,
+    FT_EV_CLOSE = 2,
+    FT_EV_SOCK_RELEASE = 3, /* a UDP socket was released: its flows end */
+};
+
+/* One ring-buffer record. 208 bytes. */
+struct ft_event {
+    ft_u32 kind;
+    ft_u32 pad;
+    ft_u64 time_ns; /* boottime */
+    struct ft_flow flow;
+    struct ft_close_stats stats;
+    ft_u64 reserved;
+};
+
+/* Process table entry, keyed by tgid. Entries outlive the process (LRU). 576 bytes. */
+enum ft_proc_flags {
+    FT_PROC_SEEDED = 1, /* filled from /proc by the agent, not observed at exec */
+    FT_PROC_EXITED = 2,
+    FT_PROC_PATH_TRUNCATED = 4,
+};
+struct ft_proc {
+    ft_u32 tgid;
+    ft_u32 ppid;
+    ft_u32 uid;
+    ft_u32 gid;
+    ft_u64 start_ns; /* boottime */
+    ft_u64 exit_ns;
+    ft_u32 flags;
+    ft_u32 pad;
+    char comm[FT_COMM_LEN];
+    char exe[FT_PATH_MAX];
+    ft_u64 pad2;
+};
+
+/* Indexes of the per-CPU counter array. */
+enum ft_counter {
+    FT_CNT_EVENTS_LOST = 0, /* ring buffer full: an event the kernel could not deliver */
+    FT_CNT_FLOWS_DROPPED = 1, /* live-flow map full */
+    FT_CNT_STAMPS = 2,
+    FT_CNT_EXECS = 3,
+    FT_CNT_MAX = 8,
+};
+
+#define FT_ASSERT_SIZE(type, size) _Static_assert(sizeof(type) == (size), #type " size")
+FT_ASSERT_SIZE(struct ft_stamp, 64);
+FT_ASSERT_SIZE(struct ft_sock_state, 96);
+FT_ASSERT_SIZE(struct ft_tuple, 40);
+FT_ASSERT_SIZE(struct ft_flow, 144);
+FT_ASSERT_SIZE(struct ft_udp_key, 56);
+FT_ASSERT_SIZE(struct ft_udp_flow, 176);
+FT_ASSERT_SIZE(struct ft_close_stats, 40);
+FT_ASSERT_SIZE(struct ft_event, 208);
+FT_ASSERT_SIZE(struct ft_proc, 576);
+
+#endif
