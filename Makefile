@@ -31,13 +31,15 @@ $(BPF_BUILD)/flowtag.bpf.o: $(BPF_SRC) $(BPF_HDR) $(BPF_BUILD)/vmlinux.h
 $(GEN)/flowtag.skel.h: $(BPF_BUILD)/flowtag.bpf.o
 	@mkdir -p $(GEN)
 	$(BPFTOOL) gen skeleton $< name flowtag_bpf > $@.tmp && mv $@.tmp $@
+	@# SwiftPM does not track the generated header: make the shim rebuild
+	touch Sources/CFlowTagBPF/shim.c
 
 bpf: $(GEN)/flowtag.skel.h
 
 build: bpf
 	$(SWIFT) build -c $(CONFIG)
 
-test: bpf
+test: deps
 	scripts/test.sh
 
 bench: build
@@ -46,8 +48,8 @@ bench: build
 bench-%: build
 	scripts/bench.sh $*
 
-run: build
-	scripts/run-agent.sh
+run: deps build
+	scripts/run-agent.sh $(ARGS)
 
 install: build
 	install -D -m 0755 .build/$(CONFIG)/flowtagd $(DESTDIR)$(PREFIX)/bin/flowtagd

@@ -31,6 +31,5 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent"]),
-        .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
     ]
 )

@@ -291,11 +291,6 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
 
-    if (new_state == TCP_CLOSE_WAIT || new_state == TCP_CLOSING) {
-        if (f)
-            f->flags |= FT_FLOW_FIN_IN;
-        return;
-    }
     if (new_state != TCP_CLOSE || !f)
         return;
 
@@ -308,6 +303,18 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
     struct ft_close_stats s = {};
     s.bytes_sent = skops->bytes_acked;
     s.bytes_received = skops->bytes_received;
+    /* Payload bytes: acked/received sequence space also counts SYN and FIN. The sender's
+     * own count excludes header-only segments; a received FIN set SOCK_DONE. */
+    struct bpf_sock *bsk = skops->sk;
+    if (bsk) {
+        struct tcp_sock *tp = bpf_skc_to_tcp_sock(bsk);
+        if (tp) {
+            s.bytes_sent = tp->bytes_sent - tp->bytes_retrans;
+            unsigned long sk_flags = tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags;
+            if ((sk_flags & (1UL << SOCK_DONE)) && s.bytes_received)
+                s.bytes_received -= 1;
+        }
+    }
     s.segs_out = skops->segs_out;
     s.segs_in = skops->segs_in;
     s.retransmits = skops->total_retrans;

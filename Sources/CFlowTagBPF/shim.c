@@ -389,3 +389,13 @@ int ftbpf_statfs_type(const char *path, int64_t *type)
     *type = (int64_t)st.f_type;
     return 0;
 }
+
+int ftbpf_prog_exists(uint32_t id)
+{
+    int fd = bpf_prog_get_fd_by_id(id);
+    if (fd >= 0) {
+        close(fd);
+        return 1;
+    }
+    return errno == ENOENT ? 0 : -errno;
+}

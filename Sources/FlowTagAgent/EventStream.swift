@@ -62,7 +62,7 @@ public enum EventStreamRunner {
             guard let cgroup = options.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
             // Validate the cheap things before loading anything.
             _ = try Cgroup2.open(cgroup).closing()
-            try BPFFS.check(pinDirectory: options.pinDirectory)
+            try KernelPrograms.checkPinDirectory(options.pinDirectory)
             programs = try KernelPrograms()
             try programs.attach(cgroup: cgroup)
             try programs.pin(at: options.pinDirectory)

@@ -77,9 +77,8 @@ public final class FlowMonitor: @unchecked Sendable {
         case FT_EV_CLOSE.rawValue:
             var record = makeRecord(ev.flow)
             let s = ev.stats
-            record.bytesSent = Self.payloadBytes(s.bytes_sent, sentSYN: ev.flow.direction == FT_DIR_OUTBOUND.rawValue, lastState: s.last_state, fin: false)
-            record.bytesReceived = Self.payloadBytes(s.bytes_received, sentSYN: false, lastState: s.last_state,
-                                                     fin: ev.flow.flags & UInt8(FT_FLOW_FIN_IN.rawValue) != 0)
+            record.bytesSent = s.bytes_sent
+            record.bytesReceived = s.bytes_received
             record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
             record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
                                       smoothedRTTMicroseconds: s.srtt_us)
@@ -89,16 +88,6 @@ public final class FlowMonitor: @unchecked Sendable {
         default:
             break
         }
-    }
-
-    /// TCP's acked and received counters include the SYN (active side) and a received
-    /// FIN, one sequence number each; flows report payload bytes.
-    static func payloadBytes(_ raw: UInt64, sentSYN: Bool, lastState: UInt32, fin: Bool) -> UInt64 {
-        var v = raw
-        if fin && v > 0 { v -= 1 }
-        _ = sentSYN
-        _ = lastState
-        return v
     }
 
     private func closeUDP(cookie: UInt64, at time: UInt64) {

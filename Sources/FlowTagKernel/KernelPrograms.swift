@@ -115,17 +115,22 @@ public final class KernelPrograms: @unchecked Sendable {
     /// Pins maps and links under `directory` (on a bpffs), so user space can find them
     /// and a restarted agent can resynchronise.
     public func pin(at directory: String) throws {
-        try BPFFS.check(pinDirectory: directory)
-        var st = stat()
-        if stat(directory, &st) == 0 {
-            throw KernelError.pin("\(directory) already exists: another flowtag agent may be running (remove it with: rm -r \(directory))")
-        }
+        try Self.checkPinDirectory(directory)
         let rc = ftbpf_pin(handle, directory)
         guard rc == 0 else {
             _ = ftbpf_unpin(handle, directory)
             throw KernelError.pin("\(directory): \(errnoText(-rc))")
         }
         pinDirectory = directory
+    }
+
+    /// The pin directory must be on a bpffs and not in use by another agent.
+    public static func checkPinDirectory(_ directory: String) throws {
+        try BPFFS.check(pinDirectory: directory)
+        var st = stat()
+        if stat(directory, &st) == 0 {
+            throw KernelError.pin("\(directory) already exists: another flowtag agent may be running (if none is, remove it with: rm -r \(directory))")
+        }
     }
 
     /// Detaches, unpins and frees everything. Safe to call more than once.
@@ -146,6 +151,9 @@ public final class KernelPrograms: @unchecked Sendable {
         let n = ftbpf_prog_ids(handle, &ids, ids.count)
         return n > 0 ? Array(ids[0..<Int(n)]) : []
     }
+
+    /// Whether a program with this kernel id is still loaded (for leak checks).
+    public static func programExists(id: UInt32) -> Bool { ftbpf_prog_exists(id) == 1 }
 
     public func programStats() -> [ProgramStats] {
         (0..<ftbpf_prog_count(handle)).compactMap { i in

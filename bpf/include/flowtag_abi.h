@@ -83,7 +83,6 @@ enum ft_direction { FT_DIR_OUTBOUND = 1, FT_DIR_INBOUND = 2 };
 /* ft_flow.flags */
 enum ft_flow_flags {
     FT_FLOW_PENDING_ACCEPT = 1, /* passive flow not yet accepted: open not reported */
-    FT_FLOW_FIN_IN = 2,         /* peer's FIN seen (bytes_received counts it) */
 };
 
 /* A live flow: value of the live-flow maps, and the body of every flow event. 144 bytes. */

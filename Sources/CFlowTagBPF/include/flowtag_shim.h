@@ -54,6 +54,9 @@ int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map map);
 /* Kernel ids of the loaded programs, for tests that check nothing is left behind. */
 int ftbpf_prog_ids(struct ftbpf *obj, uint32_t *ids, size_t cap);
 
+/* 1 when a program with this kernel id is loaded, 0 when not, or -errno. */
+int ftbpf_prog_exists(uint32_t id);
+
 /* Ring buffer. The callback returns 0 to go on, nonzero to stop the current poll. */
 typedef int (*ftbpf_event_fn)(void *ctx, const void *data, size_t len);
 int ftbpf_events_open(struct ftbpf *obj, ftbpf_event_fn fn, void *ctx);

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Removes kernel state left by test runs that were killed (pins, cgroups, namespaces named
+# flowtag-test-PID-*) whose process is gone. State of live runs is left alone.
+set -uo pipefail
+alive() { [ -d "/proc/$1" ]; }
+owner() { sed -n 's/.*flowtag-test-\([0-9]*\)-.*/\1/p' <<<"$1"; }
+
+for pin in /sys/fs/bpf/flowtag-test-*; do
+    [ -e "$pin" ] || continue
+    pid=$(owner "$pin"); [ -n "$pid" ] && alive "$pid" && continue
+    rm -rf "$pin"
+done
+cg=$(awk '$3=="cgroup2"{print $2; exit}' /proc/mounts)
+if [ -n "$cg" ]; then
+    for d in "$cg"/flowtag-test-*; do
+        [ -d "$d" ] || continue
+        pid=$(owner "$d"); [ -n "$pid" ] && alive "$pid" && continue
+        echo 1 > "$d/cgroup.kill" 2>/dev/null || true
+        for _ in $(seq 50); do rmdir "$d" 2>/dev/null && break; sleep 0.1; done
+    done
+fi
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^flowtag-test-' || true); do
+    pid=$(owner "$ns"); [ -n "$pid" ] && alive "$pid" && continue
+    ip netns del "$ns"
+done
+for d in /tmp/flowtag-test-*; do
+    [ -e "$d" ] || continue
+    pid=$(owner "$d"); [ -n "$pid" ] && alive "$pid" && continue
+    rm -rf "$d"
+done
+exit 0

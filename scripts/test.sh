@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests and real-kernel tests (root, private cgroups).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/cleanup-stale.sh
+make bpf
+swift build --build-tests
+# A hung test must not hang CI: the suite normally takes a few minutes.
+timeout --kill-after=30 3000 swift test --skip-build
