@@ -42,10 +42,10 @@ build: bpf
 test: deps
 	scripts/test.sh
 
-bench: build
+bench:
 	scripts/bench.sh $(BENCH)
 
-bench-%: build
+bench-%:
 	scripts/bench.sh $*
 
 run: deps build

@@ -43,8 +43,7 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __uint(max_entries, 262144);
+    __uint(max_entries, 131072);
     __type(key, __u64); /* socket cookie */
     __type(value, struct ft_flow);
 } ft_tcp_flows SEC(".maps");
@@ -208,6 +207,8 @@ int ft_recvmsg6(struct bpf_sock_addr *ctx) { return on_udp_msg(ctx, FT_HOOK_RECV
 
 /* ---------------------------------------------------------------- events */
 
+#define FT_WAKEUP_BYTES (256 * 1024)
+
 static __always_inline void emit(__u32 kind, const struct ft_flow *flow, const struct ft_close_stats *stats)
 {
     struct ft_event *ev = bpf_ringbuf_reserve(&ft_events, sizeof(*ev), 0);
@@ -224,7 +225,10 @@ static __always_inline void emit(__u32 kind, const struct ft_flow *flow, const s
     else
         __builtin_memset(&ev->stats, 0, sizeof(ev->stats));
     ev->reserved = 0;
-    bpf_ringbuf_submit(ev, 0);
+    /* Waking the reader costs an irq_work (a self-IPI, very dear in a VM) per event: wake
+     * only when a batch is waiting; the agent also polls on a short timer. */
+    __u64 pending = bpf_ringbuf_query(&ft_events, BPF_RB_AVAIL_DATA);
+    bpf_ringbuf_submit(ev, pending >= FT_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* ---------------------------------------------------------------- TCP */
@@ -347,7 +351,7 @@ int BPF_PROG(ft_sys_exit, struct pt_regs *regs, long ret)
 {
     if (ret < 0)
         return 0;
-    long nr = BPF_CORE_READ(regs, orig_ax);
+    long nr = regs->orig_ax; /* tp_btf: a trusted pointer, read directly */
     if (nr != FT_NR_ACCEPT && nr != FT_NR_ACCEPT4)
         return 0;
 

@@ -314,7 +314,14 @@ int ftbpf_events_poll(struct ftbpf *obj, int timeout_ms)
     if (!obj->rb)
         return -EINVAL;
     int rc = ring_buffer__poll(obj->rb, timeout_ms);
-    return rc == -EINTR ? 0 : rc;
+    if (rc < 0 && rc != -EINTR)
+        return rc;
+    /* The kernel wakes us only for large batches: epoll times out with records waiting,
+     * and ring_buffer__poll consumes only rings epoll reported. */
+    int more = ring_buffer__consume(obj->rb);
+    if (more < 0)
+        return more;
+    return (rc > 0 ? rc : 0) + more;
 }
 
 int ftbpf_events_consume(struct ftbpf *obj)

@@ -24,6 +24,10 @@ public final class FlowMonitor: @unchecked Sendable {
     private var udpByCookie: [UInt64: Set<UDPKey>] = [:]
     private var lastIdleScan: UInt64 = 0
 
+    /// The kernel wakes the reader only for large batches (a wakeup per event costs more
+    /// than the event), so the reader also looks every few milliseconds.
+    static let pollMilliseconds: Int32 = 20
+
     public init(programs: KernelPrograms, udpIdleTimeout: Duration = .seconds(60), bufferLimit: Int = 1 << 20) {
         self.programs = programs
         self.udpIdleTimeout = udpIdleTimeout
@@ -44,7 +48,7 @@ public final class FlowMonitor: @unchecked Sendable {
         guard rc == 0 else { throw KernelError.system("open ring buffer", -rc) }
         let t = Thread { [self] in
             while !stopping.load(ordering: .relaxed) {
-                let n = programs.pollEvents(timeoutMilliseconds: 100)
+                let n = programs.pollEvents(timeoutMilliseconds: Self.pollMilliseconds)
                 if n < 0 && n != -EINTR { break }
                 expireIdleUDP()
             }

@@ -1,0 +1,366 @@
+#!/usr/bin/python3
+"""flowtag benchmarks B1, B2, B3, B8 (see BENCHMARKS.md).
+
+Each benchmark runs the real flowtagd attached to a private cgroup v2 it creates, drives
+real traffic over loopback, compares with a baseline measured in the same run
+(interleaved A B A B, medians), prints a table and writes JSON to .bench/.
+Everything is bounded in count and time and cleaned up, also on failure.
+"""
+import json, os, signal, socket, statistics, subprocess, sys, threading, time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOWTAGD = os.path.join(REPO, ".build", os.environ.get("CONFIG", "release"), "flowtagd")
+PEER = os.path.join(REPO, "Tests", "Peers", "peer.py")
+OUT = os.path.join(REPO, ".bench")
+PY = "/usr/bin/python3"
+RUN = f"flowtag-bench-{os.getpid()}"
+
+
+def cgroup_root():
+    for line in open("/proc/mounts"):
+        f = line.split()
+        if f[2] == "cgroup2":
+            return f[1]
+    sys.exit("no cgroup2 mount")
+
+
+class Cgroup:
+    def __init__(self, name):
+        self.path = os.path.join(cgroup_root(), f"{RUN}-{name}")
+        os.mkdir(self.path)
+
+    def wrap(self, argv):
+        return ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.path] + argv
+
+    def enter(self):
+        """Moves this process in; returns a function that moves it back."""
+        with open(f"/proc/self/cgroup") as f:
+            old = [l.strip()[3:] for l in f if l.startswith("0::")][0]
+        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        def leave():
+            with open(os.path.join(cgroup_root() + old, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        return leave
+
+    def remove(self):
+        try:
+            with open(os.path.join(self.path, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+        for _ in range(100):
+            try:
+                os.rmdir(self.path); return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
+
+
+class Agent:
+    """flowtagd --json attached to a cgroup; its output goes to a file."""
+    def __init__(self, cgroup, tag):
+        self.pins = f"/sys/fs/bpf/{RUN}-{tag}"
+        self.out = f"/tmp/{RUN}-{tag}.jsonl"
+        self.err = open(f"/tmp/{RUN}-{tag}.err", "w")
+        self.proc = subprocess.Popen([FLOWTAGD, "--cgroup", cgroup.path, "--json", "--pin-dir", self.pins],
+                                     stdout=open(self.out, "w"), stderr=self.err)
+        for _ in range(500):
+            if os.path.exists(self.pins + "/links"): break
+            if self.proc.poll() is not None:
+                raise RuntimeError("flowtagd failed: " + open(self.err.name).read())
+            time.sleep(0.01)
+        time.sleep(0.3)  # the process table is seeded right after pinning
+
+    def cpu_seconds(self):
+        f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    def prog_ids(self):
+        ids = []
+        links = os.path.join(self.pins, "links")
+        for name in os.listdir(links):
+            info = json.loads(subprocess.check_output(["bpftool", "link", "show", "pinned", os.path.join(links, name), "--json"]))
+            ids.append(info["prog_id"])
+        return ids
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill(); self.proc.wait()
+        subprocess.call(["rm", "-rf", self.pins])
+
+    def events(self):
+        out = []
+        for line in open(self.out):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def cleanup(self):
+        self.stop()
+        for p in (self.out, self.err.name):
+            try: os.unlink(p)
+            except OSError: pass
+
+
+def prog_stats(ids):
+    stats = {}
+    for pid in ids:
+        info = json.loads(subprocess.check_output(["bpftool", "prog", "show", "id", str(pid), "--json"]))
+        stats[info["name"]] = (info.get("run_time_ns", 0), info.get("run_cnt", 0))
+    return stats
+
+
+def listener():
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("127.0.0.1", 0)); l.listen(4096)
+    stop = threading.Event()
+    def loop():
+        l.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = l.accept(); c.close()
+            except socket.timeout:
+                pass
+            except OSError:
+                return
+    t = threading.Thread(target=loop, daemon=True); t.start()
+    return l, stop
+
+
+def connect_loop(port, n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        s = socket.socket()
+        s.connect(("127.0.0.1", port))
+        s.close()
+    return (time.perf_counter_ns() - t0) / n
+
+
+def save(name, result):
+    os.makedirs(OUT, exist_ok=True)
+    result["kernel"] = os.uname().release
+    result["cpus"] = os.cpu_count()
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def set_stats(on):
+    with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+        f.write("1" if on else "0")
+
+
+# --------------------------------------------------------------------------- B1
+def b1(rounds=5, n=4000):
+    """Cost added to connect(): per-program run time from the kernel, and the interleaved
+    loop (the listener lives outside the cgroup: only the client side is watched)."""
+    cg = Cgroup("b1")
+    l, stop = listener()
+    port = l.getsockname()[1]
+    leave = cg.enter()
+    detached, attached, per_connect = [], [], []
+    per_prog = {}
+    try:
+        connect_loop(port, 500)  # warm up
+        for r in range(rounds):
+            detached.append(connect_loop(port, n))
+            leave()
+            agent = Agent(cg, f"b1-{r}")
+            ids = agent.prog_ids()
+            leave = cg.enter()
+            set_stats(True)
+            before = prog_stats(ids)
+            attached.append(connect_loop(port, n))
+            after = prog_stats(ids)
+            set_stats(False)
+            leave()
+            agent.cleanup()
+            leave = cg.enter()
+            total = 0
+            for name, (t, c) in after.items():
+                dt = t - before[name][0]; dc = c - before[name][1]
+                per_prog.setdefault(name, []).append((dt / n, dc / n))
+                total += dt
+            per_connect.append(total / n)
+    finally:
+        set_stats(False)
+        leave()
+        stop.set(); l.close()
+        cg.remove()
+    med_d, med_a = statistics.median(detached), statistics.median(attached)
+    res = {
+        "connect_close_ns_detached": med_d, "connect_close_ns_attached": med_a,
+        "ratio": med_a / med_d, "bpf_ns_per_connect": statistics.median(per_connect),
+        "programs": {k: {"ns_per_connect": statistics.median(x[0] for x in v),
+                         "runs_per_connect": statistics.median(x[1] for x in v)} for k, v in per_prog.items()},
+        "rounds": rounds, "connects_per_round": n,
+    }
+    print(f"B1 connect+close, {rounds} rounds x {n} (interleaved, medians)")
+    print(f"  detached {med_d/1000:8.2f} us   attached {med_a/1000:8.2f} us   ratio {med_a/med_d:.3f}")
+    print(f"  BPF run time per connect (sum of programs, incl. machine-wide tracepoints): {res['bpf_ns_per_connect']:.0f} ns")
+    for k, v in sorted(res["programs"].items(), key=lambda kv: -kv[1]["ns_per_connect"]):
+        print(f"    {k:16s} {v['ns_per_connect']:8.1f} ns/connect  {v['runs_per_connect']:6.2f} runs/connect")
+    save("B1", res)
+    return res
+
+
+# --------------------------------------------------------------------------- B2
+def b2(count=2000):
+    """Short-lived processes: flowtag against `ss -tnp` polled at 10 Hz during the same storm."""
+    cg = Cgroup("b2")
+    sink = subprocess.Popen([PY, PEER, "sink", f"/tmp/{RUN}-sink", "close"])
+    agent = None
+    try:
+        for _ in range(500):
+            if os.path.exists(f"/tmp/{RUN}-sink"): break
+            time.sleep(0.01)
+        port = int(open(f"/tmp/{RUN}-sink").read())
+        agent = Agent(cg, "b2")
+        ss_seen = {}
+        done = threading.Event()
+        def poll_ss():
+            while not done.is_set():
+                out = subprocess.run(["ss", "-tnpH", "dst", f"127.0.0.1:{port}"], capture_output=True, text=True).stdout
+                for line in out.splitlines():
+                    if "pid=" in line:
+                        for part in line.split("pid=")[1:]:
+                            ss_seen[int(part.split(",")[0])] = True
+                time.sleep(0.1)
+        poller = threading.Thread(target=poll_ss); poller.start()
+        storm = subprocess.run(cg.wrap([PY, PEER, "storm", str(port), str(count), "bash,curl,python", "8"]),
+                               capture_output=True, text=True, timeout=600)
+        done.set(); poller.join()
+        truth = [json.loads(l) for l in storm.stdout.splitlines()]
+        time.sleep(1.5)
+        agent.stop()
+        by_pid = {}
+        for e in agent.events():
+            if e["event"] == "open" and e["remote"]["port"] == port:
+                by_pid[e["process"]["pid"]] = e["process"]["exe"]
+        right = sum(1 for t in truth if by_pid.get(t["pid"]) == t["exe"])
+        ss_right = sum(1 for t in truth if t["pid"] in ss_seen)
+    finally:
+        if agent: agent.cleanup()
+        sink.kill(); sink.wait()
+        try: os.unlink(f"/tmp/{RUN}-sink")
+        except OSError: pass
+        cg.remove()
+    res = {"processes": len(truth), "flowtag_correct": right, "flowtag_fraction": right / len(truth),
+           "ss_seen": ss_right, "ss_fraction": ss_right / len(truth),
+           "executables": sorted({t["exe"] for t in truth})}
+    print(f"B2 {len(truth)} short-lived processes ({', '.join(res['executables'])})")
+    print(f"  flowtag: {right}/{len(truth)} with the right tgid and exe ({100*res['flowtag_fraction']:.1f} %)")
+    print(f"  ss -tnp at 10 Hz: {ss_right}/{len(truth)} ({100*res['ss_fraction']:.1f} %)")
+    save("B2", res)
+    return res
+
+
+# --------------------------------------------------------------------------- B3
+def b3(seconds=5, threads=2):
+    """Connection storm at the highest rate this machine reaches: every connect must have
+    its open and its close; the agent's CPU is measured from /proc."""
+    cg = Cgroup("b3")
+    l, stop = listener()
+    port = l.getsockname()[1]
+    agent = Agent(cg, "b3")
+    try:
+        script = f"""
+import socket, time, threading, sys
+n = [0] * {threads}
+def run(i):
+    end = time.time() + {seconds}
+    while time.time() < end:
+        s = socket.socket(); s.connect(("127.0.0.1", {port})); s.close(); n[i] += 1
+ts = [threading.Thread(target=run, args=(i,)) for i in range({threads})]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(sum(n))
+"""
+        cpu0, t0 = agent.cpu_seconds(), time.time()
+        out = subprocess.run(cg.wrap([PY, "-c", script]), capture_output=True, text=True, timeout=seconds + 60)
+        connects = int(out.stdout.strip())
+        time.sleep(1.0)
+        cpu1, t1 = agent.cpu_seconds(), time.time()
+        lost = None
+        agent.stop()
+        err = open(agent.err.name).read()
+        lost = int(err.split(" kernel events were lost")[0].split()[-1]) if "were lost" in err else 0
+        opens = closes = 0
+        for e in agent.events():
+            if e["remote"]["port"] == port and e["direction"] == "outbound":
+                opens += e["event"] == "open"; closes += e["event"] == "close"
+    finally:
+        agent.cleanup()
+        stop.set(); l.close()
+        cg.remove()
+    rate = connects / seconds
+    cpu = (cpu1 - cpu0) / (t1 - t0)
+    res = {"connects": connects, "rate_per_s": rate, "opens": opens, "closes": closes,
+           "lost_events": lost, "agent_cpu_fraction": cpu,
+           "agent_cpu_at_10k_per_s": cpu * 10000 / rate if rate else None}
+    print(f"B3 storm: {connects} connects in {seconds} s ({rate:.0f}/s)")
+    print(f"  open events {opens}, close events {closes}, lost {lost}; missing {connects - min(opens, closes)}")
+    print(f"  agent CPU {100*cpu:.1f} % of a core ({100*res['agent_cpu_at_10k_per_s']:.1f} % scaled to 10k connects/s)")
+    save("B3", res)
+    return res
+
+
+# --------------------------------------------------------------------------- B8
+def iperf(cg, port, parallel, seconds):
+    out = subprocess.run(cg.wrap(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
+                                  "-P", str(parallel), "-l", "64K", "-J"]),
+                         capture_output=True, text=True, timeout=seconds + 30)
+    return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+
+
+def b8(rounds=3, seconds=3):
+    """Bulk TCP over loopback, programs attached against detached, interleaved."""
+    cg = Cgroup("b8")
+    port = 15201 + os.getpid() % 1000
+    server = subprocess.Popen(["iperf3", "-s", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = {}
+    try:
+        time.sleep(0.5)
+        for parallel in (1, 16):
+            det, att = [], []
+            for r in range(rounds):
+                det.append(iperf(cg, port, parallel, seconds))
+                agent = Agent(cg, f"b8-{parallel}-{r}")
+                try:
+                    att.append(iperf(cg, port, parallel, seconds))
+                finally:
+                    agent.cleanup()
+            d, a = statistics.median(det), statistics.median(att)
+            res[f"flows_{parallel}"] = {"detached_gbps": d / 1e9, "attached_gbps": a / 1e9, "ratio": a / d,
+                                        "detached_runs": det, "attached_runs": att}
+    finally:
+        server.kill(); server.wait()
+        cg.remove()
+    print(f"B8 bulk TCP over loopback, {rounds} interleaved rounds x {seconds} s, medians")
+    for k, v in res.items():
+        print(f"  {k:9s} detached {v['detached_gbps']:7.2f} Gbit/s  attached {v['attached_gbps']:7.2f} Gbit/s  ratio {v['ratio']:.3f}")
+    save("B8", res)
+    return res
+
+
+BENCHES = {"b1": b1, "b2": b2, "b3": b3, "b8": b8}
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("benchmarks need root")
+    if not os.path.exists(FLOWTAGD):
+        sys.exit(f"{FLOWTAGD} missing: run make build CONFIG=release")
+    names = [a.lower() for a in sys.argv[1:]] or list(BENCHES)
+    for name in names:
+        if name not in BENCHES:
+            sys.exit(f"unknown benchmark {name}; known: {', '.join(BENCHES)}")
+    for name in names:
+        BENCHES[name]()
+        print()
