@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .library(name: "FlowTagKernel", targets: ["FlowTagKernel"]),
+        .library(name: "FlowTagCore", targets: ["FlowTagCore"]),
         .library(name: "FlowContext", targets: ["FlowContext"]),
         .library(name: "FlowTagAgent", targets: ["FlowTagAgent"]),
         .executable(name: "flowtagd", targets: ["flowtagd"]),
@@ -19,8 +20,9 @@ let package = Package(
                        providers: [.apt(["libbpf-dev", "libelf-dev", "zlib1g-dev"])]),
         .target(name: "CFlowTagBPF", dependencies: ["CLibbpf"],
                 exclude: ["generated"]),
-        .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF"]),
-        .target(name: "FlowContext"),
+        .target(name: "FlowTagCore"),
+        .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF", "FlowTagCore"]),
+        .target(name: "FlowContext", dependencies: ["FlowTagCore"]),
         .target(name: "FlowTagAgent", dependencies: ["FlowTagKernel", "FlowContext"]),
         .executableTarget(name: "flowtagd", dependencies: [
             "FlowTagAgent", "FlowTagKernel",
@@ -31,5 +33,6 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent"]),
+        .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
     ]
 )

@@ -1,2 +1,0 @@
-/// WFP-semantics flow-context store and callout engine (see issue 3).
-public enum FlowContextModule {}
