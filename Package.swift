@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "FlowTagAgent", targets: ["FlowTagAgent"]),
         .executable(name: "flowtagd", targets: ["flowtagd"]),
         .executable(name: "flowtag", targets: ["flowtag"]),
+        .executable(name: "flowtag-bench", targets: ["flowtag-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -32,6 +33,7 @@ let package = Package(
             "FlowTagAgent",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "flowtag-bench", dependencies: ["FlowContext"]),
         .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent"]),
         .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
     ]

@@ -26,8 +26,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define IPPROTO_UDP 17
 #define TCP_ESTABLISHED 1
 #define TCP_CLOSE 7
-#define TCP_CLOSE_WAIT 8
-#define TCP_CLOSING 11
 
 /* x86_64 syscall numbers of accept and accept4. */
 #define FT_NR_ACCEPT 43
@@ -292,10 +290,12 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
 static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
 {
     __u32 new_state = skops->args[1];
+    if (new_state != TCP_CLOSE)
+        return; /* FIN_WAIT*, CLOSE_WAIT, …: nothing to do until the socket is gone */
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
 
-    if (new_state != TCP_CLOSE || !f)
+    if (!f)
         return;
 
     struct ft_flow flow;

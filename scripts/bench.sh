@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# Runs benchmarks: scripts/bench.sh [b1 b2 b3 b8 …] (all when none named).
+# Runs benchmarks: scripts/bench.sh [b1 b2 b3 b7 b8 …] (all when none named).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 make bpf
 swift build -c release
-CONFIG=release exec /usr/bin/python3 bench/bench.py "$@"
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(b1 b2 b3 b7 b8)
+kernel=()
+for n in "${names[@]}"; do
+    case "${n,,}" in
+        b7) .build/release/flowtag-bench ;;
+        *) kernel+=("$n") ;;
+    esac
+done
+if [ ${#kernel[@]} -gt 0 ]; then
+    CONFIG=release /usr/bin/python3 bench/bench.py "${kernel[@]}"
+fi

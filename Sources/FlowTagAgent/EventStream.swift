@@ -8,14 +8,45 @@ public enum EventFormat: String, Sendable, CaseIterable {
 
 /// Renders flow events one line each.
 public enum EventLine {
-    static let encoder: JSONEncoder = {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return e
-    }()
-
+    /// One JSON object, written by hand: the agent emits tens of thousands a second and
+    /// JSONEncoder costs more than everything else per event. Same keys and values as the
+    /// Codable form (FlowRecord's), checked by the tests.
     public static func json(_ event: FlowEvent) -> String {
-        (try? String(decoding: encoder.encode(event), as: UTF8.self)) ?? "{}"
+        let r = event.record
+        var s = "{\"event\":\"\(event.kind.rawValue)\",\"time\":\"\(event.time)\",\"flow\":\(r.flow),\"netns\":\(r.netns),"
+        s += "\"protocol\":\"\(r.protocol.rawValue)\",\"family\":\"\(r.family.rawValue)\",\"direction\":\"\(r.direction.rawValue)\","
+        s += "\"local\":{\"address\":\"\(r.local.address)\",\"port\":\(r.local.port)},"
+        s += "\"remote\":{\"address\":\"\(r.remote.address)\",\"port\":\(r.remote.port)},"
+        let p = r.process
+        s += "\"process\":{\"pid\":\(p.pid),\"tid\":\(p.tid),\"exe\":\(quoted(p.exe)),\"comm\":\(quoted(p.comm)),"
+        s += "\"uid\":\(p.uid),\"gid\":\(p.gid),\"cgroup\":\(p.cgroup)},"
+        s += "\"attribution\":\"\(r.attribution.rawValue)\",\"bytes_sent\":\(r.bytesSent),\"bytes_received\":\(r.bytesReceived),"
+        s += "\"opened_at\":\"\(r.openedAt)\""
+        if let c = r.closedAt { s += ",\"closed_at\":\"\(c)\"" }
+        if let st = r.stats {
+            s += ",\"stats\":{\"segments_out\":\(st.segmentsOut),\"segments_in\":\(st.segmentsIn),"
+            s += "\"retransmits\":\(st.retransmits),\"srtt_us\":\(st.smoothedRTTMicroseconds)}"
+        }
+        return s + "}"
+    }
+
+    /// A JSON string literal (RFC 8259 escaping).
+    static func quoted(_ text: String) -> String {
+        var out = "\""
+        for u in text.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where u.value < 0x20:
+                let hex = String(u.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        return out + "\""
     }
 
     public static func text(_ event: FlowEvent) -> String {
@@ -74,14 +105,33 @@ public enum EventStreamRunner {
 
         let signals = SignalWatcher(signals: [SIGINT, SIGTERM]) { monitor.stop() }
         defer { signals.cancel() }
-        let out = FileHandle.standardOutput
-        for await event in monitor.events {
-            out.write(Data((EventLine.render(event, as: options.format) + "\n").utf8))
+        // Lines are batched into one write per burst of events (a write per event would
+        // cost more than the event), and flushed as soon as no more are waiting.
+        var buffer = [UInt8]()
+        var iterator = monitor.events.makeAsyncIterator()
+        while let event = await iterator.next() {
+            buffer.append(contentsOf: EventLine.render(event, as: options.format).utf8)
+            buffer.append(10)
+            if buffer.count >= 1 << 16 || monitor.pendingEvents == 0 {
+                writeAll(1, buffer)
+                buffer.removeAll(keepingCapacity: true)
+            }
         }
+        writeAll(1, buffer)
         let lost = programs.lostEvents
         programs.close()
         if lost > 0 { stderr.write(Data("flowtagd: \(lost) kernel events were lost (ring buffer full)\n".utf8)) }
         return 0
+    }
+}
+
+/// write(2) until everything is out (EINTR and short writes retried).
+func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
+    var off = 0
+    while off < bytes.count {
+        let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if n < 0 { if errno == EINTR { continue }; return }
+        off += n
     }
 }
 

@@ -12,9 +12,13 @@ import Synchronization
 /// concurrency through `events`, an `AsyncStream` that ends when `stop()` is called.
 public final class FlowMonitor: @unchecked Sendable {
     public let programs: KernelPrograms
-    public let events: AsyncStream<FlowEvent>
+    public let events: FlowEvents
     public var udpIdleTimeout: Duration
     private let continuation: AsyncStream<FlowEvent>.Continuation
+    private let queued = EventCounter()
+
+    /// Events handed to `events` and not yet taken by its consumer.
+    public var pendingEvents: Int { queued.value.load(ordering: .relaxed) }
     private let processes: ProcessTable
     private let stopping = Atomic<Bool>(false)
     private let finished = Mutex<Bool>(false)
@@ -32,7 +36,9 @@ public final class FlowMonitor: @unchecked Sendable {
         self.programs = programs
         self.udpIdleTimeout = udpIdleTimeout
         self.processes = ProcessTable(programs: programs)
-        (events, continuation) = AsyncStream.makeStream(of: FlowEvent.self, bufferingPolicy: .bufferingOldest(bufferLimit))
+        let (stream, continuation) = AsyncStream.makeStream(of: FlowEvent.self, bufferingPolicy: .bufferingOldest(bufferLimit))
+        self.continuation = continuation
+        events = FlowEvents(base: stream, counter: queued)
     }
 
     /// Seeds the process table from /proc (after attach) and starts reading events.
@@ -70,6 +76,11 @@ public final class FlowMonitor: @unchecked Sendable {
 
     // MARK: - Poll thread
 
+    private func emit(_ e: FlowEvent) {
+        queued.value.add(1, ordering: .relaxed)
+        if case .dropped = continuation.yield(e) { queued.value.subtract(1, ordering: .relaxed) }
+    }
+
     private func handle(_ data: UnsafeRawPointer, _ len: Int) {
         guard len >= MemoryLayout<ft_event>.size else { return }
         let ev = data.loadUnaligned(as: ft_event.self)
@@ -77,7 +88,7 @@ public final class FlowMonitor: @unchecked Sendable {
         case FT_EV_OPEN.rawValue:
             let record = makeRecord(ev.flow)
             if record.protocol == .udp { udpByCookie[ev.flow.cookie, default: []].insert(UDPKey(ev.flow)) }
-            continuation.yield(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
+            emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
         case FT_EV_CLOSE.rawValue:
             var record = makeRecord(ev.flow)
             let s = ev.stats
@@ -86,7 +97,7 @@ public final class FlowMonitor: @unchecked Sendable {
             record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
             record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
                                       smoothedRTTMicroseconds: s.srtt_us)
-            continuation.yield(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
+            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
         case FT_EV_SOCK_RELEASE.rawValue:
             closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
         default:
@@ -113,7 +124,7 @@ public final class FlowMonitor: @unchecked Sendable {
         record.closedAt = WallTime(bootNanoseconds: time)
         record.stats = CloseStats(segmentsOut: UInt32(truncatingIfNeeded: value.packets_sent),
                                   segmentsIn: UInt32(truncatingIfNeeded: value.packets_received))
-        continuation.yield(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record))
+        emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record))
     }
 
     /// UDP has no close: a flow idle for `udpIdleTimeout` ends (checked every few seconds).
@@ -188,5 +199,31 @@ struct UDPKey: Hashable {
     func hash(into h: inout Hasher) {
         var x = raw
         withUnsafeBytes(of: &x) { h.combine(bytes: $0) }
+    }
+}
+
+final class EventCounter: Sendable {
+    let value = Atomic<Int>(0)
+}
+
+/// The monitor's events; counts what its consumer takes, so a consumer can tell when a
+/// burst has ended (`FlowMonitor.pendingEvents == 0`) and flush its output then.
+public struct FlowEvents: AsyncSequence, Sendable {
+    public typealias Element = FlowEvent
+    let base: AsyncStream<FlowEvent>
+    let counter: EventCounter
+
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        var base: AsyncStream<FlowEvent>.AsyncIterator
+        let counter: EventCounter
+        public mutating func next() async -> FlowEvent? {
+            let e = await base.next()
+            if e != nil { counter.value.subtract(1, ordering: .relaxed) }
+            return e
+        }
+    }
+
+    public func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(base: base.makeAsyncIterator(), counter: counter)
     }
 }
