@@ -320,7 +320,7 @@ def iperf(cg, port, parallel, seconds):
     return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
 
 
-def b8(rounds=3, seconds=3):
+def b8(rounds=5, seconds=3):
     """Bulk TCP over loopback, programs attached against detached, interleaved."""
     cg = Cgroup("b8")
     port = 15201 + os.getpid() % 1000

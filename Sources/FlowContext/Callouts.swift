@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// Run-time identifier of a registered callout (WFP's `calloutId`): nonzero and unique.
 public struct CalloutID: Sendable, Hashable, CustomStringConvertible {
@@ -79,8 +80,9 @@ final class CalloutRecord: @unchecked Sendable {
     let notify: @Sendable (NotifyKind, Filter) -> Status
     let flowDelete: (@Sendable (FlowHandle, Layer, CalloutID, any Sendable) -> Void)?
     let acceptsContext: @Sendable (any Sendable) -> Bool
-    /// Associations linked to this callout (guarded by the registry lock).
-    var associations = 0
+    /// Associations linked to this callout: raised under the registry lock (so unregister
+    /// cannot race an associate), lowered lock-free when one ends.
+    let associations = Atomic<Int>(0)
 
     init<C: Sendable>(_ c: Callout<C>, id: CalloutID) {
         key = c.key

@@ -40,11 +40,17 @@ public struct UnloadReport: Sendable, Hashable {
 public final class FilterEngine: Sendable {
     private struct Slot: Hashable { var layer: Layer; var callout: CalloutID }
 
+    /// A stored context with its callout, so ending it needs no registry lookup.
+    private struct Stored {
+        var context: any Sendable
+        var callout: CalloutRecord
+    }
+
     private struct FlowState {
-        var contexts: [Slot: any Sendable] = [:]
+        var contexts: [Slot: Stored] = [:]
         var activeClassifies = 0
         /// Removed while a classify ran: their flowDelete runs when the last classify returns.
-        var deferred: [(Slot, any Sendable)] = []
+        var deferred: [(Slot, Stored)] = []
         var isEmpty: Bool { contexts.isEmpty && activeClassifies == 0 && deferred.isEmpty }
     }
 
@@ -120,7 +126,7 @@ public final class FilterEngine: Sendable {
     public func unregister(key: UUID) -> Status {
         let status: Status = registry.withLock { r in
             guard let rec = r.byKey[key] else { return .calloutNotFound }
-            if rec.associations > 0 { return .deviceBusy }
+            if rec.associations.load(ordering: .acquiring) > 0 { return .deviceBusy }
             r.byKey[key] = nil
             r.byID[rec.id] = nil
             return .success
@@ -190,27 +196,26 @@ public final class FilterEngine: Sendable {
     @discardableResult
     public func associate<C: Sendable>(flow: FlowHandle, layer: Layer, callout: CalloutID, context: C?) -> Status {
         guard let context else { return .invalidParameter }
-        let check: Status = registry.withLock { r in
-            if r.closing { return .invalidParameter }
-            guard let rec = r.byID[callout] else { return .calloutNotFound }
-            guard rec.flowDelete != nil, rec.acceptsContext(context) else { return .invalidParameter }
-            rec.associations += 1 // reserved now so unregister cannot race us
-            return .success
+        let check: Result<CalloutRecord, Status> = registry.withLock { r in
+            if r.closing { return .failure(.invalidParameter) }
+            guard let rec = r.byID[callout] else { return .failure(.calloutNotFound) }
+            guard rec.flowDelete != nil, rec.acceptsContext(context) else { return .failure(.invalidParameter) }
+            rec.associations.add(1, ordering: .acquiringAndReleasing) // reserved now: unregister cannot race us
+            return .success(rec)
         }
-        guard check == .success else { return check }
+        guard case .success(let rec) = check else {
+            if case .failure(let st) = check { return st }
+            return .unsuccessful
+        }
         let slot = Slot(layer: layer, callout: callout)
         let stored: Bool = shard(flow).withLock { flows in
             if flows[flow]?.contexts[slot] != nil { return false }
-            flows[flow, default: FlowState()].contexts[slot] = context
+            flows[flow, default: FlowState()].contexts[slot] = Stored(context: context, callout: rec)
             return true
         }
         if stored { return .success }
-        releaseAssociation(callout)
+        rec.associations.subtract(1, ordering: .acquiringAndReleasing)
         return .objectNameExists
-    }
-
-    private func releaseAssociation(_ id: CalloutID) {
-        registry.withLock { r in r.byID[id]?.associations -= 1 }
     }
 
     /// Removes an association (`FwpsFlowRemoveContext`).
@@ -220,7 +225,7 @@ public final class FilterEngine: Sendable {
     @discardableResult
     public func remove(flow: FlowHandle, layer: Layer, callout: CalloutID) -> Status {
         let slot = Slot(layer: layer, callout: callout)
-        enum Outcome { case none, now(any Sendable), pending }
+        enum Outcome { case none, now(Stored), pending }
         let outcome: Outcome = shard(flow).withLock { flows in
             guard var st = flows[flow], let ctx = st.contexts.removeValue(forKey: slot) else { return .none }
             if st.activeClassifies > 0 {
@@ -240,15 +245,14 @@ public final class FilterEngine: Sendable {
         }
     }
 
-    private func runFlowDelete(_ flow: FlowHandle, _ slot: Slot, _ ctx: any Sendable) {
-        let rec = registry.withLock { $0.byID[slot.callout] }
-        rec?.flowDelete?(flow, slot.layer, slot.callout, ctx)
-        releaseAssociation(slot.callout)
+    private func runFlowDelete(_ flow: FlowHandle, _ slot: Slot, _ stored: Stored) {
+        stored.callout.flowDelete?(flow, slot.layer, slot.callout, stored.context)
+        stored.callout.associations.subtract(1, ordering: .acquiringAndReleasing)
     }
 
     /// The context a flow holds for (layer, callout), if any.
     public func context<C: Sendable>(flow: FlowHandle, layer: Layer, callout: CalloutID, as type: C.Type = C.self) -> C? {
-        shard(flow).withLock { $0[flow]?.contexts[Slot(layer: layer, callout: callout)] } as? C
+        shard(flow).withLock { $0[flow]?.contexts[Slot(layer: layer, callout: callout)]?.context } as? C
     }
 
     /// Number of associations a flow holds.
@@ -265,7 +269,7 @@ public final class FilterEngine: Sendable {
     /// association. A FIN alone is not an end. Returns how many associations ended.
     @discardableResult
     public func endFlow(_ flow: FlowHandle) -> Int {
-        let ended: [(Slot, any Sendable)] = shard(flow).withLock { flows in
+        let ended: [(Slot, Stored)] = shard(flow).withLock { flows in
             guard var st = flows[flow] else { return [] }
             let all = st.contexts.map { ($0.key, $0.value) }
             st.contexts.removeAll()
@@ -309,7 +313,7 @@ public final class FilterEngine: Sendable {
                         if filter.action.isTerminating { decision = .block }
                         break
                     }
-                    let ctx = sh.withLock { $0[flow]?.contexts[Slot(layer: layer, callout: rec.id)] }
+                    let ctx = sh.withLock { $0[flow]?.contexts[Slot(layer: layer, callout: rec.id)]?.context }
                     if rec.flags.contains(.conditionalOnFlow) && ctx == nil { break }
                     invoked.append(filter.id)
                     let req = ClassifyRequest(layer: layer, values: values, metadata: metadata, filter: filter, calloutID: rec.id)
@@ -330,10 +334,10 @@ public final class FilterEngine: Sendable {
     }
 
     private func finishClassify(_ flow: FlowHandle, _ sh: Box<[FlowHandle: FlowState]>) {
-        let due: [(Slot, any Sendable)] = sh.withLock { flows in
+        let due: [(Slot, Stored)] = sh.withLock { flows in
             guard var st = flows[flow] else { return [] }
             st.activeClassifies -= 1
-            var due: [(Slot, any Sendable)] = []
+            var due: [(Slot, Stored)] = []
             if st.activeClassifies == 0 {
                 due = st.deferred
                 st.deferred.removeAll()

@@ -72,7 +72,8 @@ var json: [[String: Any]] = []
 for threads in [1, 2] {
     for op in ["associate", "lookup", "remove"] {
         let s = median(results["store/\(threads)/\(op)"]!), b = median(results["dict/\(threads)/\(op)"]!)
-        print(String(format: "%7d  %-10@ %7.2f  %7.2f   %.2f", threads, op as NSString, s / 1e6, b / 1e6, s / b))
+        print("\(threads)".leftPad(7) + "  " + op.padding(toLength: 10, withPad: " ", startingAt: 0)
+              + String(format: " %7.2f  %7.2f   %.2f", s / 1e6, b / 1e6, s / b))
         json.append(["threads": threads, "op": op, "store_ops_per_s": s, "dict_ops_per_s": b, "ratio": s / b])
     }
 }
@@ -80,3 +81,7 @@ let out: [String: Any] = ["flows": n, "rounds": rounds, "results": json, "cpus":
                           "date": ISO8601DateFormatter().string(from: Date())]
 try? FileManager.default.createDirectory(atPath: ".bench", withIntermediateDirectories: true)
 try! JSONSerialization.data(withJSONObject: out, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: ".bench/B7.json"))
+
+extension String {
+    func leftPad(_ n: Int) -> String { String(repeating: " ", count: max(0, n - count)) + self }
+}
