@@ -139,6 +139,8 @@ public final class StreamSession: @unchecked Sendable {
         var finPending = false
         var finDone = false
         var mode: Mode = .active
+        /// push/expedited given with data, passed on with the next indication.
+        var carried: StreamFlags = []
     }
 
     /// WFP's stream buffer limit for needMoreData is 8 MB.
@@ -157,6 +159,7 @@ public final class StreamSession: @unchecked Sendable {
         guard !aborted else { return }
         if !data.isEmpty { enqueue(direction, 0, Segment(bytes: data, completion: nil)) }
         if flags.contains(.disconnect) { pipes[direction]![0].finPending = true }
+        pipes[direction]![0].carried.formUnion(flags.intersection([.push, .expedited]))
         pump(direction, from: 0)
     }
 
@@ -259,8 +262,9 @@ public final class StreamSession: @unchecked Sendable {
         pipes[d]![i].queued = 0
     }
 
-    private func forward(_ d: StreamDirection, _ i: Int, _ bytes: [UInt8]) {
+    private func forward(_ d: StreamDirection, _ i: Int, _ bytes: [UInt8], flags: StreamFlags = []) {
         guard !bytes.isEmpty else { return }
+        pipes[d]![i + 1].carried.formUnion(flags)
         enqueue(d, i + 1, Segment(bytes: bytes, completion: nil))
     }
 
@@ -302,7 +306,8 @@ public final class StreamSession: @unchecked Sendable {
             if stage.mode == .deferred { return }
             if case .needMore(let n) = stage.mode, stage.queued < n, !stage.finPending, stage.queued < bufferLimit { return }
 
-            var flags = StreamFlags.direction(d)
+            var flags = StreamFlags.direction(d).union(stage.carried)
+            pipes[d]![i].carried = []
             let data: [UInt8] = hasData ? stage.queue.flatMap(\.bytes) : []
             if stage.finPending { flags.insert(.noMoreData) }
             if !hasData { flags.insert(.disconnect) }
@@ -345,7 +350,7 @@ public final class StreamSession: @unchecked Sendable {
             var k = decision.countBytesEnforced ?? data.count
             if k <= 0 || k > data.count { k = data.count }
             let bytes = take(d, i, k)
-            if decision.action != .block { forward(d, i, bytes) }
+            if decision.action != .block { forward(d, i, bytes, flags: flags.intersection([.push, .expedited])) }
         }
     }
 

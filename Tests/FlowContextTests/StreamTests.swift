@@ -225,6 +225,19 @@ struct StreamRuleTests {
         #expect(sink.aborts == 1)
     }
 
+    @Test("push and expedited reach every callout with the data they came with")
+    func pushAndExpedited() {
+        let sink = BufferSink(), high = Seen(), low = Seen()
+        let s = session([StreamCallout(name: "h", weight: 2) { ind, _ in high.add(ind); return .permit },
+                         StreamCallout(name: "l", weight: 1) { ind, _ in low.add(ind); return .permit }], sink: sink)
+        s.indicate(bytes("urgent"), direction: .send, flags: [.push, .expedited])
+        s.indicate(bytes("plain"), direction: .send)
+        for seen in [high, low] {
+            #expect(seen.all[0].1.contains(.push) && seen.all[0].1.contains(.expedited))
+            #expect(!seen.all[1].1.contains(.push))
+        }
+    }
+
     @Test("never inject after abort; pending injections complete with an error at abort")
     func noInjectAfterAbort() {
         let sink = BufferSink()
