@@ -15,6 +15,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         .systemLibrary(name: "CLibbpf", pkgConfig: "libbpf",
@@ -24,7 +25,12 @@ let package = Package(
         .target(name: "FlowTagCore"),
         .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF", "FlowTagCore"]),
         .target(name: "FlowContext", dependencies: ["FlowTagCore"]),
-        .target(name: "FlowTagAgent", dependencies: ["FlowTagKernel", "FlowContext"]),
+        .target(name: "FlowTagAgent", dependencies: [
+            "FlowTagKernel", "FlowContext",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
         .executableTarget(name: "flowtagd", dependencies: [
             "FlowTagAgent", "FlowTagKernel",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -12,8 +12,12 @@ public enum EventLine {
     /// JSONEncoder costs more than everything else per event. Same keys and values as the
     /// Codable form (FlowRecord's), checked by the tests.
     public static func json(_ event: FlowEvent) -> String {
-        let r = event.record
-        var s = "{\"event\":\"\(event.kind.rawValue)\",\"time\":\"\(event.time)\",\"flow\":\(r.flow),\"netns\":\(r.netns),"
+        recordJSON(event.record, prefix: "\"event\":\"\(event.kind.rawValue)\",\"time\":\"\(event.time)\",")
+    }
+
+    /// A flow record as a JSON object; `prefix` holds extra members (with a trailing comma).
+    public static func recordJSON(_ r: FlowRecord, prefix: String = "") -> String {
+        var s = "{" + prefix + "\"flow\":\(r.flow),\"netns\":\(r.netns),"
         s += "\"protocol\":\"\(r.protocol.rawValue)\",\"family\":\"\(r.family.rawValue)\",\"direction\":\"\(r.direction.rawValue)\","
         s += "\"local\":{\"address\":\"\(r.local.address)\",\"port\":\(r.local.port)},"
         s += "\"remote\":{\"address\":\"\(r.remote.address)\",\"port\":\(r.remote.port)},"
@@ -64,19 +68,21 @@ public enum EventLine {
     }
 }
 
-/// `flowtagd --cgroup PATH [--json]`: load, attach, pin, print every flow event until
-/// SIGINT/SIGTERM, then detach and unpin. Returns the process exit code.
-public enum EventStreamRunner {
+/// The agent: load, attach, pin, serve the query API and mirror every flow event into
+/// the flow table until SIGINT/SIGTERM, then shut down in WFP's order and detach.
+/// With `format` text or json it also prints one line per event (`flowtagd --json`).
+public enum AgentRunner {
     public struct Options: Sendable {
         public var cgroup: String?
         public var pinDirectory: String
-        public var format: EventFormat
+        public var socketPath: String?
+        public var format: EventFormat?
         public var udpIdleTimeout: Duration
 
-        public init(cgroup: String?, pinDirectory: String = "/sys/fs/bpf/flowtag", format: EventFormat = .text,
-                    udpIdleTimeout: Duration = .seconds(60)) {
-            self.cgroup = cgroup; self.pinDirectory = pinDirectory; self.format = format
-            self.udpIdleTimeout = udpIdleTimeout
+        public init(cgroup: String?, pinDirectory: String = "/sys/fs/bpf/flowtag", socketPath: String? = "/run/flowtag/flowtag.sock",
+                    format: EventFormat? = .text, udpIdleTimeout: Duration = .seconds(60)) {
+            self.cgroup = cgroup; self.pinDirectory = pinDirectory; self.socketPath = socketPath
+            self.format = format; self.udpIdleTimeout = udpIdleTimeout
         }
     }
 
@@ -88,6 +94,8 @@ public enum EventStreamRunner {
         }
         let programs: KernelPrograms
         let monitor: FlowMonitor
+        let table = FlowTable()
+        var server: APIServer?
         do {
             try KernelPrograms.probe()
             guard let cgroup = options.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
@@ -99,6 +107,12 @@ public enum EventStreamRunner {
             try programs.pin(at: options.pinDirectory)
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: options.udpIdleTimeout)
             try monitor.start()
+            for r in monitor.liveFlowRecords() { table.adopt(r) }
+            if let path = options.socketPath {
+                let s = APIServer(table: table, socketPath: path, lostEvents: { programs.lostEvents })
+                try s.start()
+                server = s
+            }
         } catch {
             return fail("\(error)")
         }
@@ -110,7 +124,9 @@ public enum EventStreamRunner {
         var buffer = [UInt8]()
         var iterator = monitor.events.makeAsyncIterator()
         while let event = await iterator.next() {
-            buffer.append(contentsOf: EventLine.render(event, as: options.format).utf8)
+            table.apply(event)
+            guard let format = options.format else { continue }
+            buffer.append(contentsOf: EventLine.render(event, as: format).utf8)
             buffer.append(10)
             if buffer.count >= 1 << 16 || monitor.pendingEvents == 0 {
                 writeAll(1, buffer)
@@ -118,6 +134,8 @@ public enum EventStreamRunner {
             }
         }
         writeAll(1, buffer)
+        server?.stop()
+        await table.shutdown()
         let lost = programs.lostEvents
         programs.close()
         if lost > 0 { stderr.write(Data("flowtagd: \(lost) kernel events were lost (ring buffer full)\n".utf8)) }

@@ -143,6 +143,19 @@ public final class FlowMonitor: @unchecked Sendable {
         }
     }
 
+    /// Live flows as the kernel's maps hold them (for a (re)starting agent). Passive flows
+    /// not yet accepted are included with their inherited owner.
+    public func liveFlowRecords() -> [FlowRecord] {
+        var out = programs.liveTCPFlows().map { makeRecord($0) }
+        for (_, u) in programs.liveUDPFlows() {
+            var r = makeRecord(u.flow)
+            r.bytesSent = u.bytes_sent
+            r.bytesReceived = u.bytes_received
+            out.append(r)
+        }
+        return out
+    }
+
     /// Builds the user-facing record of a kernel flow, resolving the owner's executable.
     func makeRecord(_ f: ft_flow) -> FlowRecord {
         FlowRecordBuilder.record(f, processes: processes)

@@ -14,19 +14,27 @@ struct FlowtagdCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Directory on a bpffs where maps and links are pinned.")
     var pinDir: String = "/sys/fs/bpf/flowtag"
 
-    @Flag(name: .long, help: "Print one JSON object per flow event.")
+    @Flag(name: .long, help: "Print one JSON object per flow event (same as --output json).")
     var json = false
+
+    @Option(name: .long, help: "Flow events on stdout: text, json or none.")
+    var output: String = "text"
+
+    @Option(name: .long, help: "Unix socket of the query API ('' for none).")
+    var socket: String = "/run/flowtag/flowtag.sock"
 
     @Option(name: .long, help: "Seconds a UDP flow may stay idle before it ends.")
     var udpIdleSeconds: Int = 60
 
     func validate() throws {
         guard udpIdleSeconds > 0 else { throw ValidationError("--udp-idle-seconds must be positive") }
+        guard ["text", "json", "none"].contains(output) else { throw ValidationError("--output must be text, json or none, not '\(output)'") }
     }
 
     func run() async throws {
-        let code = await EventStreamRunner.run(.init(
-            cgroup: cgroup, pinDirectory: pinDir, format: json ? .json : .text,
+        let format: EventFormat? = json ? .json : (output == "none" ? nil : EventFormat(rawValue: output))
+        let code = await AgentRunner.run(.init(
+            cgroup: cgroup, pinDirectory: pinDir, socketPath: socket.isEmpty ? nil : socket, format: format,
             udpIdleTimeout: .seconds(udpIdleSeconds)))
         if code != 0 { throw ExitCode(code) }
     }

@@ -1,0 +1,276 @@
+import FlowTagKernel
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public let flowtagVersion = "0.1.0"
+
+/// Who is asking: from SO_PEERCRED on the connection.
+public struct PeerCredentials: Sendable, Equatable {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+
+    /// root and members of `group` see every flow; others only their own.
+    public func seesEverything(group: gid_t?) -> Bool {
+        if uid == 0 { return true }
+        guard let group else { return false }
+        if gid == group { return true }
+        // Supplementary groups of the peer process.
+        guard let status = try? readFile("/proc/\(pid)/status") else { return false }
+        for line in status.split(separator: "\n") where line.hasPrefix("Groups:") {
+            return line.dropFirst(7).split(whereSeparator: { $0 == " " || $0 == "\t" }).contains { gid_t($0) == group }
+        }
+        return false
+    }
+}
+
+/// `ip:port` or `[ipv6]:port`.
+public func parseEndpoint(_ text: String) -> Endpoint? {
+    var host = Substring(text), port: Substring
+    if host.hasPrefix("[") {
+        guard let close = host.firstIndex(of: "]"), host[host.index(after: close)...].hasPrefix(":") else { return nil }
+        port = host[host.index(close, offsetBy: 2)...]
+        host = host[host.index(after: host.startIndex)..<close]
+    } else {
+        guard let colon = host.lastIndex(of: ":") else { return nil }
+        port = host[host.index(after: colon)...]
+        host = host[..<colon]
+    }
+    guard let a = IPAddress(String(host)), let p = UInt16(port) else { return nil }
+    return Endpoint(address: a, port: p)
+}
+
+/// The query API: HTTP/1.1 with JSON bodies on a unix socket (`curl --unix-socket` works).
+///
+/// | request | answer |
+/// |---|---|
+/// | `GET /v1/flows?FILTERS` | `{"flows":[…]}` |
+/// | `GET /v1/lookup?proto=tcp&local=IP:PORT&remote=IP:PORT[&netns=N]` | `{"flows":[…]}`, 404 when none |
+/// | `GET /v1/watch?FILTERS` | chunked JSON lines, one per event, until the client goes |
+/// | `GET /v1/stats` | counters |
+/// | `GET /v1/version` | `{"version":…}` |
+public final class APIServer: @unchecked Sendable {
+    public let socketPath: String
+    let table: FlowTable
+    let lost: @Sendable () -> UInt64
+    let group: gid_t?
+    private let elg = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private var channel: Channel?
+
+    public init(table: FlowTable, socketPath: String, groupName: String = "flowtag", lostEvents: @escaping @Sendable () -> UInt64) {
+        self.table = table
+        self.socketPath = socketPath
+        self.lost = lostEvents
+        group = getgrnam(groupName).map { $0.pointee.gr_gid }
+    }
+
+    /// Binds the socket: owned by root and group `flowtag` (when it exists), mode 0660.
+    public func start() throws {
+        let dir = (socketPath as NSString).deletingLastPathComponent
+        if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
+        if access(socketPath, F_OK) == 0 {
+            // A socket nobody answers on is a leftover of a crash; a live one is another agent.
+            if (try? APIClient(socketPath: socketPath).get("/v1/version")) != nil {
+                throw KernelError.system("another agent answers on \(socketPath)", EADDRINUSE)
+            }
+            unlink(socketPath)
+        }
+        let table = self.table, lost = self.lost, group = self.group
+        let bootstrap = ServerBootstrap(group: elg)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .childChannelInitializer { channel in
+                channel.pipeline.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                    try sync.addHandler(IdleStateHandler(readTimeout: .seconds(10)))
+                    try sync.addHandler(APIHandler(table: table, lost: lost, group: group))
+                }
+            }
+        let oldMask = umask(0o117)
+        defer { umask(oldMask) }
+        channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
+        chmod(socketPath, 0o660)
+        if let group { chown(socketPath, 0, group) }
+    }
+
+    public func stop() {
+        try? channel?.close().wait()
+        unlink(socketPath)
+        try? elg.syncShutdownGracefully()
+    }
+}
+
+/// `struct ucred` (Glibc exposes it only with _GNU_SOURCE): pid, uid, gid.
+struct RawPeerCred { var pid: Int32 = 0; var uid: UInt32 = 0; var gid: UInt32 = 0 }
+
+final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    let table: FlowTable
+    let lost: @Sendable () -> UInt64
+    let group: gid_t?
+    var head: HTTPRequestHead?
+    var peer: PeerCredentials?
+    var streaming = false
+    var cancelWatch: (@Sendable () -> Void)?
+
+    init(table: FlowTable, lost: @escaping @Sendable () -> UInt64, group: gid_t?) {
+        self.table = table; self.lost = lost; self.group = group
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if let provider = context.channel as? SocketOptionProvider {
+            let cred: EventLoopFuture<RawPeerCred> = provider.unsafeGetSocketOption(level: .init(rawValue: SOL_SOCKET),
+                                                                              name: .init(rawValue: SO_PEERCRED))
+            cred.whenSuccess { [self] c in peer = PeerCredentials(pid: c.pid, uid: c.uid, gid: c.gid) }
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        cancelWatch?()
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // A client that sends nothing for 10 s is dropped; a watch stream is not.
+        if event is IdleStateHandler.IdleStateEvent, !streaming { context.close(promise: nil); return }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body: break // GET only: a body is ignored (and bounded by the decoder)
+        case .end:
+            guard let h = head else { return }
+            head = nil
+            handle(context: context, head: h)
+        }
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, keepAlive: Bool) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive { done.whenComplete { _ in context.close(promise: nil) } }
+    }
+
+    private func error(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
+        respond(context, status, "{\"error\":\(EventLine.quoted(message))}\n", keepAlive: false)
+    }
+
+    static func query(_ uri: String) -> (String, [(String, String)]) {
+        let parts = uri.split(separator: "?", maxSplits: 1)
+        let path = String(parts.first ?? "")
+        guard parts.count == 2 else { return (path, []) }
+        let items = parts[1].split(separator: "&").map { item -> (String, String) in
+            let kv = item.split(separator: "=", maxSplits: 1)
+            let k = String(kv[0]).removingPercentEncoding ?? String(kv[0])
+            let v = kv.count > 1 ? (String(kv[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[1])) : ""
+            return (k, v)
+        }
+        return (path, items)
+    }
+
+    private func handle(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        guard head.method == .GET else { return error(context, .methodNotAllowed, "only GET is supported") }
+        guard let peer else { return error(context, .forbidden, "peer credentials unavailable") }
+        let uidFilter: UInt32? = peer.seesEverything(group: group) ? nil : peer.uid
+        let (path, items) = Self.query(head.uri)
+        let keepAlive = head.isKeepAlive
+        switch path {
+        case "/v1/version":
+            respond(context, .ok, "{\"version\":\"\(flowtagVersion)\"}\n", keepAlive: keepAlive)
+        case "/v1/stats":
+            let data = (try? JSONEncoder().encode(table.stats(lost: lost()))) ?? Data("{}".utf8)
+            respond(context, .ok, String(decoding: data, as: UTF8.self) + "\n", keepAlive: keepAlive)
+        case "/v1/flows":
+            do {
+                let filter = try FlowFilter(query: items)
+                let entries = table.flows(filter, uid: uidFilter)
+                respond(context, .ok, Self.flowsJSON(entries), keepAlive: keepAlive)
+            } catch {
+                self.error(context, .badRequest, error.description)
+            }
+        case "/v1/lookup":
+            var proto = FlowProtocol.tcp, local: Endpoint?, remote: Endpoint?, netns: UInt64?
+            for (k, v) in items {
+                switch k {
+                case "proto":
+                    guard let p = FlowProtocol(rawValue: v) else { return error(context, .badRequest, "bad proto: \(v) is not tcp or udp") }
+                    proto = p
+                case "local":
+                    guard let e = parseEndpoint(v) else { return error(context, .badRequest, "bad local: \(v) is not IP:PORT") }
+                    local = e
+                case "remote":
+                    guard let e = parseEndpoint(v) else { return error(context, .badRequest, "bad remote: \(v) is not IP:PORT") }
+                    remote = e
+                case "netns":
+                    guard let n = UInt64(v) else { return error(context, .badRequest, "bad netns: \(v) is not a number") }
+                    netns = n
+                default:
+                    return error(context, .badRequest, "unknown parameter \(k) (known: proto, local, remote, netns)")
+                }
+            }
+            guard let local, let remote else { return error(context, .badRequest, "lookup needs local=IP:PORT and remote=IP:PORT") }
+            var found = table.lookup(proto: proto, local: local, remote: remote, netns: netns)
+            if let uidFilter { found = found.filter { $0.process.uid == uidFilter } }
+            if found.isEmpty { return error(context, .notFound, "no live \(proto.rawValue) flow \(local) -> \(remote)") }
+            respond(context, .ok, Self.flowsJSON(found.map { FlowEntry(record: $0, state: .open) }), keepAlive: keepAlive)
+        case "/v1/watch":
+            do {
+                let filter = try FlowFilter(query: items)
+                startWatch(context, filter: filter, uid: uidFilter)
+            } catch {
+                self.error(context, .badRequest, error.description)
+            }
+        default:
+            error(context, .notFound, "no such endpoint: \(path) (see /v1/flows, /v1/lookup, /v1/watch, /v1/stats, /v1/version)")
+        }
+    }
+
+    static func flowsJSON(_ entries: [FlowEntry]) -> String {
+        "{\"flows\":[" + entries.map { EventLine.recordJSON($0.record, prefix: "\"state\":\"\($0.state.rawValue)\",") }.joined(separator: ",") + "]}\n"
+    }
+
+    private func startWatch(_ context: ChannelHandlerContext, filter: FlowFilter, uid: UInt32?) {
+        streaming = true
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/x-ndjson")
+        headers.add(name: "Transfer-Encoding", value: "chunked")
+        context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
+        let (stream, cancel) = table.watch(filter, uid: uid)
+        cancelWatch = cancel
+        let channel = context.channel
+        let loop = context.eventLoop
+        let ctx = NIOLoopBound(context, eventLoop: loop)
+        let handler = NIOLoopBound(self, eventLoop: loop)
+        Task {
+            for await event in stream {
+                let line = EventLine.json(event) + "\n"
+                guard channel.isActive else { break }
+                loop.execute {
+                    let c = ctx.value
+                    c.writeAndFlush(handler.value.wrapOutboundOut(.body(.byteBuffer(c.channel.allocator.buffer(string: line)))), promise: nil)
+                }
+            }
+            loop.execute {
+                if channel.isActive {
+                    ctx.value.writeAndFlush(handler.value.wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+import FlowContext
+import FlowTagKernel
+import Foundation
+import Synchronization
+
+/// Identity of a live flow for lookups: the 5-tuple within a network namespace.
+public struct FlowTuple: Hashable, Sendable {
+    public var netns: UInt64
+    public var proto: FlowProtocol
+    public var local: Endpoint
+    public var remote: Endpoint
+
+    public init(netns: UInt64, proto: FlowProtocol, local: Endpoint, remote: Endpoint) {
+        self.netns = netns; self.proto = proto; self.local = local; self.remote = remote
+    }
+
+    init(_ r: FlowRecord) { self.init(netns: r.netns, proto: r.protocol, local: r.local, remote: r.remote) }
+}
+
+/// A flow with its state, as the API returns it.
+public struct FlowEntry: Sendable, Hashable {
+    public var record: FlowRecord
+    public var state: FlowState
+}
+
+/// Counters the agent reports (`/v1/stats`, metrics).
+public struct AgentStats: Sendable, Codable, Hashable {
+    public var activeFlows = 0
+    public var flowsOpened = 0
+    public var flowsClosed = 0
+    public var bytesSent: UInt64 = 0
+    public var bytesReceived: UInt64 = 0
+    public var attribution: [String: Int] = [:]
+    public var kernelEventsLost: UInt64 = 0
+    public var resynchronisedFlows = 0
+    public var watchers = 0
+
+    enum CodingKeys: String, CodingKey {
+        case activeFlows = "active_flows", flowsOpened = "flows_opened", flowsClosed = "flows_closed"
+        case bytesSent = "bytes_sent", bytesReceived = "bytes_received", attribution
+        case kernelEventsLost = "kernel_events_lost", resynchronisedFlows = "resynchronised_flows", watchers
+    }
+}
+
+/// The agent's live view: every open flow with its owner, the most recent closed ones,
+/// and the watchers to tell. Mirrors each flow into the FlowContext engine: a built-in
+/// process-tagging callout associates the owner at flow-established, and the context is
+/// removed (flowDelete fires) when the kernel reports the flow gone.
+public final class FlowTable: Sendable {
+    private struct State {
+        var live: [FlowTuple: FlowRecord] = [:]
+        var closed: [FlowRecord] = []
+        var closedHead = 0
+        var stats = AgentStats()
+        var watchers: [UInt64: Watcher] = [:]
+        var nextWatcher: UInt64 = 1
+    }
+
+    struct Watcher {
+        let filter: FlowFilter
+        let uid: UInt32?
+        let continuation: AsyncStream<FlowEvent>.Continuation
+    }
+
+    private let state = Mutex(State())
+    public let closedCapacity: Int
+    public let engine = FilterEngine()
+    public let taggerID: CalloutID
+    private let deletes = Counter()
+
+    final class Counter: Sendable { let value = Atomic<Int>(0) }
+
+    public init(closedCapacity: Int = 4096) {
+        self.closedCapacity = closedCapacity
+        let deletes = self.deletes
+        let engine = self.engine
+        // The built-in process-tagging callout: the owner rides on the flow to later layers.
+        taggerID = try! engine.register(Callout<ProcessOwner>(
+            key: UUID(uuidString: "6b8e1c3a-1f0e-4a7e-9a51-000000000001")!, flags: [],
+            classify: { _, _ in .continue },
+            flowDelete: { _ in deletes.value.add(1, ordering: .relaxed) })).get()
+        let tagger = taggerID
+        let estKey = UUID(uuidString: "6b8e1c3a-1f0e-4a7e-9a51-000000000002")!
+        _ = try! engine.register(Callout<ProcessOwner>(key: estKey, classify: { req, _ in
+            let owner = ProcessOwner(pid: req.metadata.processID, tid: req.metadata.threadID, exe: req.metadata.processPath,
+                                     comm: "", uid: req.metadata.userID, gid: 0, cgroup: req.metadata.cgroupID)
+            engine.associate(flow: req.metadata.flow, layer: .stream(req.layer.version), callout: tagger, context: owner)
+            return .continue
+        }, flowDelete: { _ in })).get()
+        let sub = UUID()
+        engine.addSublayer(Sublayer(key: sub, weight: 0xffff))
+        for v in IPVersion.allCases {
+            _ = engine.addFilter(Filter(layer: .aleFlowEstablished(v), sublayer: sub, action: .calloutInspection(estKey)))
+        }
+    }
+
+    /// flowDelete callbacks of the tagging callout so far (one per ended flow).
+    public var taggedFlowsEnded: Int { deletes.value.load(ordering: .relaxed) }
+
+    static func handle(_ r: FlowRecord) -> FlowHandle { FlowHandle(cookie: r.flow, netns: r.netns) }
+
+    static func classifyValues(_ r: FlowRecord) -> (Layer, IncomingValues, Metadata) {
+        let v: IPVersion = r.family == .ipv4 ? .v4 : .v6
+        let values = IncomingValues(localAddress: r.local.address, localPort: r.local.port, remoteAddress: r.remote.address,
+                                    remotePort: r.remote.port, protocol: r.protocol == .tcp ? .tcp : .udp,
+                                    direction: r.direction == .outbound ? .outbound : .inbound)
+        let meta = Metadata(flow: handle(r), processID: r.process.pid, threadID: r.process.tid, processPath: r.process.exe,
+                            userID: r.process.uid, cgroupID: r.process.cgroup)
+        return (.aleFlowEstablished(v), values, meta)
+    }
+
+    /// A flow found in the kernel's maps at start (resynchronisation): live, not re-announced.
+    public func adopt(_ r: FlowRecord) {
+        let inserted: Bool = state.withLock { s in
+            let key = FlowTuple(r)
+            guard s.live[key] == nil else { return false }
+            s.live[key] = r
+            s.stats.resynchronisedFlows += 1
+            s.stats.activeFlows = s.live.count
+            return true
+        }
+        if inserted {
+            let (l, v, m) = Self.classifyValues(r)
+            _ = engine.classify(layer: l, values: v, metadata: m)
+        }
+    }
+
+    /// Applies one kernel event and tells the watchers.
+    public func apply(_ event: FlowEvent) {
+        let r = event.record
+        if event.kind == .open {
+            let (l, v, m) = Self.classifyValues(r)
+            _ = engine.classify(layer: l, values: v, metadata: m)
+        } else {
+            engine.endFlow(Self.handle(r))
+        }
+        let watchers: [Watcher] = state.withLock { s in
+            let key = FlowTuple(r)
+            switch event.kind {
+            case .open:
+                if s.live.updateValue(r, forKey: key) == nil { s.stats.flowsOpened += 1 }
+                s.stats.attribution[r.attribution.rawValue, default: 0] += 1
+            case .close:
+                s.live.removeValue(forKey: key)
+                s.stats.flowsClosed += 1
+                s.stats.bytesSent += r.bytesSent
+                s.stats.bytesReceived += r.bytesReceived
+                if s.closed.count < closedCapacity { s.closed.append(r) } else {
+                    s.closed[s.closedHead] = r
+                    s.closedHead = (s.closedHead + 1) % closedCapacity
+                }
+            }
+            s.stats.activeFlows = s.live.count
+            return Array(s.watchers.values)
+        }
+        let state: FlowState = event.kind == .open ? .open : .closed
+        for w in watchers where w.filter.matches(r, state: state) && (w.uid == nil || w.uid == r.process.uid) {
+            w.continuation.yield(event)
+        }
+    }
+
+    /// Flows matching a filter; `uid` restricts to one user's flows (access control).
+    public func flows(_ filter: FlowFilter, uid: UInt32? = nil) -> [FlowEntry] {
+        let (live, closed) = state.withLock { s in (Array(s.live.values), s.closed) }
+        var out: [FlowEntry] = []
+        if filter.state != .closed {
+            out += live.filter { filter.matches($0, state: .open) }.map { FlowEntry(record: $0, state: .open) }
+        }
+        if filter.state != .open {
+            out += closed.filter { filter.matches($0, state: .closed) }.map { FlowEntry(record: $0, state: .closed) }
+        }
+        if let uid { out = out.filter { $0.record.process.uid == uid } }
+        return out.sorted { ($0.record.openedAt, $0.record.flow) < ($1.record.openedAt, $1.record.flow) }
+    }
+
+    /// The live flow with this 5-tuple; without a netns, the only one there is.
+    public func lookup(proto: FlowProtocol, local: Endpoint, remote: Endpoint, netns: UInt64?) -> [FlowRecord] {
+        state.withLock { s in
+            if let netns { return s.live[FlowTuple(netns: netns, proto: proto, local: local, remote: remote)].map { [$0] } ?? [] }
+            return s.live.values.filter { $0.protocol == proto && $0.local == local && $0.remote == remote }
+        }
+    }
+
+    public func stats(lost: UInt64) -> AgentStats {
+        state.withLock { s in
+            var st = s.stats
+            st.kernelEventsLost = lost
+            st.watchers = s.watchers.count
+            return st
+        }
+    }
+
+    /// A stream of matching events until the caller cancels; a slow watcher loses its
+    /// oldest events rather than stalling anyone.
+    public func watch(_ filter: FlowFilter, uid: UInt32?) -> (AsyncStream<FlowEvent>, cancel: @Sendable () -> Void) {
+        let (stream, cont) = AsyncStream.makeStream(of: FlowEvent.self, bufferingPolicy: .bufferingNewest(4096))
+        let id = state.withLock { s in
+            defer { s.nextWatcher += 1 }
+            s.watchers[s.nextWatcher] = Watcher(filter: filter, uid: uid, continuation: cont)
+            return s.nextWatcher
+        }
+        let cancel: @Sendable () -> Void = { [weak self] in
+            _ = self?.state.withLock { $0.watchers.removeValue(forKey: id) }
+            cont.finish()
+        }
+        return (stream, cancel)
+    }
+
+    /// Ends every watcher and removes every association (orderly shutdown).
+    public func shutdown() async {
+        let ws = state.withLock { s in defer { s.watchers.removeAll() }; return Array(s.watchers.values) }
+        ws.forEach { $0.continuation.finish() }
+        _ = await engine.unload()
+    }
+}

@@ -1,0 +1,192 @@
+import ArgumentParser
+import FlowTagAgent
+import FlowTagKernel
+import Foundation
+
+/// Options every command shares.
+struct Common: ParsableArguments {
+    @Option(name: .long, help: "The agent's unix socket.")
+    var socket: String = "/run/flowtag/flowtag.sock"
+
+    @Option(name: .shortAndLong, help: "Output: table, wide or json.")
+    var output: String = "table"
+
+    @Flag(name: .long, help: "Omit the table header.")
+    var noHeaders = false
+
+    var format: OutputFormat { OutputFormat(rawValue: output) ?? .table }
+
+    func validate() throws {
+        guard OutputFormat(rawValue: output) != nil else { throw ValidationError("-o must be table, wide or json, not '\(output)'") }
+    }
+}
+
+/// Filters as flags; they become the API's query parameters.
+struct Filters: ParsableArguments {
+    @Option(help: "Owner's process id.") var pid: String?
+    @Option(help: "Owner's executable path.") var exe: String?
+    @Option(help: "Owner's command name.") var comm: String?
+    @Option(help: "Owner's user id.") var uid: String?
+    @Option(help: "Owner's cgroup id.") var cgroup: String?
+    @Option(help: "Either end's port.") var port: String?
+    @Option(help: "Local address or CIDR prefix.") var local: String?
+    @Option(help: "Remote address or CIDR prefix.") var remote: String?
+    @Option(help: "tcp or udp.") var proto: String?
+    @Option(help: "open or closed.") var state: String?
+
+    var query: [(String, String)] {
+        [("pid", pid), ("exe", exe), ("comm", comm), ("uid", uid), ("cgroup", cgroup), ("port", port),
+         ("local", local), ("remote", remote), ("proto", proto), ("state", state)].compactMap { k, v in v.map { (k, $0) } }
+    }
+
+    /// Checked here too, so a bad filter fails before any request.
+    func validate() throws {
+        do { _ = try FlowFilter(query: query) } catch { throw ValidationError(error.description) }
+    }
+}
+
+func encode(_ items: [(String, String)]) -> String {
+    var allowed = CharacterSet.alphanumerics
+    allowed.insert(charactersIn: "-._~/:")
+    return items.map { "\($0)=\($1.addingPercentEncoding(withAllowedCharacters: allowed) ?? $1)" }.joined(separator: "&")
+}
+
+/// Runs a request and maps failures to exit statuses with a clear message.
+func request(_ common: Common, _ path: String) throws -> APIResponse {
+    do {
+        let r = try APIClient(socketPath: common.socket).get(path)
+        switch r.status {
+        case 200: return r
+        case 400: fail(.usage, errorText(r))
+        case 403: fail(.permission, errorText(r))
+        case 404: fail(.nothingFound, errorText(r))
+        default: fail(.protocolError, "HTTP \(r.status): \(errorText(r))")
+        }
+    } catch let e as ClientError {
+        switch e {
+        case .agentNotRunning: fail(.agentDown, e.description)
+        case .permissionDenied: fail(.permission, e.description)
+        case .protocolError: fail(.protocolError, e.description)
+        }
+    }
+}
+
+func errorText(_ r: APIResponse) -> String {
+    if let obj = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any], let e = obj["error"] as? String { return e }
+    return r.text
+}
+
+func fail(_ status: ExitStatus, _ message: String) -> Never {
+    FileHandle.standardError.write(Data("flowtag: \(message)\n".utf8))
+    exit(status.rawValue)
+}
+
+func printFlows(_ r: APIResponse, _ common: Common) throws {
+    if common.format == .json {
+        print(r.text, terminator: r.text.hasSuffix("\n") ? "" : "\n")
+        return
+    }
+    let list = try JSONDecoder().decode(APIFlowList.self, from: Data(r.body))
+    if list.flows.isEmpty { fail(.nothingFound, "no flows found") }
+    print(FlowTableRenderer.render(list.flows.map { ($0.record, $0.state) }, wide: common.format == .wide, headers: !common.noHeaders),
+          terminator: "")
+}
+
+@main
+struct FlowtagCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "flowtag",
+        abstract: "Which process owns which network flow: ask the flowtag agent.",
+        discussion: """
+        Exit status: 0 ok, 1 nothing found, 64 bad argument or filter, 69 agent not running,
+        76 unexpected answer, 77 permission denied.
+        """,
+        subcommands: [Flows.self, Lookup.self, Watch.self, Stats.self, Version.self])
+
+    struct Flows: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List flows with their owners (live, and recently closed).")
+        @OptionGroup var common: Common
+        @OptionGroup var filters: Filters
+        func run() throws { try printFlows(request(common, "/v1/flows?" + encode(filters.query)), common) }
+    }
+
+    struct Lookup: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Find the owner of one live flow by its 5-tuple.")
+        @OptionGroup var common: Common
+        @Argument(help: "Local end, IP:PORT or [IPv6]:PORT.") var localEnd: String
+        @Argument(help: "Remote end, IP:PORT or [IPv6]:PORT.") var remoteEnd: String
+        @Option(help: "tcp or udp.") var proto: String = "tcp"
+        @Option(help: "Network-namespace cookie, when the 5-tuple exists in several.") var netns: UInt64?
+
+        func validate() throws {
+            guard parseEndpoint(localEnd) != nil else { throw ValidationError("local end '\(localEnd)' is not IP:PORT") }
+            guard parseEndpoint(remoteEnd) != nil else { throw ValidationError("remote end '\(remoteEnd)' is not IP:PORT") }
+            guard FlowProtocol(rawValue: proto) != nil else { throw ValidationError("--proto must be tcp or udp") }
+        }
+
+        func run() throws {
+            var q = [("proto", proto), ("local", localEnd), ("remote", remoteEnd)]
+            if let netns { q.append(("netns", "\(netns)")) }
+            try printFlows(request(common, "/v1/lookup?" + encode(q)), common)
+        }
+    }
+
+    struct Watch: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stream flow events as they happen.")
+        @OptionGroup var common: Common
+        @OptionGroup var filters: Filters
+
+        func run() throws {
+            let json = common.format == .json
+            do {
+                let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + encode(filters.query)) { line in
+                    // One write per line: a pipe reader sees each event as it happens.
+                    if json { FileHandle.standardOutput.write(Data((line + "\n").utf8)); return }
+                    guard let e = try? JSONDecoder().decode(WatchEvent.self, from: Data(line.utf8)) else { return }
+                    let text = EventLine.text(FlowEvent(kind: e.event, time: e.time, record: e.record))
+                    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+                }
+                if r.status == 400 { fail(.usage, errorText(r)) }
+                if r.status != 200 { fail(.protocolError, "HTTP \(r.status): \(errorText(r))") }
+            } catch let e as ClientError {
+                fail(e == .permissionDenied(common.socket) ? .permission : .agentDown, e.description)
+            }
+        }
+    }
+
+    struct Stats: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The agent's counters.")
+        @OptionGroup var common: Common
+        func run() throws {
+            let r = try request(common, "/v1/stats")
+            if common.format == .json { print(r.text, terminator: ""); return }
+            print(FlowTableRenderer.stats(try JSONDecoder().decode(AgentStats.self, from: Data(r.body))), terminator: "")
+        }
+    }
+
+    struct Version: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Versions of this CLI and of the agent.")
+        @Option(name: .long, help: "The agent's unix socket.") var socket: String = "/run/flowtag/flowtag.sock"
+        func run() {
+            print("flowtag \(flowtagVersion)")
+            if let r = try? APIClient(socketPath: socket).get("/v1/version"), r.status == 200 {
+                print("agent: " + r.text.trimmingCharacters(in: .whitespacesAndNewlines))
+            } else {
+                print("agent: not running on \(socket)")
+            }
+        }
+    }
+}
+
+struct WatchEvent: Decodable {
+    var event: FlowEventKind
+    var time: WallTime
+    var record: FlowRecord
+    enum CodingKeys: String, CodingKey { case event, time }
+    init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        event = try c.decode(FlowEventKind.self, forKey: .event)
+        time = try c.decode(WallTime.self, forKey: .time)
+        record = try FlowRecord(from: decoder)
+    }
+}
