@@ -1,0 +1,223 @@
+import Foundation
+import Testing
+@testable import FlowTagAgent
+@testable import FlowTagKernel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The real agent, the real CLI, real traffic.
+final class RunningAgent: @unchecked Sendable {
+    let cgroup: TestCgroup
+    let socket: String
+    let pins: String
+    let process: Child
+
+    init(extra: [String] = []) async throws {
+        try ensureBPFFS()
+        cgroup = try TestCgroup()
+        socket = tempPath("api") + ".sock"
+        pins = "/sys/fs/bpf/" + uniqueName("pins")
+        process = try Child([Paths.flowtagd, "--cgroup", cgroup.path, "--pin-dir", pins, "--socket", socket, "--output", "none"] + extra)
+        for _ in 0..<500 where access(socket, F_OK) != 0 && process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        guard access(socket, F_OK) == 0 else {
+            let err = process.stderrText
+            process.kill(); cgroup.remove()
+            throw TestFailure("agent did not start: \(err)")
+        }
+    }
+
+    func cli(_ args: [String], as user: UInt32? = nil) throws -> (Int32, String, String) {
+        var argv = [Paths.flowtag] + args + ["--socket", socket]
+        if let user { argv = ["/usr/bin/setpriv", "--reuid=\(user)", "--regid=\(user)", "--clear-groups"] + argv }
+        return try runCommand(argv)
+    }
+
+    func stop() async {
+        kill(process.pid, SIGTERM)
+        _ = try? await process.wait()
+        cgroup.remove()
+    }
+}
+
+extension Paths {
+    static var flowtag: String { repo + "/.build/debug/flowtag" }
+}
+
+func withAgent(_ body: (RunningAgent) async throws -> Void) async throws {
+    let a = try await RunningAgent()
+    do { try await body(a) } catch { await a.stop(); throw error }
+    await a.stop()
+}
+
+@Suite("Agent API and CLI", .serialized)
+struct AgentCLITests {
+    /// A TCP connection held open inside the agent's cgroup; returns the peer and its ports.
+    func holdConnection(_ a: RunningAgent, seconds: Int = 20) async throws -> (Child, Int, Int) {
+        let script = """
+        import socket, time, json, os
+        l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
+        c = socket.create_connection(l.getsockname()); s, _ = l.accept()
+        print(json.dumps({"pid": os.getpid(), "client": c.getsockname()[1], "server": l.getsockname()[1]}), flush=True)
+        time.sleep(\(seconds))
+        """
+        let p = try Child(a.cgroup.wrap([Paths.python, "-c", script]))
+        let line = try await p.waitForLines(1)[0]
+        return (p, line["client"] as! Int, line["server"] as! Int)
+    }
+
+    @Test("flows, filters and every output format")
+    func flowsAndFormats() async throws {
+        try await withAgent { a in
+            let (peer, client, server) = try await holdConnection(a)
+            defer { peer.kill() }
+            try await Task.sleep(for: .milliseconds(200))
+            let (rc, table, _) = try a.cli(["flows", "--port", "\(server)"])
+            #expect(rc == 0)
+            #expect(table.hasPrefix("PROTO"))
+            #expect(table.contains("127.0.0.1:\(client)") && table.contains("\(peer.pid)"))
+            let (_, noHeaders, _) = try a.cli(["flows", "--port", "\(server)", "--no-headers"])
+            #expect(!noHeaders.contains("PROTO") && noHeaders.split(separator: "\n").count == 2)
+            let (_, wide, _) = try a.cli(["flows", "--port", "\(server)", "-o", "wide"])
+            #expect(wide.contains("ATTRIBUTION") && wide.contains("outbound") && wide.contains("inbound"))
+            let (_, json, _) = try a.cli(["flows", "--pid", "\(peer.pid)", "-o", "json"])
+            let list = try JSONDecoder().decode(APIFlowList.self, from: Data(json.utf8))
+            #expect(list.flows.count == 2 && list.flows.allSatisfy { $0.record.process.pid == UInt32(peer.pid) && $0.state == .open })
+            // Filters that exclude.
+            let (rc2, _, err2) = try a.cli(["flows", "--pid", "\(peer.pid)", "--remote", "10.0.0.0/8"])
+            #expect(rc2 == ExitStatus.nothingFound.rawValue && err2.contains("no flows found"))
+            let (rc3, _, _) = try a.cli(["flows", "--proto", "udp", "--pid", "\(peer.pid)"])
+            #expect(rc3 == ExitStatus.nothingFound.rawValue)
+        }
+    }
+
+    @Test("lookup by 5-tuple; not found; bad arguments")
+    func lookup() async throws {
+        try await withAgent { a in
+            let (peer, client, server) = try await holdConnection(a)
+            defer { peer.kill() }
+            try await Task.sleep(for: .milliseconds(200))
+            let (rc, out, _) = try a.cli(["lookup", "127.0.0.1:\(client)", "127.0.0.1:\(server)", "-o", "json"])
+            #expect(rc == 0)
+            let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
+            #expect(list.flows.first?.record.process.pid == UInt32(peer.pid))
+            #expect(list.flows.first?.record.direction == .outbound)
+            let (rc2, _, err2) = try a.cli(["lookup", "127.0.0.1:1", "127.0.0.1:2"])
+            #expect(rc2 == ExitStatus.nothingFound.rawValue && err2.contains("no live tcp flow"))
+            let (rc3, _, err3) = try a.cli(["lookup", "not-an-endpoint", "127.0.0.1:2"])
+            #expect(rc3 == ExitStatus.usage.rawValue && err3.contains("not IP:PORT"))
+        }
+    }
+
+    @Test("watch streams open and close events as JSON lines")
+    func watch() async throws {
+        try await withAgent { a in
+            let portFile = tempPath("port")
+            defer { unlink(portFile) }
+            let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "1"])
+            defer { server.kill() }
+            let port = try await waitForPort(portFile)
+            let watcher = try Child([Paths.flowtag, "watch", "--port", "\(port)", "-o", "json", "--socket", a.socket])
+            defer { watcher.kill() }
+            try await Task.sleep(for: .milliseconds(300))
+            let (rc, _, _) = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+            #expect(rc == 0)
+            let lines = try await watcher.waitForLines(2)
+            #expect(lines.map { $0["event"] as? String } == ["open", "close"])
+            #expect((lines[0]["process"] as? [String: Any])?["exe"] as? String == "/usr/bin/curl")
+        }
+    }
+
+    @Test("bad requests get a 4xx with a message; the agent keeps serving")
+    func badRequests() async throws {
+        try await withAgent { a in
+            func curl(_ args: [String]) throws -> (String, String) {
+                let (_, out, _) = try runCommand(["/usr/bin/curl", "-s", "-w", "\n%{http_code}", "--unix-socket", a.socket] + args)
+                let parts = out.split(separator: "\n")
+                return (String(parts.last ?? ""), parts.dropLast().joined(separator: "\n"))
+            }
+            let cases: [([String], String, String)] = [
+                (["http://x/v1/nope"], "404", "no such endpoint"),
+                (["-X", "POST", "http://x/v1/flows"], "405", "only GET"),
+                (["http://x/v1/flows?pid=abc"], "400", "bad filter pid"),
+                (["http://x/v1/flows?color=red"], "400", "unknown filter"),
+                (["http://x/v1/lookup?local=1.2.3.4:5"], "400", "lookup needs"),
+                (["http://x/v1/lookup?local=1.2.3.4&remote=1.2.3.4:5"], "400", "bad local"),
+            ]
+            for (args, code, message) in cases {
+                let (status, body) = try curl(args)
+                #expect(status == code, "\(args): \(status) \(body)")
+                #expect(body.contains(message), "\(args): \(body)")
+            }
+            // Garbage on the socket, and a client that connects and says nothing.
+            let (rc, _, _) = try runCommand(["/bin/sh", "-c", "printf 'NOT HTTP\\r\\n\\r\\n' | socat - UNIX-CONNECT:\(a.socket) >/dev/null 2>&1; true"])
+            #expect(rc == 0)
+            let (status, body) = try curl(["http://x/v1/version"])
+            #expect(status == "200" && body.contains(flowtagVersion))
+        }
+    }
+
+    @Test("access control: other users see only their own flows")
+    func accessControl() async throws {
+        try await withAgent { a in
+            // Let everyone reach the socket, so the agent's own check is what is tested.
+            chmod(a.socket, 0o666)
+            let (peer, _, server) = try await holdConnection(a)
+            defer { peer.kill() }
+            let nobodyScript = "import socket,time; s=socket.socket(); s.connect(('127.0.0.1', \(server))); time.sleep(20)"
+            let nobody = try Child(a.cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                                  Paths.python, "-c", nobodyScript]))
+            defer { nobody.kill() }
+            try await Task.sleep(for: .milliseconds(400))
+            let (rc, out, err) = try a.cli(["flows", "-o", "json"], as: 65534)
+            #expect(rc == 0, "\(err)")
+            let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
+            #expect(!list.flows.isEmpty)
+            #expect(list.flows.allSatisfy { $0.record.process.uid == 65534 })
+            let (_, rootOut, _) = try a.cli(["flows", "-o", "json"])
+            let all = try JSONDecoder().decode(APIFlowList.self, from: Data(rootOut.utf8))
+            #expect(all.flows.contains { $0.record.process.uid == 0 })
+            // With the socket back to 0660 root:flowtag, an outsider cannot connect at all.
+            chmod(a.socket, 0o660)
+            let (rc2, _, err2) = try a.cli(["flows"], as: 65534)
+            #expect(rc2 == ExitStatus.permission.rawValue, "\(err2)")
+        }
+    }
+
+    @Test("agent not running and bad arguments: distinct exit codes")
+    func cliErrors() throws {
+        let sock = tempPath("none") + ".sock"
+        let (rc, _, err) = try runCommand([Paths.flowtag, "flows", "--socket", sock])
+        #expect(rc == ExitStatus.agentDown.rawValue && err.contains("not running"))
+        let (rc2, _, err2) = try runCommand([Paths.flowtag, "flows", "--socket", sock, "--state", "sleeping"])
+        #expect(rc2 == ExitStatus.usage.rawValue && err2.contains("open or closed"))
+        let (rc3, _, _) = try runCommand([Paths.flowtag, "flows", "-o", "yaml"])
+        #expect(rc3 == ExitStatus.usage.rawValue)
+        let (rc4, out4, _) = try runCommand([Paths.flowtag, "version", "--socket", sock])
+        #expect(rc4 == 0 && out4.contains("flowtag \(flowtagVersion)") && out4.contains("not running"))
+    }
+
+    @Test("stats count flows; the tagging callout's flowDelete ran for closed flows")
+    func stats() async throws {
+        try await withAgent { a in
+            let portFile = tempPath("port")
+            defer { unlink(portFile) }
+            let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "3"])
+            defer { server.kill() }
+            let port = try await waitForPort(portFile)
+            for _ in 0..<3 {
+                _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            let (rc, out, _) = try a.cli(["stats", "-o", "json"])
+            #expect(rc == 0)
+            let st = try JSONDecoder().decode(AgentStats.self, from: Data(out.utf8))
+            #expect(st.flowsOpened >= 3 && st.flowsClosed >= 3 && st.kernelEventsLost == 0)
+            #expect(st.attribution["kernel"] ?? 0 >= 3)
+            let (_, closed, _) = try a.cli(["flows", "--state", "closed", "--port", "\(port)", "-o", "json"])
+            let list = try JSONDecoder().decode(APIFlowList.self, from: Data(closed.utf8))
+            #expect(list.flows.count == 3 && list.flows.allSatisfy { $0.state == .closed && $0.record.bytesReceived > 0 })
+        }
+    }
+}
