@@ -9,6 +9,7 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <dirent.h>
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
 
@@ -18,8 +19,15 @@ _Static_assert(FTBPF_MAP_COUNT == 6, "map table");
 
 #define FTBPF_MAX_LINKS 32
 
+static const char *const map_names[FTBPF_MAP_COUNT] = {
+    [FTBPF_MAP_TCP_FLOWS] = "ft_tcp_flows", [FTBPF_MAP_UDP_FLOWS] = "ft_udp_flows",
+    [FTBPF_MAP_PROCS] = "ft_procs", [FTBPF_MAP_COUNTERS] = "ft_counters",
+    [FTBPF_MAP_EVENTS] = "ft_events", [FTBPF_MAP_SK_STATE] = "ft_sk_state",
+};
+
 struct ftbpf {
-    struct flowtag_bpf *skel;
+    struct flowtag_bpf *skel; /* NULL when adopted from pins */
+    int pinned_fds[FTBPF_MAP_COUNT];
     struct bpf_link *links[FTBPF_MAX_LINKS];
     char link_names[FTBPF_MAX_LINKS][64];
     size_t nlinks;
@@ -76,6 +84,32 @@ static void set_err(char *err, size_t err_len, const char *what, int rc)
         }
     }
     snprintf(err, err_len, "%s: %s%s%s", what, strerror(-rc), *tail ? "\n" : "", tail);
+}
+
+int ftbpf_open_pinned(const char *dir, struct ftbpf **out, char *err, size_t err_len)
+{
+    pthread_once(&print_once, install_print);
+    *out = NULL;
+    struct ftbpf *obj = calloc(1, sizeof(*obj));
+    if (!obj)
+        return -ENOMEM;
+    for (int i = 0; i < FTBPF_MAP_COUNT; i++)
+        obj->pinned_fds[i] = -1;
+    for (int i = 0; i < FTBPF_MAP_COUNT; i++) {
+        char path[512];
+        snprintf(path, sizeof(path), "%s/maps/%s", dir, map_names[i]);
+        int fd = bpf_obj_get(path);
+        if (fd < 0) {
+            int rc = -errno;
+            if (err && err_len)
+                snprintf(err, err_len, "open pinned map %s: %s", path, strerror(-rc));
+            ftbpf_destroy(obj);
+            return rc;
+        }
+        obj->pinned_fds[i] = fd;
+    }
+    *out = obj;
+    return 0;
 }
 
 int ftbpf_open_load(const struct ftbpf_config *config, struct ftbpf **out, char *err, size_t err_len)
@@ -194,10 +228,42 @@ int ftbpf_pin(struct ftbpf *obj, const char *dir)
     return 0;
 }
 
+static int unlink_all(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return errno == ENOENT ? 0 : -errno;
+    struct dirent *e;
+    char path[768];
+    int first = 0;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        if (unlink(path) && !first)
+            first = -errno;
+    }
+    closedir(d);
+    return first;
+}
+
 int ftbpf_unpin(struct ftbpf *obj, const char *dir)
 {
     char path[512];
     int first = 0;
+    if (!obj->skel) {
+        /* adopted: the pins are all there is; removing the link pins detaches */
+        snprintf(path, sizeof(path), "%s/links", dir);
+        first = unlink_all(path);
+        rmdir(path);
+        snprintf(path, sizeof(path), "%s/maps", dir);
+        int rc = unlink_all(path);
+        if (rc && !first) first = rc;
+        rmdir(path);
+        if (rmdir(dir) && errno != ENOENT && !first)
+            first = -errno;
+        return first;
+    }
     struct bpf_map *map;
     bpf_object__for_each_map(map, obj->skel->obj) {
         if (bpf_map__is_pinned(map)) {
@@ -226,6 +292,13 @@ void ftbpf_destroy(struct ftbpf *obj)
         return;
     if (obj->rb)
         ring_buffer__free(obj->rb);
+    if (!obj->skel) {
+        for (int i = 0; i < FTBPF_MAP_COUNT; i++)
+            if (obj->pinned_fds[i] >= 0)
+                close(obj->pinned_fds[i]);
+        free(obj);
+        return;
+    }
     detach_all(obj);
     flowtag_bpf__destroy(obj->skel);
     free(obj);
@@ -233,6 +306,10 @@ void ftbpf_destroy(struct ftbpf *obj)
 
 int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
 {
+    if (which < 0 || which >= FTBPF_MAP_COUNT)
+        return -EINVAL;
+    if (!obj->skel)
+        return obj->pinned_fds[which];
     struct bpf_map *m;
     switch (which) {
     case FTBPF_MAP_TCP_FLOWS: m = obj->skel->maps.ft_tcp_flows; break;
@@ -248,6 +325,8 @@ int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
 
 size_t ftbpf_prog_count(struct ftbpf *obj)
 {
+    if (!obj->skel)
+        return 0;
     size_t n = 0;
     struct bpf_program *prog;
     bpf_object__for_each_program(prog, obj->skel->obj) n++;
@@ -267,6 +346,8 @@ static struct bpf_program *prog_at(struct ftbpf *obj, size_t index)
 
 int ftbpf_prog_ids(struct ftbpf *obj, uint32_t *ids, size_t cap)
 {
+    if (!obj->skel)
+        return 0;
     size_t n = 0;
     struct bpf_program *prog;
     bpf_object__for_each_program(prog, obj->skel->obj) {
@@ -303,7 +384,7 @@ int ftbpf_events_open(struct ftbpf *obj, ftbpf_event_fn fn, void *ctx)
 {
     if (obj->rb)
         return -EBUSY;
-    obj->rb = ring_buffer__new(bpf_map__fd(obj->skel->maps.ft_events), (ring_buffer_sample_fn)fn, ctx, NULL);
+    obj->rb = ring_buffer__new(ftbpf_map_fd(obj, FTBPF_MAP_EVENTS), (ring_buffer_sample_fn)fn, ctx, NULL);
     if (!obj->rb)
         return -errno;
     return 0;

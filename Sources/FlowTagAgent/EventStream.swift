@@ -96,15 +96,24 @@ public enum AgentRunner {
         let monitor: FlowMonitor
         let table = FlowTable()
         var server: APIServer?
+        var lock: AgentLock?
         do {
             try KernelPrograms.probe()
             guard let cgroup = options.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
             // Validate the cheap things before loading anything.
             _ = try Cgroup2.open(cgroup).closing()
-            try KernelPrograms.checkPinDirectory(options.pinDirectory)
-            programs = try KernelPrograms()
-            try programs.attach(cgroup: cgroup)
-            try programs.pin(at: options.pinDirectory)
+            try BPFFS.check(pinDirectory: options.pinDirectory)
+            lock = try AgentLock(pinDirectory: options.pinDirectory)
+            if KernelPrograms.hasPins(at: options.pinDirectory) {
+                // The previous agent died; its programs still run. Take them over.
+                programs = try KernelPrograms(adoptingPinsAt: options.pinDirectory)
+                stderr.write(Data("flowtagd: resuming the programs pinned at \(options.pinDirectory)\n".utf8))
+            } else {
+                try KernelPrograms.checkPinDirectory(options.pinDirectory)
+                programs = try KernelPrograms()
+                try programs.attach(cgroup: cgroup)
+                try programs.pin(at: options.pinDirectory)
+            }
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: options.udpIdleTimeout)
             try monitor.start()
             for r in monitor.liveFlowRecords() { table.adopt(r) }
@@ -139,6 +148,7 @@ public enum AgentRunner {
         let lost = programs.lostEvents
         programs.close()
         if lost > 0 { stderr.write(Data("flowtagd: \(lost) kernel events were lost (ring buffer full)\n".utf8)) }
+        withExtendedLifetime(lock) {}
         return 0
     }
 }

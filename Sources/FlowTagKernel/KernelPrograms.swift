@@ -95,6 +95,30 @@ public final class KernelPrograms: @unchecked Sendable {
         handle = out
     }
 
+    /// Adopts programs a previous agent pinned at `directory` and left running (it was
+    /// killed): opens the pinned maps; the pinned links keep the programs attached, so
+    /// nothing is loaded or attached twice. `close()` then detaches them by unpinning.
+    public init(adoptingPinsAt directory: String) throws {
+        var err = [CChar](repeating: 0, count: 1024)
+        var out: OpaquePointer?
+        let rc = ftbpf_open_pinned(directory, &out, &err, err.count)
+        guard rc == 0, let out else {
+            if rc == -EPERM || rc == -EACCES { throw KernelError.notPrivileged(cText(err)) }
+            throw KernelError.pin(cText(err))
+        }
+        handle = out
+        pinDirectory = directory
+        adopted = true
+    }
+
+    /// True when this object adopted pinned programs rather than loading them.
+    public private(set) var adopted = false
+
+    /// Whether `directory` holds a previous agent's pins (maps and links).
+    public static func hasPins(at directory: String) -> Bool {
+        access(directory + "/maps/ft_events", F_OK) == 0 && access(directory + "/links", F_OK) == 0
+    }
+
     deinit { close() }
 
     /// Attaches every program: the cgroup ones to `cgroupPath` (a cgroup v2 directory).

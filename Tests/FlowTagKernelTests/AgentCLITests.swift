@@ -185,6 +185,43 @@ struct AgentCLITests {
         }
     }
 
+    @Test("kill -9 and restart: the programs are adopted, not attached twice; no flow lost or duplicated")
+    func killNineRecovery() async throws {
+        let a = try await RunningAgent()
+        defer { a.process.kill() }
+        let attachedBefore = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
+        let (held, _, heldPort) = try await holdConnection(a, seconds: 30)
+        defer { held.kill() }
+        try await Task.sleep(for: .milliseconds(200))
+        kill(a.process.pid, SIGKILL)
+        _ = try await a.process.wait()
+        // While no agent runs: a whole flow opens and closes.
+        let portFile = tempPath("port")
+        defer { unlink(portFile) }
+        let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "1"])
+        defer { server.kill() }
+        let port = try await waitForPort(portFile)
+        _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+        // Restart on the same pins.
+        let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none"])
+        defer { restarted.kill() }
+        for _ in 0..<500 where (try? APIClient(socketPath: a.socket).get("/v1/version")) == nil { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(restarted.stderrText.contains("resuming the programs pinned"))
+        #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path) == attachedBefore, "programs attached twice")
+        try await Task.sleep(for: .milliseconds(300))
+        let (_, live, _) = try a.cli(["flows", "--port", "\(heldPort)", "-o", "json"])
+        let held2 = try JSONDecoder().decode(APIFlowList.self, from: Data(live.utf8))
+        #expect(held2.flows.count == 2 && held2.flows.allSatisfy { $0.record.process.pid == UInt32(held.pid) })
+        let (_, closed, _) = try a.cli(["flows", "--port", "\(port)", "--state", "closed", "-o", "json"])
+        let missed = try JSONDecoder().decode(APIFlowList.self, from: Data(closed.utf8))
+        #expect(missed.flows.count == 1 && missed.flows.first?.record.process.exe == "/usr/bin/curl")
+        kill(restarted.pid, SIGTERM)
+        #expect(try await restarted.wait() == 0)
+        #expect(access(a.pins, F_OK) != 0)
+        #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path).isEmpty)
+        a.cgroup.remove()
+    }
+
     @Test("agent not running and bad arguments: distinct exit codes")
     func cliErrors() throws {
         let sock = tempPath("none") + ".sock"

@@ -38,6 +38,10 @@ struct ftbpf_config {
 /* Open and load the programs. On failure *err receives libbpf's last words. */
 int ftbpf_open_load(const struct ftbpf_config *config, struct ftbpf **out, char *err, size_t err_len);
 
+/* Adopt programs another agent pinned under dir (after a crash): open the pinned maps;
+ * the pinned links keep the programs attached, nothing is loaded or attached again. */
+int ftbpf_open_pinned(const char *dir, struct ftbpf **out, char *err, size_t err_len);
+
 /* Attach every program: the cgroup ones to cgroup_fd (multi-attach links), the rest
  * to their tracepoints. On failure nothing stays attached and *err names the program. */
 int ftbpf_attach(struct ftbpf *obj, int cgroup_fd, char *err, size_t err_len);
