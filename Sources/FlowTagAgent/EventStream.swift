@@ -78,11 +78,14 @@ public enum AgentRunner {
         public var socketPath: String?
         public var format: EventFormat?
         public var udpIdleTimeout: Duration
+        /// `host:port` for Prometheus' `/metrics`; nil: none.
+        public var metricsAddress: String?
 
         public init(cgroup: String?, pinDirectory: String = "/sys/fs/bpf/flowtag", socketPath: String? = "/run/flowtag/flowtag.sock",
-                    format: EventFormat? = .text, udpIdleTimeout: Duration = .seconds(60)) {
+                    format: EventFormat? = .text, udpIdleTimeout: Duration = .seconds(60),
+                    metricsAddress: String? = "127.0.0.1:9742") {
             self.cgroup = cgroup; self.pinDirectory = pinDirectory; self.socketPath = socketPath
-            self.format = format; self.udpIdleTimeout = udpIdleTimeout
+            self.format = format; self.udpIdleTimeout = udpIdleTimeout; self.metricsAddress = metricsAddress
         }
     }
 
@@ -94,8 +97,11 @@ public enum AgentRunner {
         }
         let programs: KernelPrograms
         let monitor: FlowMonitor
-        let table = FlowTable()
+        let lostCounter = LostEvents()
+        let metrics = AgentMetrics(lostEvents: { lostCounter.read() })
+        let table = FlowTable(metrics: metrics)
         var server: APIServer?
+        var metricsServer: MetricsServer?
         var lock: AgentLock?
         do {
             try KernelPrograms.probe()
@@ -114,6 +120,7 @@ public enum AgentRunner {
                 try programs.attach(cgroup: cgroup)
                 try programs.pin(at: options.pinDirectory)
             }
+            lostCounter.programs = programs
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: options.udpIdleTimeout)
             try monitor.start()
             for r in monitor.liveFlowRecords() { table.adopt(r) }
@@ -121,6 +128,13 @@ public enum AgentRunner {
                 let s = APIServer(table: table, socketPath: path, lostEvents: { programs.lostEvents })
                 try s.start()
                 server = s
+            }
+            if let address = options.metricsAddress {
+                let m = MetricsServer()
+                try m.start(address: address) { metrics.render(activeFlows: table.activeCount) }
+                metricsServer = m
+                let host = address[..<(address.lastIndex(of: ":") ?? address.endIndex)]
+                stderr.write(Data("flowtagd: metrics on http://\(host):\(m.boundPort ?? 0)/metrics\n".utf8))
             }
         } catch {
             return fail("\(error)")
@@ -144,6 +158,7 @@ public enum AgentRunner {
         }
         writeAll(1, buffer)
         server?.stop()
+        metricsServer?.stop()
         await table.shutdown()
         let lost = programs.lostEvents
         programs.close()
@@ -151,6 +166,12 @@ public enum AgentRunner {
         withExtendedLifetime(lock) {}
         return 0
     }
+}
+
+/// The kernel's lost-event counter, readable once the programs exist.
+final class LostEvents: @unchecked Sendable {
+    var programs: KernelPrograms?
+    func read() -> UInt64 { programs?.lostEvents ?? 0 }
 }
 
 /// write(2) until everything is out (EINTR and short writes retried).

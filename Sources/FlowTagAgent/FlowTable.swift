@@ -64,14 +64,16 @@ public final class FlowTable: Sendable {
 
     private let state = Mutex(State())
     public let closedCapacity: Int
+    public let metrics: AgentMetrics?
     public let engine = FilterEngine()
     public let taggerID: CalloutID
     private let deletes = Counter()
 
     final class Counter: Sendable { let value = Atomic<Int>(0) }
 
-    public init(closedCapacity: Int = 4096) {
+    public init(closedCapacity: Int = 4096, metrics: AgentMetrics? = nil) {
         self.closedCapacity = closedCapacity
+        self.metrics = metrics
         let deletes = self.deletes
         let engine = self.engine
         // The built-in process-tagging callout: the owner rides on the flow to later layers.
@@ -130,9 +132,13 @@ public final class FlowTable: Sendable {
         let r = event.record
         if event.kind == .open {
             let (l, v, m) = Self.classifyValues(r)
+            let start = ContinuousClock.now
             _ = engine.classify(layer: l, values: v, metadata: m)
+            metrics?.classifyDuration.record(ContinuousClock.now - start)
+            metrics?.flowOpened(r)
         } else {
             engine.endFlow(Self.handle(r))
+            metrics?.flowClosed(r)
         }
         let watchers: [Watcher] = state.withLock { s in
             let key = FlowTuple(r)
@@ -180,6 +186,8 @@ public final class FlowTable: Sendable {
             return s.live.values.filter { $0.protocol == proto && $0.local == local && $0.remote == remote }
         }
     }
+
+    public var activeCount: Int { state.withLock { $0.live.count } }
 
     public func stats(lost: UInt64) -> AgentStats {
         state.withLock { s in

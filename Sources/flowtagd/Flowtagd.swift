@@ -23,6 +23,9 @@ struct FlowtagdCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Unix socket of the query API ('' for none).")
     var socket: String = "/run/flowtag/flowtag.sock"
 
+    @Option(name: .long, help: "HOST:PORT for Prometheus /metrics ('' for none).")
+    var metricsAddress: String = "127.0.0.1:9742"
+
     @Option(name: .long, help: "Seconds a UDP flow may stay idle before it ends.")
     var udpIdleSeconds: Int = 60
 
@@ -35,7 +38,7 @@ struct FlowtagdCommand: AsyncParsableCommand {
         let format: EventFormat? = json ? .json : (output == "none" ? nil : EventFormat(rawValue: output))
         let code = await AgentRunner.run(.init(
             cgroup: cgroup, pinDirectory: pinDir, socketPath: socket.isEmpty ? nil : socket, format: format,
-            udpIdleTimeout: .seconds(udpIdleSeconds)))
+            udpIdleTimeout: .seconds(udpIdleSeconds), metricsAddress: metricsAddress.isEmpty ? nil : metricsAddress))
         if code != 0 { throw ExitCode(code) }
     }
 }

@@ -19,7 +19,7 @@ final class RunningAgent: @unchecked Sendable {
         cgroup = try TestCgroup()
         socket = tempPath("api") + ".sock"
         pins = "/sys/fs/bpf/" + uniqueName("pins")
-        process = try Child([Paths.flowtagd, "--cgroup", cgroup.path, "--pin-dir", pins, "--socket", socket, "--output", "none"] + extra)
+        process = try Child([Paths.flowtagd, "--cgroup", cgroup.path, "--pin-dir", pins, "--socket", socket, "--output", "none", "--metrics-address", "127.0.0.1:0"] + extra)
         for _ in 0..<500 where access(socket, F_OK) != 0 && process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
         guard access(socket, F_OK) == 0 else {
             let err = process.stderrText
@@ -203,16 +203,18 @@ struct AgentCLITests {
         let port = try await waitForPort(portFile)
         _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         // Restart on the same pins.
-        let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none"])
+        let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none", "--metrics-address", "127.0.0.1:0"])
         defer { restarted.kill() }
         for _ in 0..<500 where (try? APIClient(socketPath: a.socket).get("/v1/version")) == nil { try await Task.sleep(for: .milliseconds(20)) }
-        #expect(restarted.stderrText.contains("resuming the programs pinned"))
+        #expect(restarted.stderrText.contains("resuming the programs pinned"), "\(restarted.stderrText)")
         #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path) == attachedBefore, "programs attached twice")
         try await Task.sleep(for: .milliseconds(300))
-        let (_, live, _) = try a.cli(["flows", "--port", "\(heldPort)", "-o", "json"])
+        let (lrc, live, lerr) = try a.cli(["flows", "--port", "\(heldPort)", "-o", "json"])
+        try #require(lrc == 0, "flows: \(lerr); agent: \(restarted.stderrText)")
         let held2 = try JSONDecoder().decode(APIFlowList.self, from: Data(live.utf8))
         #expect(held2.flows.count == 2 && held2.flows.allSatisfy { $0.record.process.pid == UInt32(held.pid) })
-        let (_, closed, _) = try a.cli(["flows", "--port", "\(port)", "--state", "closed", "-o", "json"])
+        let (crc, closed, cerr) = try a.cli(["flows", "--port", "\(port)", "--state", "closed", "-o", "json"])
+        try #require(crc == 0, "flows: \(cerr); agent: \(restarted.stderrText)")
         let missed = try JSONDecoder().decode(APIFlowList.self, from: Data(closed.utf8))
         #expect(missed.flows.count == 1 && missed.flows.first?.record.process.exe == "/usr/bin/curl")
         kill(restarted.pid, SIGTERM)
@@ -220,6 +222,36 @@ struct AgentCLITests {
         #expect(access(a.pins, F_OK) != 0)
         #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path).isEmpty)
         a.cgroup.remove()
+    }
+
+    @Test("Prometheus metrics: names, types, no per-flow labels")
+    func metrics() async throws {
+        try await withAgent { a in
+            let portFile = tempPath("port")
+            defer { unlink(portFile) }
+            let server = try Child([Paths.python, Paths.peer, "http", portFile, "100", "2"])
+            defer { server.kill() }
+            let port = try await waitForPort(portFile)
+            for _ in 0..<2 { _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"])) }
+            try await Task.sleep(for: .milliseconds(300))
+            let log = a.process.stderrText
+            let url = try #require(log.split(separator: "\n").first { $0.contains("metrics on ") }?.split(separator: " ").last)
+            let (rc, text, _) = try runCommand(["/usr/bin/curl", "-s", String(url)])
+            #expect(rc == 0)
+            for name in ["flowtag_active_flows", "flowtag_flows_opened_total", "flowtag_flows_closed_total",
+                         "flowtag_flow_bytes_total{direction=\"sent\"}", "flowtag_kernel_events_lost_total",
+                         "flowtag_attributions_total{source=\"kernel\"}", "flowtag_classify_duration_seconds_bucket",
+                         "flowtag_journal_write_errors_total", "flowtag_build_info{version="] {
+                #expect(text.contains(name), "missing \(name)")
+            }
+            #expect(text.contains("# TYPE flowtag_flows_opened_total counter"))
+            let opened = text.split(separator: "\n").first { $0.hasPrefix("flowtag_flows_opened_total ") }
+            #expect(Int(opened?.split(separator: " ").last ?? "") ?? 0 >= 2)
+            #expect(!text.contains("pid=") && !text.contains("flow=\""))
+            let (_, notFound, _) = try runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                                   String(url).replacingOccurrences(of: "/metrics", with: "/other")])
+            #expect(notFound == "404")
+        }
     }
 
     @Test("agent not running and bad arguments: distinct exit codes")

@@ -1,0 +1,141 @@
+import FlowTagKernel
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import Synchronization
+
+/// The agent's Prometheus metrics: base units, `_total` counters, no per-flow or per-PID
+/// labels (only small fixed label sets: direction, attribution source).
+public final class AgentMetrics: Sendable {
+    public let registry = PrometheusCollectorRegistry()
+    let activeFlows: Gauge
+    let opened: Counter
+    let closed: Counter
+    let bytesSent: Counter
+    let bytesReceived: Counter
+    let lost: Counter
+    let lostSeen = Mutex<UInt64>(0)
+    let attribution: [Attribution: Counter]
+    let classifyDuration: DurationHistogram
+    let journalErrors: Counter
+    let lostSource: @Sendable () -> UInt64
+
+    static func name(_ metric: String, _ unit: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(namespace: "flowtag", metricName: metric, unitName: unit, helpText: help)
+    }
+
+    public init(lostEvents: @escaping @Sendable () -> UInt64) {
+        activeFlows = registry.makeGauge(descriptor: Self.name("active_flows", "", "Flows open now."))
+        opened = registry.makeCounter(descriptor: Self.name("flows_opened", "total", "Flows opened."))
+        closed = registry.makeCounter(descriptor: Self.name("flows_closed", "total", "Flows closed."))
+        let bytes = Self.name("flow_bytes", "total", "Payload bytes of closed flows, by direction.")
+        bytesSent = registry.makeCounter(descriptor: bytes, labels: [("direction", "sent")])
+        bytesReceived = registry.makeCounter(descriptor: bytes, labels: [("direction", "received")])
+        lost = registry.makeCounter(descriptor: Self.name("kernel_events_lost", "total",
+                                                          "Events the kernel could not deliver (ring buffer full)."))
+        let attr = Self.name("attributions", "total", "Flows opened, by how their owner was learned.")
+        var byAttr: [Attribution: Counter] = [:]
+        for a in Attribution.allCases { byAttr[a] = registry.makeCounter(descriptor: attr, labels: [("source", a.rawValue)]) }
+        attribution = byAttr
+        classifyDuration = registry.makeDurationHistogram(
+            descriptor: Self.name("classify_duration", "seconds", "Time to classify one flow event in the FlowContext engine."),
+            buckets: [.nanoseconds(500), .microseconds(1), .microseconds(2), .microseconds(5), .microseconds(10),
+                      .microseconds(50), .microseconds(100), .milliseconds(1)])
+        journalErrors = registry.makeCounter(descriptor: Self.name("journal_write_errors", "total", "Failed journal writes."))
+        let info = registry.makeGauge(descriptor: Self.name("build_info", "", "Build information."), labels: [("version", flowtagVersion)])
+        info.set(to: 1)
+        lostSource = lostEvents
+    }
+
+    func flowOpened(_ r: FlowRecord) {
+        opened.increment()
+        attribution[r.attribution]?.increment()
+    }
+
+    func flowClosed(_ r: FlowRecord) {
+        closed.increment()
+        bytesSent.increment(by: Int64(clamping: r.bytesSent))
+        bytesReceived.increment(by: Int64(clamping: r.bytesReceived))
+    }
+
+    /// The exposition text (version 0.0.4).
+    public func render(activeFlows active: Int) -> String {
+        activeFlows.set(to: Double(active))
+        let now = lostSource()
+        let delta = lostSeen.withLock { seen -> UInt64 in defer { seen = max(seen, now) }; return now > seen ? now - seen : 0 }
+        if delta > 0 { lost.increment(by: Int64(clamping: delta)) }
+        var buffer = [UInt8]()
+        registry.emit(into: &buffer)
+        return String(decoding: buffer, as: UTF8.self)
+    }
+}
+
+/// Serves `GET /metrics` on a TCP address.
+public final class MetricsServer: @unchecked Sendable {
+    private let elg = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private var channel: Channel?
+    public private(set) var boundPort: Int?
+
+    public init() {}
+
+    /// `host:port`, e.g. 127.0.0.1:9742; port 0 picks a free one (see `boundPort`).
+    public func start(address: String, render: @escaping @Sendable () -> String) throws {
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
+              (0...65535).contains(port) else {
+            throw KernelError.system("bad metrics address '\(address)' (want HOST:PORT)", EINVAL)
+        }
+        var host = String(address[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        let bootstrap = ServerBootstrap(group: elg)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.pipeline.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: .seconds(10)))
+                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(render: render))
+                }
+            }
+        channel = try bootstrap.bind(host: host, port: port).wait()
+        boundPort = channel?.localAddress?.port
+    }
+
+    public func stop() {
+        try? channel?.close().wait()
+        try? elg.syncShutdownGracefully()
+    }
+}
+
+final class MetricsHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+    let render: @Sendable () -> String
+    var head: HTTPRequestHead?
+
+    init(render: @escaping @Sendable () -> String) { self.render = render }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil); return }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body: break
+        case .end:
+            guard let h = head else { return }
+            head = nil
+            let ok = h.method == .GET && h.uri.split(separator: "?").first == "/metrics"
+            let body = ok ? render() : "not found: GET /metrics\n"
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: ok ? "text/plain; version=0.0.4; charset=utf-8" : "text/plain")
+            headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: ok ? .ok : .notFound, headers: headers))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            let keep = h.isKeepAlive
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if !keep { context.close(promise: nil) } }
+        }
+    }
+}
