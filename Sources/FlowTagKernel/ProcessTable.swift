@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CFlowTagBPF
+import Synchronization
 
 /// A process-table entry as user space sees it.
 public struct ProcessEntry: Sendable, Hashable {
@@ -45,11 +46,12 @@ func setCString<T>(_ tuple: inout T, _ value: String) {
 
 /// The kernel's process table (tgid → executable, comm, ids), seeded from /proc for
 /// processes that predate the programs, with a small user-space cache in front.
-public final class ProcessTable {
+/// Thread-safe: the event thread and resynchronisation use it at once.
+public final class ProcessTable: Sendable {
     private let fd: Int32
-    private var cache: [UInt32: ProcessEntry] = [:]
+    private let cache = Mutex<[UInt32: ProcessEntry]>([:])
     private let cacheLimit = 65536
-    static let ticksPerSecond = UInt64(sysconf(Int32(_SC_CLK_TCK)))
+    static let ticksPerSecond: UInt64 = UInt64(sysconf(Int32(_SC_CLK_TCK)))
 
     public init(programs: KernelPrograms) { fd = programs.mapFD(.processes) }
 
@@ -108,7 +110,7 @@ public final class ProcessTable {
     /// Seeded entries carry /proc's tick-granular start, so they match within one tick.
     public func resolve(tgid: UInt32, startNanoseconds: UInt64) -> ProcessEntry? {
         guard tgid != 0 else { return nil }
-        if let e = cache[tgid], Self.sameProcess(e, startNanoseconds) { return e }
+        if let e = cache.withLock({ $0[tgid] }), Self.sameProcess(e, startNanoseconds) { return e }
         if let e = kernelEntry(tgid), Self.sameProcess(e, startNanoseconds) {
             remember(e)
             return e
@@ -132,7 +134,9 @@ public final class ProcessTable {
     }
 
     private func remember(_ e: ProcessEntry) {
-        if cache.count >= cacheLimit { cache.removeAll(keepingCapacity: true) }
-        cache[e.tgid] = e
+        cache.withLock { c in
+            if c.count >= cacheLimit { c.removeAll(keepingCapacity: true) }
+            c[e.tgid] = e
+        }
     }
 }
