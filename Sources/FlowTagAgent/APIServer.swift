@@ -53,6 +53,7 @@ public func parseEndpoint(_ text: String) -> Endpoint? {
 /// | `GET /v1/flows?FILTERS` | `{"flows":[…]}` |
 /// | `GET /v1/lookup?proto=tcp&local=IP:PORT&remote=IP:PORT[&netns=N]` | `{"flows":[…]}`, 404 when none |
 /// | `GET /v1/watch?FILTERS` | chunked JSON lines, one per event, until the client goes |
+/// | `GET /v1/history?since=…&until=…&FILTERS` | closed flows from the journal |
 /// | `GET /v1/stats` | counters |
 /// | `GET /v1/version` | `{"version":…}` |
 public final class APIServer: @unchecked Sendable {
@@ -229,6 +230,29 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
             if let uidFilter { found = found.filter { $0.process.uid == uidFilter } }
             if found.isEmpty { return error(context, .notFound, "no live \(proto.rawValue) flow \(local) -> \(remote)") }
             respond(context, .ok, Self.flowsJSON(found.map { FlowEntry(record: $0, state: .open) }), keepAlive: keepAlive)
+        case "/v1/history":
+            guard let journal = table.journal else { return error(context, .serviceUnavailable, "the journal is off (flowtagd --journal PATH)") }
+            var since: WallTime?, until: WallTime?, rest: [(String, String)] = [], limit = 10000
+            for (k, v) in items {
+                switch k {
+                case "since", "until":
+                    guard let t = parseTimeBound(v) else { return error(context, .badRequest, "bad \(k): \(v) is not RFC 3339 or a duration like 15m, 2h, 7d") }
+                    if k == "since" { since = t } else { until = t }
+                case "limit":
+                    guard let n = Int(v), (1...100_000).contains(n) else { return error(context, .badRequest, "bad limit: \(v) (1...100000)") }
+                    limit = n
+                default: rest.append((k, v))
+                }
+            }
+            do {
+                let filter = try FlowFilter(query: rest)
+                let rows = try journal.history(filter, since: since, until: until, uid: uidFilter, limit: limit)
+                respond(context, .ok, Self.flowsJSON(rows.map { FlowEntry(record: $0, state: .closed) }), keepAlive: keepAlive)
+            } catch let e as FilterError {
+                self.error(context, .badRequest, e.description)
+            } catch {
+                self.error(context, .internalServerError, "journal: \(error)")
+            }
         case "/v1/watch":
             do {
                 let filter = try FlowFilter(query: items)
@@ -237,7 +261,7 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
                 self.error(context, .badRequest, error.description)
             }
         default:
-            error(context, .notFound, "no such endpoint: \(path) (see /v1/flows, /v1/lookup, /v1/watch, /v1/stats, /v1/version)")
+            error(context, .notFound, "no such endpoint: \(path) (see /v1/flows, /v1/lookup, /v1/watch, /v1/history, /v1/stats, /v1/version)")
         }
     }
 

@@ -27,6 +27,7 @@ public enum EventLine {
         s += "\"attribution\":\"\(r.attribution.rawValue)\",\"bytes_sent\":\(r.bytesSent),\"bytes_received\":\(r.bytesReceived),"
         s += "\"opened_at\":\"\(r.openedAt)\""
         if let c = r.closedAt { s += ",\"closed_at\":\"\(c)\"" }
+        if let reason = r.closeReason { s += ",\"close_reason\":\(quoted(reason))" }
         if let st = r.stats {
             s += ",\"stats\":{\"segments_out\":\(st.segmentsOut),\"segments_in\":\(st.segmentsIn),"
             s += "\"retransmits\":\(st.retransmits),\"srtt_us\":\(st.smoothedRTTMicroseconds)}"
@@ -72,24 +73,8 @@ public enum EventLine {
 /// the flow table until SIGINT/SIGTERM, then shut down in WFP's order and detach.
 /// With `format` text or json it also prints one line per event (`flowtagd --json`).
 public enum AgentRunner {
-    public struct Options: Sendable {
-        public var cgroup: String?
-        public var pinDirectory: String
-        public var socketPath: String?
-        public var format: EventFormat?
-        public var udpIdleTimeout: Duration
-        /// `host:port` for Prometheus' `/metrics`; nil: none.
-        public var metricsAddress: String?
-
-        public init(cgroup: String?, pinDirectory: String = "/sys/fs/bpf/flowtag", socketPath: String? = "/run/flowtag/flowtag.sock",
-                    format: EventFormat? = .text, udpIdleTimeout: Duration = .seconds(60),
-                    metricsAddress: String? = "127.0.0.1:9742") {
-            self.cgroup = cgroup; self.pinDirectory = pinDirectory; self.socketPath = socketPath
-            self.format = format; self.udpIdleTimeout = udpIdleTimeout; self.metricsAddress = metricsAddress
-        }
-    }
-
-    public static func run(_ options: Options) async -> Int32 {
+    public static func run(_ config: AgentConfig) async -> Int32 {
+        let format: EventFormat? = config.output == "none" ? nil : EventFormat(rawValue: config.output)
         let stderr = FileHandle.standardError
         func fail(_ message: String) -> Int32 {
             stderr.write(Data("flowtagd: error: \(message)\n".utf8))
@@ -99,37 +84,47 @@ public enum AgentRunner {
         let monitor: FlowMonitor
         let lostCounter = LostEvents()
         let metrics = AgentMetrics(lostEvents: { lostCounter.read() })
-        let table = FlowTable(metrics: metrics)
+        var journal: Journal?
+        let table: FlowTable
         var server: APIServer?
         var metricsServer: MetricsServer?
         var lock: AgentLock?
         do {
             try KernelPrograms.probe()
-            guard let cgroup = options.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
+            guard let cgroup = config.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
             // Validate the cheap things before loading anything.
             _ = try Cgroup2.open(cgroup).closing()
-            try BPFFS.check(pinDirectory: options.pinDirectory)
-            lock = try AgentLock(pinDirectory: options.pinDirectory)
-            if KernelPrograms.hasPins(at: options.pinDirectory) {
+            try BPFFS.check(pinDirectory: config.bpffs)
+            lock = try AgentLock(pinDirectory: config.bpffs)
+            if let path = config.journal {
+                do {
+                    journal = try Journal(path: path, retentionDays: config.journalRetentionDays, maxBytes: config.journalMaxBytes)
+                } catch {
+                    return fail("cannot open the journal \(path): \(error)")
+                }
+            }
+            if let journal { metrics.countJournalErrors { journal.writeErrors } }
+            table = FlowTable(metrics: metrics, journal: journal)
+            if KernelPrograms.hasPins(at: config.bpffs) {
                 // The previous agent died; its programs still run. Take them over.
-                programs = try KernelPrograms(adoptingPinsAt: options.pinDirectory)
-                stderr.write(Data("flowtagd: resuming the programs pinned at \(options.pinDirectory)\n".utf8))
+                programs = try KernelPrograms(adoptingPinsAt: config.bpffs)
+                stderr.write(Data("flowtagd: resuming the programs pinned at \(config.bpffs)\n".utf8))
             } else {
-                try KernelPrograms.checkPinDirectory(options.pinDirectory)
+                try KernelPrograms.checkPinDirectory(config.bpffs)
                 programs = try KernelPrograms()
                 try programs.attach(cgroup: cgroup)
-                try programs.pin(at: options.pinDirectory)
+                try programs.pin(at: config.bpffs)
             }
             lostCounter.programs = programs
-            monitor = FlowMonitor(programs: programs, udpIdleTimeout: options.udpIdleTimeout)
+            monitor = FlowMonitor(programs: programs, udpIdleTimeout: .seconds(config.udpIdleSeconds))
             try monitor.start()
             for r in monitor.liveFlowRecords() { table.adopt(r) }
-            if let path = options.socketPath {
-                let s = APIServer(table: table, socketPath: path, lostEvents: { programs.lostEvents })
+            if let path = config.socket {
+                let s = APIServer(table: table, socketPath: path, groupName: config.socketGroup, lostEvents: { programs.lostEvents })
                 try s.start()
                 server = s
             }
-            if let address = options.metricsAddress {
+            if let address = config.metricsAddress {
                 let m = MetricsServer()
                 try m.start(address: address) { metrics.render(activeFlows: table.activeCount) }
                 metricsServer = m
@@ -142,13 +137,25 @@ public enum AgentRunner {
 
         let signals = SignalWatcher(signals: [SIGINT, SIGTERM]) { monitor.stop() }
         defer { signals.cancel() }
+        // Batches go to the journal every second; retention is applied every minute.
+        let journalTask = journal.map { j in
+            Task.detached {
+                var tick = 0
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(1))
+                    j.flush()
+                    tick += 1
+                    if tick % 60 == 1 { _ = try? j.enforceRetention() }
+                }
+            }
+        }
         // Lines are batched into one write per burst of events (a write per event would
         // cost more than the event), and flushed as soon as no more are waiting.
         var buffer = [UInt8]()
         var iterator = monitor.events.makeAsyncIterator()
         while let event = await iterator.next() {
             table.apply(event)
-            guard let format = options.format else { continue }
+            guard let format else { continue }
             buffer.append(contentsOf: EventLine.render(event, as: format).utf8)
             buffer.append(10)
             if buffer.count >= 1 << 16 || monitor.pendingEvents == 0 {
@@ -159,6 +166,8 @@ public enum AgentRunner {
         writeAll(1, buffer)
         server?.stop()
         metricsServer?.stop()
+        journalTask?.cancel()
+        journal?.flush()
         await table.shutdown()
         let lost = programs.lostEvents
         programs.close()

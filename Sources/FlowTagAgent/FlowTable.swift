@@ -65,15 +65,17 @@ public final class FlowTable: Sendable {
     private let state = Mutex(State())
     public let closedCapacity: Int
     public let metrics: AgentMetrics?
+    public let journal: Journal?
     public let engine = FilterEngine()
     public let taggerID: CalloutID
     private let deletes = Counter()
 
     final class Counter: Sendable { let value = Atomic<Int>(0) }
 
-    public init(closedCapacity: Int = 4096, metrics: AgentMetrics? = nil) {
+    public init(closedCapacity: Int = 4096, metrics: AgentMetrics? = nil, journal: Journal? = nil) {
         self.closedCapacity = closedCapacity
         self.metrics = metrics
+        self.journal = journal
         let deletes = self.deletes
         let engine = self.engine
         // The built-in process-tagging callout: the owner rides on the flow to later layers.
@@ -139,6 +141,7 @@ public final class FlowTable: Sendable {
         } else {
             engine.endFlow(Self.handle(r))
             metrics?.flowClosed(r)
+            journal?.append(r)
         }
         let watchers: [Watcher] = state.withLock { s in
             let key = FlowTuple(r)

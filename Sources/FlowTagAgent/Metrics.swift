@@ -21,6 +21,11 @@ public final class AgentMetrics: Sendable {
     let classifyDuration: DurationHistogram
     let journalErrors: Counter
     let lostSource: @Sendable () -> UInt64
+    let journalErrorsSeen = Mutex<Int>(0)
+    let journalErrorSource = Mutex<(@Sendable () -> Int)?>(nil)
+
+    /// Where journal write errors are counted (set once the journal is open).
+    public func countJournalErrors(_ source: @escaping @Sendable () -> Int) { journalErrorSource.withLock { $0 = source } }
 
     static func name(_ metric: String, _ unit: String, _ help: String) -> MetricNameDescriptor {
         MetricNameDescriptor(namespace: "flowtag", metricName: metric, unitName: unit, helpText: help)
@@ -66,6 +71,10 @@ public final class AgentMetrics: Sendable {
         let now = lostSource()
         let delta = lostSeen.withLock { seen -> UInt64 in defer { seen = max(seen, now) }; return now > seen ? now - seen : 0 }
         if delta > 0 { lost.increment(by: Int64(clamping: delta)) }
+        if let errs = journalErrorSource.withLock({ $0 })?() {
+            let d = journalErrorsSeen.withLock { seen -> Int in defer { seen = max(seen, errs) }; return max(0, errs - seen) }
+            if d > 0 { journalErrors.increment(by: Int64(d)) }
+        }
         var buffer = [UInt8]()
         registry.emit(into: &buffer)
         return String(decoding: buffer, as: UTF8.self)

@@ -78,22 +78,24 @@ public struct FlowRecord: Codable, Sendable, Hashable {
     /// Boot-time nanoseconds of the open; converted to wall time for display.
     public var openedAt: WallTime
     public var closedAt: WallTime?
+    /// Why it ended: `fin`, `reset`, `closed` (TCP), `released` or `idle` (UDP).
+    public var closeReason: String?
     public var stats: CloseStats?
 
     public init(flow: UInt64, netns: UInt64, protocol: FlowProtocol, family: AddressFamily, direction: FlowDirection,
                 local: Endpoint, remote: Endpoint, process: ProcessOwner, attribution: Attribution,
                 bytesSent: UInt64 = 0, bytesReceived: UInt64 = 0, openedAt: WallTime, closedAt: WallTime? = nil,
-                stats: CloseStats? = nil) {
+                closeReason: String? = nil, stats: CloseStats? = nil) {
         self.flow = flow; self.netns = netns; self.protocol = `protocol`; self.family = family
         self.direction = direction; self.local = local; self.remote = remote; self.process = process
         self.attribution = attribution; self.bytesSent = bytesSent; self.bytesReceived = bytesReceived
-        self.openedAt = openedAt; self.closedAt = closedAt; self.stats = stats
+        self.openedAt = openedAt; self.closedAt = closedAt; self.closeReason = closeReason; self.stats = stats
     }
 
     enum CodingKeys: String, CodingKey {
         case flow, netns, `protocol`, family, direction, local, remote, process, attribution
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received"
-        case openedAt = "opened_at", closedAt = "closed_at", stats
+        case openedAt = "opened_at", closedAt = "closed_at", closeReason = "close_reason", stats
     }
 }
 

@@ -95,6 +95,7 @@ public final class FlowMonitor: @unchecked Sendable {
             record.bytesSent = s.bytes_sent
             record.bytesReceived = s.bytes_received
             record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
+            record.closeReason = Self.tcpCloseReason(lastState: s.last_state)
             record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
                                       smoothedRTTMicroseconds: s.srtt_us)
             emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
@@ -102,6 +103,16 @@ public final class FlowMonitor: @unchecked Sendable {
             closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
         default:
             break
+        }
+    }
+
+    /// From the TCP state before TCP_CLOSE: straight from ESTABLISHED or a handshake state
+    /// is a reset; from the FIN states an orderly close.
+    static func tcpCloseReason(lastState: UInt32) -> String {
+        switch lastState {
+        case 1, 2, 3: return "reset"        // ESTABLISHED, SYN_SENT, SYN_RECV
+        case 4, 5, 6, 8, 9, 11: return "fin" // FIN_WAIT1/2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+        default: return "closed"
         }
     }
 
@@ -113,12 +124,13 @@ public final class FlowMonitor: @unchecked Sendable {
             var value = ft_udp_flow()
             guard ftbpf_map_lookup(fd, &raw, &value) == 0, value.flow.cookie == cookie else { continue }
             _ = ftbpf_map_delete(fd, &raw)
-            emitUDPClose(value, at: time)
+            emitUDPClose(value, at: time, reason: "released")
         }
     }
 
-    private func emitUDPClose(_ value: ft_udp_flow, at time: UInt64) {
+    private func emitUDPClose(_ value: ft_udp_flow, at time: UInt64, reason: String) {
         var record = makeRecord(value.flow)
+        record.closeReason = reason
         record.bytesSent = value.bytes_sent
         record.bytesReceived = value.bytes_received
         record.closedAt = WallTime(bootNanoseconds: time)
@@ -139,7 +151,7 @@ public final class FlowMonitor: @unchecked Sendable {
             var k = key
             guard ftbpf_map_delete(fd, &k) == 0 else { continue }
             udpByCookie[value.flow.cookie]?.remove(UDPKey(raw: key))
-            emitUDPClose(value, at: now)
+            emitUDPClose(value, at: now, reason: "idle")
         }
     }
 

@@ -101,7 +101,31 @@ struct FlowtagCommand: ParsableCommand {
         Exit status: 0 ok, 1 nothing found, 64 bad argument or filter, 69 agent not running,
         76 unexpected answer, 77 permission denied.
         """,
-        subcommands: [Flows.self, Lookup.self, Watch.self, Stats.self, Version.self])
+        subcommands: [Flows.self, Lookup.self, Watch.self, History.self, Stats.self, Version.self])
+
+    struct History: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Closed flows from the agent's journal.")
+        @OptionGroup var common: Common
+        @OptionGroup var filters: Filters
+        @Option(help: "From: RFC 3339 or a duration back from now (15m, 2h, 7d).") var since: String?
+        @Option(help: "Until: RFC 3339 or a duration back from now.") var until: String?
+        @Option(help: "At most this many flows.") var limit: Int = 10000
+
+        func validate() throws {
+            for (name, v) in [("--since", since), ("--until", until)] {
+                if let v, parseTimeBound(v) == nil { throw ValidationError("\(name) '\(v)' is not RFC 3339 or a duration like 15m, 2h, 7d") }
+            }
+            guard (1...100_000).contains(limit) else { throw ValidationError("--limit must be 1...100000") }
+        }
+
+        func run() throws {
+            var q = filters.query
+            if let since { q.append(("since", since)) }
+            if let until { q.append(("until", until)) }
+            q.append(("limit", "\(limit)"))
+            try printFlows(request(common, "/v1/history?" + encode(q)), common)
+        }
+    }
 
     struct Flows: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List flows with their owners (live, and recently closed).")

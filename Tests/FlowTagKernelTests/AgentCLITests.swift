@@ -13,13 +13,16 @@ final class RunningAgent: @unchecked Sendable {
     let socket: String
     let pins: String
     let process: Child
+    let journal: String
 
-    init(extra: [String] = []) async throws {
+    init(extra: [String] = [], journal: String? = nil) async throws {
         try ensureBPFFS()
         cgroup = try TestCgroup()
         socket = tempPath("api") + ".sock"
         pins = "/sys/fs/bpf/" + uniqueName("pins")
-        process = try Child([Paths.flowtagd, "--cgroup", cgroup.path, "--pin-dir", pins, "--socket", socket, "--output", "none", "--metrics-address", "127.0.0.1:0"] + extra)
+        self.journal = journal ?? tempPath("journal") + ".db"
+        process = try Child([Paths.flowtagd, "--cgroup", cgroup.path, "--pin-dir", pins, "--socket", socket, "--output", "none",
+                             "--metrics-address", "127.0.0.1:0", "--journal", self.journal] + extra)
         for _ in 0..<500 where access(socket, F_OK) != 0 && process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
         guard access(socket, F_OK) == 0 else {
             let err = process.stderrText
@@ -203,7 +206,8 @@ struct AgentCLITests {
         let port = try await waitForPort(portFile)
         _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         // Restart on the same pins.
-        let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none", "--metrics-address", "127.0.0.1:0"])
+        let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none",
+                                   "--metrics-address", "127.0.0.1:0", "--journal", a.journal])
         defer { restarted.kill() }
         for _ in 0..<500 where (try? APIClient(socketPath: a.socket).get("/v1/version")) == nil { try await Task.sleep(for: .milliseconds(20)) }
         #expect(restarted.stderrText.contains("resuming the programs pinned"), "\(restarted.stderrText)")
@@ -252,6 +256,52 @@ struct AgentCLITests {
                                                    String(url).replacingOccurrences(of: "/metrics", with: "/other")])
             #expect(notFound == "404")
         }
+    }
+
+    @Test("history: closed flows survive a restart and answer time and address filters")
+    func historyAfterRestart() async throws {
+        let journal = tempPath("journal") + ".db"
+        defer { for suffix in ["", "-wal", "-shm"] { unlink(journal + suffix) } }
+        let portFile = tempPath("port")
+        defer { unlink(portFile) }
+        let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "2"])
+        defer { server.kill() }
+        let port = try await waitForPort(portFile)
+        let first = try await RunningAgent(journal: journal)
+        let (rc, _, _) = try runCommand(first.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+        #expect(rc == 0)
+        try await Task.sleep(for: .milliseconds(1500)) // one journal batch
+        await first.stop()
+        let second = try await RunningAgent(journal: journal)
+        defer { Task { await second.stop() } }
+        let (hrc, out, err) = try second.cli(["history", "--since", "10m", "--port", "\(port)", "--exe", "/usr/bin/curl", "-o", "json"])
+        #expect(hrc == 0, "\(err)")
+        let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
+        #expect(list.flows.count == 1)
+        #expect(list.flows.first?.record.remote.port == port && list.flows.first?.record.closeReason != nil)
+        let (_, table, _) = try second.cli(["history", "--since", "10m", "--remote", "127.0.0.0/8", "--port", "\(port)"])
+        #expect(table.contains("/usr/bin/curl"))
+        let (rc2, _, _) = try second.cli(["history", "--until", "2000-01-01T00:00:00Z", "--port", "\(port)"])
+        #expect(rc2 == ExitStatus.nothingFound.rawValue)
+        let (rc3, _, err3) = try second.cli(["history", "--since", "yesterday"])
+        #expect(rc3 == ExitStatus.usage.rawValue && err3.contains("--since"))
+        await second.stop()
+    }
+
+    @Test("a bad config is refused at start with the key and the reason")
+    func badConfig() throws {
+        let path = tempPath("config") + ".yaml"
+        defer { unlink(path) }
+        for (yaml, expected) in [("udp_idle_seconds: soon\n", "udp_idle_seconds"), ("colour: blue\n", "unknown key"),
+                                 ("metrics_address: nowhere\n", "metrics_address"), ("output: loud\n", "output"),
+                                 (": : :\n  - [\n", "not valid YAML")] {
+            try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+            let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", path])
+            #expect(rc == 78, "\(yaml): \(err)")
+            #expect(err.contains(expected), "\(yaml): \(err)")
+        }
+        let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", "/nonexistent/flowtagd.yaml"])
+        #expect(rc == 78 && err.contains("cannot read"))
     }
 
     @Test("agent not running and bad arguments: distinct exit codes")

@@ -13,6 +13,7 @@ struct EventLineTests {
                            attribution: .seeded, bytesSent: 5, bytesReceived: 6,
                            openedAt: WallTime(nanoseconds: 1_795_000_000_000_000_001),
                            closedAt: closed ? WallTime(nanoseconds: 1_795_000_001_000_000_000) : nil,
+                           closeReason: closed ? "fin" : nil,
                            stats: closed ? CloseStats(segmentsOut: 1, segmentsIn: 2, retransmits: 3, smoothedRTTMicroseconds: 4) : nil)
         return FlowEvent(kind: closed ? .close : .open, time: WallTime(nanoseconds: 1_795_000_002_000_000_000), record: r)
     }

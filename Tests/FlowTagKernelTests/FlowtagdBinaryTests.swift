@@ -21,7 +21,7 @@ struct FlowtagdBinaryTests {
         let cg = try TestCgroup()
         defer { cg.remove() }
         let pins = "/sys/fs/bpf/" + uniqueName("pins")
-        let agent = try Child([Paths.flowtagd, "--cgroup", cg.path, "--json", "--pin-dir", pins, "--socket", "", "--metrics-address", ""])
+        let agent = try Child([Paths.flowtagd, "--cgroup", cg.path, "--json", "--pin-dir", pins, "--socket", "", "--metrics-address", "", "--journal", ""])
         defer { agent.kill() }
         for _ in 0..<500 where access(pins + "/links", F_OK) != 0 { try await Task.sleep(for: .milliseconds(20)) }
         try #require(access(pins + "/links", F_OK) == 0, "agent did not start: \(agent.stderrText)")
@@ -108,10 +108,10 @@ struct FlowtagdBinaryTests {
         let cg = try TestCgroup()
         defer { cg.remove() }
         let pins = "/sys/fs/bpf/" + uniqueName("pins")
-        let first = try Child([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", ""])
+        let first = try Child([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", "", "--journal", ""])
         defer { first.kill() }
         for _ in 0..<500 where access(pins + "/links", F_OK) != 0 { try await Task.sleep(for: .milliseconds(20)) }
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", ""])
+        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", "", "--journal", ""])
         #expect(rc != 0)
         #expect(err.contains("another flowtag agent is running"), "\(err)")
         #expect(access(pins + "/links", F_OK) == 0, "the first agent's pins were removed")
