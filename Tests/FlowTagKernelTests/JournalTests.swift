@@ -1,0 +1,122 @@
+import Foundation
+import Testing
+@testable import FlowTagAgent
+@testable import FlowTagKernel
+
+@Suite("Journal")
+struct JournalTests {
+    static func record(_ i: Int, remote: String = "10.1.2.3", closedAt: Int64, exe: String = "/usr/bin/curl") -> FlowRecord {
+        FlowRecord(flow: UInt64(i), netns: 1, protocol: .tcp, family: .ipv4, direction: .outbound,
+                   local: Endpoint(address: IPAddress("192.168.0.2")!, port: UInt16(40000 + i % 1000)),
+                   remote: Endpoint(address: IPAddress(remote)!, port: 443),
+                   process: ProcessOwner(pid: UInt32(100 + i), tid: UInt32(100 + i), exe: exe, comm: "curl", uid: 1000, gid: 1000, cgroup: 9),
+                   attribution: .kernel, bytesSent: 10, bytesReceived: 20,
+                   openedAt: WallTime(nanoseconds: closedAt - 1_000_000_000), closedAt: WallTime(nanoseconds: closedAt),
+                   closeReason: "fin")
+    }
+
+    func withJournal(retentionDays: Int = 7, maxBytes: Int64 = 1 << 30, _ body: (Journal, String) throws -> Void) throws {
+        let path = tempPath("journal") + ".db"
+        defer { for s in ["", "-wal", "-shm"] { unlink(path + s) } }
+        try body(try Journal(path: path, retentionDays: retentionDays, maxBytes: maxBytes), path)
+    }
+
+    @Test("which process talked to 10.1.2.3 an hour ago")
+    func history() throws {
+        try withJournal { j, _ in
+            let now = WallTime.now().nanoseconds
+            j.append(Self.record(1, closedAt: now - 3_600_000_000_000))                 // an hour ago
+            j.append(Self.record(2, remote: "10.9.9.9", closedAt: now - 3_600_000_000_000))
+            j.append(Self.record(3, closedAt: now - 3 * 3_600_000_000_000, exe: "/usr/bin/wget"))
+            #expect(j.flush() == 3)
+            var f = FlowFilter()
+            f.remote = IPPrefix("10.1.2.3")
+            let hit = try j.history(f, since: parseTimeBound("2h"), until: parseTimeBound("30m"))
+            #expect(hit.map(\.process.pid) == [101])
+            #expect(hit.first?.process.exe == "/usr/bin/curl" && hit.first?.closeReason == "fin")
+            f.remote = IPPrefix("10.0.0.0/8")
+            let all = try j.history(f, since: nil, until: nil)
+            #expect(all.count == 3)
+            var g = FlowFilter()
+            g.exe = "/usr/bin/wget"
+            let wget = try j.history(g, since: nil, until: nil)
+            #expect(wget.map(\.process.pid) == [103])
+            // Another user sees only their own rows.
+            let other = try j.history(FlowFilter(), since: nil, until: nil, uid: 4242)
+            #expect(other.isEmpty)
+        }
+    }
+
+    @Test("rows round-trip exactly")
+    func roundTrip() throws {
+        try withJournal { j, _ in
+            let r = Self.record(7, closedAt: 1_795_000_000_123_456_789)
+            j.append(r)
+            j.flush()
+            let rows = try j.history(FlowFilter(), since: nil, until: nil)
+            #expect(rows == [r])
+        }
+    }
+
+    @Test("retention by age and by size")
+    func retention() throws {
+        try withJournal(retentionDays: 1) { j, _ in
+            let now = WallTime.now().nanoseconds
+            j.append(Self.record(1, closedAt: now - 2 * 86_400_000_000_000))
+            j.append(Self.record(2, closedAt: now - 1_000_000_000))
+            j.flush()
+            let removed = try j.enforceRetention()
+            let count = try j.count()
+            #expect(removed == 1 && count == 1)
+        }
+        try withJournal(maxBytes: 1 << 20) { j, _ in
+            let now = WallTime.now().nanoseconds
+            for i in 0..<20_000 { j.append(Self.record(i, closedAt: now - Int64(20_000 - i) * 1_000_000)) }
+            j.flush()
+            let before = try j.sizeBytes()
+            #expect(before > 1 << 20)
+            let removed = try j.enforceRetention()
+            let after = try j.sizeBytes()
+            #expect(removed > 0 && after <= 1 << 20)
+            // The oldest went first.
+            let left = try j.history(FlowFilter(), since: nil, until: nil, limit: 100_000)
+            #expect(left.first!.flow > 0 && left.last!.flow == 19_999)
+        }
+    }
+
+    @Test("time bounds parse as RFC 3339 or durations")
+    func timeBounds() {
+        let now = WallTime(nanoseconds: 1_000_000 * 1_000_000_000)
+        #expect(parseTimeBound("90s", now: now)?.nanoseconds == now.nanoseconds - 90_000_000_000)
+        #expect(parseTimeBound("2h", now: now)?.nanoseconds == now.nanoseconds - 7_200_000_000_000)
+        #expect(parseTimeBound("2026-11-22T00:00:00Z") != nil)
+        #expect(parseTimeBound("soon") == nil && parseTimeBound("5y") == nil && parseTimeBound("") == nil)
+    }
+}
+
+@Suite("Config")
+struct ConfigTests {
+    @Test func defaultsAndOverrides() throws {
+        let c = try AgentConfig.parse("""
+            # comment
+            socket: ""
+            metrics_address: "[::1]:9000"
+            udp_idle_seconds: 30
+            journal: null
+            """)
+        #expect(c.socket == nil && c.metricsAddress == "[::1]:9000" && c.udpIdleSeconds == 30 && c.journal == nil)
+        #expect(c.bpffs == AgentConfig().bpffs)
+        #expect(try AgentConfig.parse("") == AgentConfig())
+    }
+
+    @Test func refusals() {
+        let cases: [(String, String)] = [
+            ("udp_idle_seconds: 0", "udp_idle_seconds"), ("udp_idle_seconds: true", "whole number"),
+            ("bpffs: relative/path", "absolute path"), ("- a\n- b", "mapping"), ("journal_max_bytes: 10", "out of range"),
+        ]
+        for (yaml, expected) in cases {
+            #expect(throws: ConfigError.self) { try AgentConfig.parse(yaml) }
+            do { _ = try AgentConfig.parse(yaml) } catch { #expect(error.description.contains(expected), "\(yaml): \(error)") }
+        }
+    }
+}
