@@ -54,9 +54,17 @@ run: deps build
 install: build
 	install -D -m 0755 .build/$(CONFIG)/flowtagd $(DESTDIR)$(PREFIX)/bin/flowtagd
 	install -D -m 0755 .build/$(CONFIG)/flowtag $(DESTDIR)$(PREFIX)/bin/flowtag
+	sed 's|/usr/local/bin/flowtagd|$(PREFIX)/bin/flowtagd|' deploy/systemd/flowtagd.service > .build/flowtagd.service
+	install -D -m 0644 .build/flowtagd.service $(DESTDIR)/etc/systemd/system/flowtagd.service
+	@# the config is the operator's once installed: never overwritten
+	[ -e $(DESTDIR)/etc/flowtag/flowtagd.yaml ] || install -D -m 0644 deploy/flowtagd.yaml $(DESTDIR)/etc/flowtag/flowtagd.yaml
+	[ -n "$(DESTDIR)" ] || getent group flowtag >/dev/null || groupadd --system flowtag
+	[ -n "$(DESTDIR)" ] || ! command -v systemctl >/dev/null || systemctl daemon-reload 2>/dev/null || true
 
+# Removes binaries and the unit; the config (/etc/flowtag) and journal (/var/lib/flowtag) stay.
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/flowtagd $(DESTDIR)$(PREFIX)/bin/flowtag
+	rm -f $(DESTDIR)$(PREFIX)/bin/flowtagd $(DESTDIR)$(PREFIX)/bin/flowtag $(DESTDIR)/etc/systemd/system/flowtagd.service
+	[ -n "$(DESTDIR)" ] || ! command -v systemctl >/dev/null || systemctl daemon-reload 2>/dev/null || true
 
 clean:
 	rm -rf $(BPF_BUILD) $(GEN) .build

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(libbpf-dev libelf-dev zlib1g-dev bpftool pkg-config make
-          curl nginx-light socat haproxy iperf3 iproute2 util-linux procps python3 sqlite3 hyperfine)
+          curl nginx-light socat haproxy iperf3 iproute2 util-linux procps python3 sqlite3 hyperfine systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -19,6 +19,10 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     rm -f /usr/sbin/policy-rc.d
 fi
+
+# Validates the Kubernetes manifests in the tests (PyPI).
+python3 -c 'import kubernetes_validate' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+getent group flowtag >/dev/null || groupadd --system flowtag
 
 command -v swift >/dev/null || { echo "error: the Swift toolchain (swift) is not on PATH" >&2; exit 1; }
 command -v clang >/dev/null || { echo "error: clang (it ships with the Swift toolchain) is not on PATH" >&2; exit 1; }

@@ -95,7 +95,9 @@ public enum AgentRunner {
             // Validate the cheap things before loading anything.
             _ = try Cgroup2.open(cgroup).closing()
             try BPFFS.check(pinDirectory: config.bpffs)
-            lock = try AgentLock(pinDirectory: config.bpffs)
+            // The lock lives beside the API socket (the agent's runtime directory).
+            let runtimeDir = config.socket.map { ($0 as NSString).deletingLastPathComponent } ?? "/run/flowtag"
+            lock = try AgentLock(pinDirectory: config.bpffs, lockDirectory: runtimeDir.isEmpty ? "/run/flowtag" : runtimeDir)
             if let path = config.journal {
                 do {
                     journal = try Journal(path: path, retentionDays: config.journalRetentionDays, maxBytes: config.journalMaxBytes)

@@ -56,8 +56,8 @@ public final class KernelPrograms: @unchecked Sendable {
             if errno == EACCES { throw KernelError.notPrivileged("cannot read \(btfPath)") }
             throw KernelError.missingBTF(btfPath)
         }
-        if geteuid() != 0 && !hasBPFCapabilities() {
-            throw KernelError.notPrivileged("loading BPF programs needs CAP_BPF and CAP_PERFMON (or root)")
+        if let missing = missingCapabilities() {
+            throw KernelError.notPrivileged("missing \(missing)")
         }
         var missing = [CChar](repeating: 0, count: 256)
         let rc = ftbpf_probe(&missing, missing.count)
@@ -68,15 +68,22 @@ public final class KernelPrograms: @unchecked Sendable {
         guard Cgroup2.mountPoint() != nil else { throw KernelError.noCgroup2 }
     }
 
-    /// Effective capabilities include CAP_BPF (39) and CAP_PERFMON (38), or CAP_SYS_ADMIN (21).
-    static func hasBPFCapabilities() -> Bool {
-        guard let status = try? readFile("/proc/self/status") else { return false }
+    /// The capabilities the agent needs, by experiment (see deploy/systemd/flowtagd.service):
+    /// CAP_BPF (39) to load, CAP_PERFMON (38) for tracepoints and kernel reads,
+    /// CAP_NET_ADMIN (12) to attach cgroup and sock_ops programs. CAP_SYS_ADMIN (21)
+    /// covers the first two. Returns the missing ones, or nil.
+    static func missingCapabilities() -> String? {
+        guard let status = try? readFile("/proc/self/status") else { return nil }
         for line in status.split(separator: "\n") where line.hasPrefix("CapEff:") {
-            guard let caps = UInt64(line.dropFirst(7).trimmingCharacters(in: " \t"), radix: 16) else { return false }
-            let bpfAndPerfmon: UInt64 = (1 << 39) | (1 << 38)
-            return caps & bpfAndPerfmon == bpfAndPerfmon || caps & (1 << 21) != 0
+            guard let caps = UInt64(line.dropFirst(7).trimmingCharacters(in: " \t"), radix: 16) else { return nil }
+            let admin = caps & (1 << 21) != 0
+            var missing: [String] = []
+            if caps & (1 << 39) == 0 && !admin { missing.append("CAP_BPF") }
+            if caps & (1 << 38) == 0 && !admin { missing.append("CAP_PERFMON") }
+            if caps & (1 << 12) == 0 { missing.append("CAP_NET_ADMIN") }
+            return missing.isEmpty ? nil : missing.joined(separator: ", ")
         }
-        return false
+        return nil
     }
 
     /// Loads the programs (not yet attached).

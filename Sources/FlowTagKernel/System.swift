@@ -21,7 +21,7 @@ public enum KernelError: Error, CustomStringConvertible, Equatable {
     public var description: String {
         switch self {
         case .notPrivileged(let what):
-            return "insufficient privileges: \(what) (run as root, or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_RESOURCE)"
+            return "insufficient privileges: \(what) (run as root, or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; CAP_SYS_PTRACE to name processes of other users that predate the agent)"
         case .missingBTF(let path):
             return "kernel BTF not found at \(path): the kernel needs CONFIG_DEBUG_INFO_BTF=y"
         case .noCgroup2:
