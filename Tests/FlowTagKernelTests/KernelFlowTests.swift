@@ -149,18 +149,21 @@ struct KernelFlowTests {
     @Test("UDP flows end after the idle timeout")
     func udpIdleExpiry() async throws {
         try await withKernel(udpIdle: .seconds(2)) { h in
-            let (rc, _, err) = try runCommand(h.cgroup.wrap([Paths.python, "-c", """
+            let sender = try Child(h.cgroup.wrap([Paths.python, "-c", """
                 import socket, time
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 s.sendto(b"x" * 7, ("127.0.0.1", 9))
-                time.sleep(5)
+                time.sleep(10)
                 """]))
-            #expect(rc == 0, "\(err)")
-            let evs = h.events.filter { $0.record.protocol == .udp && $0.record.remote.port == 9 }
-            // Closed by idleness while the socket was still open (the sleep outlasts the timeout).
-            let close = try #require(evs.first { $0.isClose })
-            #expect(close.record.bytesSent == 7)
-            let open = try #require(evs.first { $0.isOpen })
+            defer { sender.kill() }
+            let evs = try await h.waitFor("the idle close") { evs in
+                evs.contains { $0.isClose && $0.record.protocol == .udp && $0.record.remote.port == 9 }
+            }
+            // Ended by idleness while the socket was still open.
+            #expect(sender.isRunning)
+            let close = try #require(evs.first { $0.isClose && $0.record.remote.port == 9 })
+            #expect(close.record.bytesSent == 7 && close.record.closeReason == "idle")
+            let open = try #require(evs.first { $0.isOpen && $0.record.remote.port == 9 })
             #expect(close.time.nanoseconds - open.time.nanoseconds >= 1_900_000_000)
         }
     }
