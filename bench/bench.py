@@ -350,7 +350,125 @@ def b8(rounds=5, seconds=3):
     return res
 
 
-BENCHES = {"b1": b1, "b2": b2, "b3": b3, "b8": b8}
+
+# --------------------------------------------------------------------------- B4 / B6
+HOLDER = r"""
+import socket, sys, json, os, time
+pairs = int(sys.argv[1])
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 0)); l.listen(4096)
+keep = []
+for i in range(pairs):
+    c = socket.socket(); c.connect(l.getsockname()); a, _ = l.accept(); keep += [c, a]
+c0 = keep[0]
+print(json.dumps({"pid": os.getpid(), "local": c0.getsockname(), "remote": c0.getpeername()}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def rss_bytes(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def api_get(sock_path, path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        data += b
+    s.close()
+    return data
+
+
+def b4_b6(total_sockets=100_000, per_process_pairs=9_000):
+    """B4: lookup by 5-tuple among ~100k live sockets, API and CLI against `ss -tnp`.
+    B6: agent RSS with 0, 10k and 100k tracked flows."""
+    cg = Cgroup("b4")
+    sock = f"/tmp/{RUN}-api.sock"
+    pins = f"/sys/fs/bpf/{RUN}-b4"
+    err = open(f"/tmp/{RUN}-b4.err", "w")
+    agent = subprocess.Popen([FLOWTAGD, "--cgroup", cg.path, "--pin-dir", pins, "--socket", sock, "--output", "none",
+                              "--metrics-address", "", "--journal", ""], stdout=subprocess.DEVNULL, stderr=err)
+    holders = []
+    res = {}
+    try:
+        for _ in range(500):
+            if os.path.exists(sock): break
+            time.sleep(0.02)
+        time.sleep(0.5)
+        rss = {0: rss_bytes(agent.pid)}
+        def count():
+            return json.loads(api_get(sock, "/v1/stats").split(b"\r\n\r\n", 1)[1])["active_flows"]
+        def add(pairs):
+            p = subprocess.Popen(cg.wrap([PY, "-c", HOLDER, str(pairs)]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            holders.append((p, json.loads(p.stdout.readline())))
+        add(5_000)  # 10k sockets
+        for _ in range(200):
+            if count() >= 10_000: break
+            time.sleep(0.05)
+        rss[10_000] = rss_bytes(agent.pid)
+        while count() < total_sockets - 2 * per_process_pairs + 1:
+            add(per_process_pairs)
+        add((total_sockets - count()) // 2)
+        for _ in range(400):
+            if count() >= total_sockets - 10: break
+            time.sleep(0.05)
+        flows = count()
+        rss[flows] = rss_bytes(agent.pid)
+        _, probe = holders[-1]
+        (lip, lport), (rip, rport) = probe["local"], probe["remote"]
+        path = f"/v1/lookup?proto=tcp&local={lip}:{lport}&remote={rip}:{rport}"
+        assert b"\"flows\":[{" in api_get(sock, path)
+        api_ns = []
+        for _ in range(1000):
+            t0 = time.perf_counter_ns(); api_get(sock, path); api_ns.append(time.perf_counter_ns() - t0)
+        cli = os.path.join(os.path.dirname(FLOWTAGD), "flowtag")
+        cli_ns, ss_ns = [], []
+        for _ in range(10):  # interleaved: CLI, ss
+            t0 = time.perf_counter_ns()
+            subprocess.run([cli, "lookup", f"{lip}:{lport}", f"{rip}:{rport}", "--socket", sock, "-o", "json"], capture_output=True, check=True)
+            cli_ns.append(time.perf_counter_ns() - t0)
+            t0 = time.perf_counter_ns()
+            out = subprocess.run(["ss", "-tnpH", "src", f"{lip}:{lport}", "dst", f"{rip}:{rport}"], capture_output=True, text=True).stdout
+            ss_ns.append(time.perf_counter_ns() - t0)
+            assert f"pid={probe['pid']}" in out, out
+        api_ns.sort()
+        res = {"live_sockets": flows, "api_p50_ms": api_ns[len(api_ns) // 2] / 1e6, "api_p99_ms": api_ns[int(len(api_ns) * 0.99)] / 1e6,
+               "cli_median_ms": statistics.median(cli_ns) / 1e6, "ss_median_ms": statistics.median(ss_ns) / 1e6,
+               "speedup_api_vs_ss": statistics.median(ss_ns) / (api_ns[len(api_ns) // 2]),
+               "speedup_cli_vs_ss": statistics.median(ss_ns) / statistics.median(cli_ns),
+               "rss_bytes": {str(k): v for k, v in rss.items()},
+               "bytes_per_flow_10k": (rss[10_000] - rss[0]) / 10_000,
+               "bytes_per_flow_all": (rss[flows] - rss[0]) / flows}
+    finally:
+        for p, _ in holders:
+            try: p.stdin.write("\n"); p.stdin.flush()
+            except OSError: pass
+        for p, _ in holders:
+            try: p.wait(timeout=30)
+            except subprocess.TimeoutExpired: p.kill()
+        agent.send_signal(signal.SIGINT)
+        try: agent.wait(timeout=60)
+        except subprocess.TimeoutExpired: agent.kill(); agent.wait()
+        subprocess.call(["rm", "-rf", pins])
+        cg.remove()
+    print(f"B4 lookup among {res['live_sockets']} live sockets (tracked flows)")
+    print(f"  API  p50 {res['api_p50_ms']:.3f} ms  p99 {res['api_p99_ms']:.3f} ms (1000 lookups)")
+    print(f"  CLI  median {res['cli_median_ms']:.1f} ms   ss -tnp median {res['ss_median_ms']:.1f} ms (10 interleaved runs)")
+    print(f"  API {res['speedup_api_vs_ss']:.0f}x faster than ss; CLI {res['speedup_cli_vs_ss']:.1f}x")
+    print(f"B6 agent RSS: " + ", ".join(f"{k} flows {v/1e6:.1f} MB" for k, v in res["rss_bytes"].items()))
+    print(f"  {res['bytes_per_flow_10k']:.0f} bytes per flow (0 -> 10k), {res['bytes_per_flow_all']:.0f} (0 -> {res['live_sockets']})")
+    save("B4", res)
+    return res
+
+
+BENCHES = {"b1": b1, "b2": b2, "b3": b3, "b4": b4_b6, "b6": b4_b6, "b8": b8}
 
 if __name__ == "__main__":
     if os.geteuid() != 0:

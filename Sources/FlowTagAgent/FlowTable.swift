@@ -49,6 +49,8 @@ public struct AgentStats: Sendable, Codable, Hashable {
 public final class FlowTable: Sendable {
     private struct State {
         var live: [FlowTuple: FlowRecord] = [:]
+        /// Network namespaces seen: a lookup without netns tries each (a handful), never a scan.
+        var namespaces: Set<UInt64> = []
         var closed: [FlowRecord] = []
         var closedHead = 0
         var stats = AgentStats()
@@ -119,6 +121,7 @@ public final class FlowTable: Sendable {
             let key = FlowTuple(r)
             guard s.live[key] == nil else { return false }
             s.live[key] = r
+            s.namespaces.insert(r.netns)
             s.stats.resynchronisedFlows += 1
             s.stats.activeFlows = s.live.count
             return true
@@ -148,6 +151,7 @@ public final class FlowTable: Sendable {
             switch event.kind {
             case .open:
                 if s.live.updateValue(r, forKey: key) == nil { s.stats.flowsOpened += 1 }
+                s.namespaces.insert(r.netns)
                 s.stats.attribution[r.attribution.rawValue, default: 0] += 1
             case .close:
                 s.live.removeValue(forKey: key)
@@ -186,7 +190,7 @@ public final class FlowTable: Sendable {
     public func lookup(proto: FlowProtocol, local: Endpoint, remote: Endpoint, netns: UInt64?) -> [FlowRecord] {
         state.withLock { s in
             if let netns { return s.live[FlowTuple(netns: netns, proto: proto, local: local, remote: remote)].map { [$0] } ?? [] }
-            return s.live.values.filter { $0.protocol == proto && $0.local == local && $0.remote == remote }
+            return s.namespaces.compactMap { s.live[FlowTuple(netns: $0, proto: proto, local: local, remote: remote)] }
         }
     }
 
