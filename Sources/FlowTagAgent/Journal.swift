@@ -130,6 +130,11 @@ public final class Journal: Sendable {
         }
     }
 
+    /// SQLite's own check of the file: "ok" when nothing is corrupt.
+    public func integrityCheck() throws -> String {
+        try db.read { try String.fetchOne($0, sql: "PRAGMA integrity_check") ?? "" }
+    }
+
     public func count() throws -> Int { try db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM flows") ?? 0 } }
 
     /// Closed flows in [since, until] matching the filter, oldest first, at most `limit`.

@@ -288,6 +288,35 @@ struct AgentCLITests {
         await second.stop()
     }
 
+    @Test("kill -9 mid-write: the journal is intact and keeps every committed row")
+    func journalSurvivesKillNine() async throws {
+        let sinkFile = tempPath("sink")
+        defer { unlink(sinkFile) }
+        let sink = try Child([Paths.python, Paths.peer, "sink", sinkFile, "close"])
+        defer { sink.kill() }
+        let port = try await waitForPort(sinkFile)
+        let a = try await RunningAgent()
+        defer { a.process.kill(); a.cgroup.remove(); for s in ["", "-wal", "-shm"] { unlink(a.journal + s) } }
+        let storm = try Child(a.cgroup.wrap([Paths.python, Paths.peer, "storm", "\(port)", "4000", "bash", "4"]))
+        defer { storm.kill() }
+        var committed = 0
+        for _ in 0..<100 where committed < 200 {
+            try await Task.sleep(for: .milliseconds(100))
+            let (_, out, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])
+            committed = (try? JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8)).flows.count) ?? 0
+        }
+        try #require(committed >= 200, "the journal did not fill")
+        try await Task.sleep(for: .milliseconds(1100)) // into the next batches
+        kill(a.process.pid, SIGKILL)
+        _ = try await a.process.wait()
+        let j = try Journal(path: a.journal)
+        #expect(try j.integrityCheck() == "ok")
+        let rows = try j.count()
+        #expect(rows >= committed, "\(rows) rows after kill -9, \(committed) were committed before")
+        storm.kill()
+        _ = try? runCommand(["/usr/bin/rm", "-rf", a.pins])
+    }
+
     @Test("a bad config is refused at start with the key and the reason")
     func badConfig() throws {
         let path = tempPath("config") + ".yaml"
