@@ -64,7 +64,9 @@ class Agent:
         self.pins = f"/sys/fs/bpf/{RUN}-{tag}"
         self.out = f"/tmp/{RUN}-{tag}.jsonl"
         self.err = open(f"/tmp/{RUN}-{tag}.err", "w")
-        self.proc = subprocess.Popen([FLOWTAGD, "--cgroup", cgroup.path, "--json", "--pin-dir", self.pins],
+        self.proc = subprocess.Popen([FLOWTAGD, "--cgroup", cgroup.path, "--json", "--pin-dir", self.pins,
+                                      "--socket", f"/tmp/{RUN}-{tag}.sock", "--metrics-address", "127.0.0.1:0",
+                                      "--journal", os.environ.get("FLOWTAG_BENCH_JOURNAL", f"/tmp/{RUN}-{tag}.db")],
                                      stdout=open(self.out, "w"), stderr=self.err)
         for _ in range(500):
             if os.path.exists(self.pins + "/links"): break
@@ -105,7 +107,8 @@ class Agent:
 
     def cleanup(self):
         self.stop()
-        for p in (self.out, self.err.name):
+        db = self.proc.args[self.proc.args.index("--journal") + 1]
+        for p in (self.out, self.err.name) + ((db, db + "-wal", db + "-shm") if db else ()):
             try: os.unlink(p)
             except OSError: pass
 

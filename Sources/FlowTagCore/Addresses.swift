@@ -23,6 +23,23 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible, Comparable {
         }
     }
 
+    /// From 16 raw bytes in memory (the ABI's address fields), without copying them into
+    /// an array: the event path builds two of these per event.
+    public init(raw: UnsafeRawBufferPointer, family: Int32) {
+        precondition(raw.count >= 16)
+        if family == AF_INET {
+            self = .v4(UInt32(bigEndian: raw.loadUnaligned(as: UInt32.self)))
+            return
+        }
+        let hi = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
+        let lo = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        if hi == 0 && lo >> 32 == 0xffff {
+            self = .v4(UInt32(truncatingIfNeeded: lo))
+        } else {
+            self = .v6(hi, lo)
+        }
+    }
+
     /// Parses dotted IPv4 or textual IPv6; nil when it is neither.
     public init?(_ text: String) {
         var v4 = in_addr()

@@ -180,8 +180,8 @@ public enum FlowRecordBuilder {
         var f = f
         let t = f.tuple
         let family = Int32(t.family)
-        let local = IPAddress(bytes: withUnsafeBytes(of: t.local) { Array($0) }, family: family)
-        let remote = IPAddress(bytes: withUnsafeBytes(of: t.remote) { Array($0) }, family: family)
+        let local = withUnsafeBytes(of: t.local) { IPAddress(raw: $0, family: family) }
+        let remote = withUnsafeBytes(of: t.remote) { IPAddress(raw: $0, family: family) }
         let wireFamily: AddressFamily = (remote.isIPv4 || (local.isIPv4 && remote.isUnspecified)) ? .ipv4 : .ipv6
         let owner = f.owner
         let entry = processes.resolve(tgid: owner.tgid, startNanoseconds: owner.proc_start_ns)

@@ -74,6 +74,17 @@ struct AddressTests {
         #expect(IPAddress(bytes: bytes, family: 10).description == "127.0.0.1")
     }
 
+    @Test func rawAndArrayAgree() {
+        for text in ["10.1.2.3", "::1", "fd00::1:2", "::ffff:127.0.0.1"] {
+            let a = IPAddress(text)!
+            let v6 = a.isIPv4 && !text.contains(":") ? Int32(2) : Int32(10)
+            var bytes = a.bytes
+            if v6 == 10 && a.isIPv4 { bytes = Array(repeating: 0, count: 10) + [0xff, 0xff] + Array(a.bytes[0..<4]) }
+            let raw = bytes.withUnsafeBytes { IPAddress(raw: $0, family: v6) }
+            #expect(raw == IPAddress(bytes: bytes, family: v6) && raw == a, "\(text)")
+        }
+    }
+
     @Test func parsesAndPrints() {
         #expect(IPAddress("::1")?.description == "::1")
         #expect(IPAddress("fd00::1:2")?.description == "fd00::1:2")
