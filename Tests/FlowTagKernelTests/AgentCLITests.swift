@@ -290,11 +290,8 @@ struct AgentCLITests {
 
     @Test("kill -9 mid-write: the journal is intact and keeps every committed row")
     func journalSurvivesKillNine() async throws {
-        let sinkFile = tempPath("sink")
-        defer { unlink(sinkFile) }
-        let sink = try Child([Paths.python, Paths.peer, "sink", sinkFile, "close"])
+        let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        let port = try await waitForPort(sinkFile)
         let a = try await RunningAgent()
         defer { a.process.kill(); a.cgroup.remove(); for s in ["", "-wal", "-shm"] { unlink(a.journal + s) } }
         let storm = try Child(a.cgroup.wrap([Paths.python, Paths.peer, "storm", "\(port)", "4000", "bash", "4"]))

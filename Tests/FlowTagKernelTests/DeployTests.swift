@@ -45,11 +45,8 @@ struct DeployTests {
         let cg = try TestCgroup()
         defer { cg.remove() }
         // A root process in the cgroup that predates the agent; it connects when told.
-        let portFile = tempPath("sink")
-        defer { unlink(portFile) }
-        let sink = try Child([Paths.python, Paths.peer, "sink", portFile])
+        let (sink, port) = try await startSink()
         defer { sink.kill() }
-        let port = try await waitForPort(portFile)
         for dropped in [nil] + needed {
             let caps = needed.filter { $0 != dropped }
             let dir = tempPath("caps")

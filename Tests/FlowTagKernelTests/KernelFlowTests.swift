@@ -170,11 +170,8 @@ struct KernelFlowTests {
 
     @Test("500 short-lived processes: every flow has the right tgid and executable")
     func shortLivedProcesses() async throws {
-        let portFile = tempPath("sink")
-        defer { unlink(portFile) }
-        let sink = try Child([Paths.python, Paths.peer, "sink", portFile, "close"])
+        let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        let port = try await waitForPort(portFile)
         try await withKernel { h in
             let count = 500
             let storm = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "storm", String(port), String(count), "bash,curl,python", "8"]))
@@ -200,11 +197,8 @@ struct KernelFlowTests {
 
     @Test("a process that predates the programs is attributed and marked seeded")
     func seededProcess() async throws {
-        let portFile = tempPath("sink")
-        defer { unlink(portFile) }
-        let sink = try Child([Paths.python, Paths.peer, "sink", portFile])
+        let (sink, port) = try await startSink()
         defer { sink.kill() }
-        let port = try await waitForPort(portFile)
         let cg = try TestCgroup()
         defer { cg.remove() }
         let early = try Child(cg.wrap([Paths.python, Paths.peer, "wait-connect", String(port)]))
@@ -229,11 +223,8 @@ struct KernelFlowTests {
 
     @Test("a socket created by a parent and connected by a forked child belongs to the child")
     func forkedChildConnects() async throws {
-        let portFile = tempPath("sink")
-        defer { unlink(portFile) }
-        let sink = try Child([Paths.python, Paths.peer, "sink", portFile])
+        let (sink, port) = try await startSink()
         defer { sink.kill() }
-        let port = try await waitForPort(portFile)
         try await withKernel { h in
             let p = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "fork-connect", String(port)]))
             let ids = try await p.waitForLines(1)[0]

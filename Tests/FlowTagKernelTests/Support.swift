@@ -188,6 +188,15 @@ func waitForPort(_ file: String, timeout: Double = 10) async throws -> UInt16 {
     throw TestFailure("no port in \(file)")
 }
 
+/// A TCP sink peer outside any watched cgroup ("drain" reads until EOF, "close" hangs up
+/// at once); killed when the returned child goes away.
+func startSink(_ mode: String = "drain") async throws -> (Child, UInt16) {
+    let portFile = tempPath("sink")
+    defer { unlink(portFile) }
+    let sink = try Child([Paths.python, Paths.peer, "sink", portFile, mode])
+    return (sink, try await waitForPort(portFile))
+}
+
 func tempPath(_ what: String) -> String { NSTemporaryDirectory() + uniqueName(what) }
 
 /// The loaded programs attached to a private cgroup, with every event collected.
