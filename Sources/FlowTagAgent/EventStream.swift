@@ -82,8 +82,7 @@ public enum AgentRunner {
         }
         let programs: KernelPrograms
         let monitor: FlowMonitor
-        let lostCounter = LostEvents()
-        let metrics = AgentMetrics(lostEvents: { lostCounter.read() })
+        let metrics: AgentMetrics
         var journal: Journal?
         let table: FlowTable
         var server: APIServer?
@@ -105,8 +104,6 @@ public enum AgentRunner {
                     return fail("cannot open the journal \(path): \(error)")
                 }
             }
-            if let journal { metrics.countJournalErrors { journal.writeErrors } }
-            table = FlowTable(metrics: metrics, journal: journal)
             if KernelPrograms.hasPins(at: config.bpffs) {
                 // The previous agent died; its programs still run. Take them over.
                 programs = try KernelPrograms(adoptingPinsAt: config.bpffs)
@@ -117,12 +114,15 @@ public enum AgentRunner {
                 try programs.attach(cgroup: cgroup)
                 try programs.pin(at: config.bpffs)
             }
-            lostCounter.programs = programs
+            let loaded = programs
+            metrics = AgentMetrics(lostEvents: { loaded.lostEvents })
+            if let journal { metrics.countJournalErrors { journal.writeErrors } }
+            table = FlowTable(metrics: metrics, journal: journal)
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: .seconds(config.udpIdleSeconds))
             try monitor.start()
             for r in monitor.liveFlowRecords() { table.adopt(r) }
             if let path = config.socket {
-                let s = APIServer(table: table, socketPath: path, groupName: config.socketGroup, lostEvents: { programs.lostEvents })
+                let s = APIServer(table: table, socketPath: path, groupName: config.socketGroup, lostEvents: { loaded.lostEvents })
                 try s.start()
                 server = s
             }
@@ -130,7 +130,7 @@ public enum AgentRunner {
                 let m = MetricsServer()
                 try m.start(address: address) { metrics.render(activeFlows: table.activeCount) }
                 metricsServer = m
-                let host = address[..<(address.lastIndex(of: ":") ?? address.endIndex)]
+                let host = parseHostPort(address).map { $0.0.contains(":") ? "[\($0.0)]" : $0.0 } ?? address
                 stderr.write(Data("flowtagd: metrics on http://\(host):\(m.boundPort ?? 0)/metrics\n".utf8))
             }
         } catch {
@@ -177,12 +177,6 @@ public enum AgentRunner {
         withExtendedLifetime(lock) {}
         return 0
     }
-}
-
-/// The kernel's lost-event counter, readable once the programs exist.
-final class LostEvents: @unchecked Sendable {
-    var programs: KernelPrograms?
-    func read() -> UInt64 { programs?.lostEvents ?? 0 }
 }
 
 /// write(2) until everything is out (EINTR and short writes retried).

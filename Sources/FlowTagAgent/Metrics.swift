@@ -16,12 +16,12 @@ public final class AgentMetrics: Sendable {
     let bytesSent: Counter
     let bytesReceived: Counter
     let lost: Counter
-    let lostSeen = Mutex<UInt64>(0)
+    let lostSeen = Mutex<Int64>(0)
     let attribution: [Attribution: Counter]
     let classifyDuration: DurationHistogram
     let journalErrors: Counter
     let lostSource: @Sendable () -> UInt64
-    let journalErrorsSeen = Mutex<Int>(0)
+    let journalErrorsSeen = Mutex<Int64>(0)
     let journalErrorSource = Mutex<(@Sendable () -> Int)?>(nil)
 
     /// Where journal write errors are counted (set once the journal is open).
@@ -65,15 +65,20 @@ public final class AgentMetrics: Sendable {
         bytesReceived.increment(by: Int64(clamping: r.bytesReceived))
     }
 
+    /// Brings a Prometheus counter up to a monotonic count kept elsewhere (the kernel's,
+    /// the journal's): increments by what `seen` has not counted yet.
+    static func mirror(_ total: Int64, into counter: Counter, seen: borrowing Mutex<Int64>) {
+        let delta = seen.withLock { s -> Int64 in defer { s = max(s, total) }; return max(0, total - s) }
+        if delta > 0 { counter.increment(by: delta) }
+    }
+
     /// The exposition text (version 0.0.4).
     public func render(activeFlows active: Int) -> String {
         activeFlows.set(to: Double(active))
         let now = lostSource()
-        let delta = lostSeen.withLock { seen -> UInt64 in defer { seen = max(seen, now) }; return now > seen ? now - seen : 0 }
-        if delta > 0 { lost.increment(by: Int64(clamping: delta)) }
+        Self.mirror(Int64(clamping: now), into: lost, seen: lostSeen)
         if let errs = journalErrorSource.withLock({ $0 })?() {
-            let d = journalErrorsSeen.withLock { seen -> Int in defer { seen = max(seen, errs) }; return max(0, errs - seen) }
-            if d > 0 { journalErrors.increment(by: Int64(d)) }
+            Self.mirror(Int64(errs), into: journalErrors, seen: journalErrorsSeen)
         }
         var buffer = [UInt8]()
         registry.emit(into: &buffer)
@@ -91,12 +96,9 @@ public final class MetricsServer: @unchecked Sendable {
 
     /// `host:port`, e.g. 127.0.0.1:9742; port 0 picks a free one (see `boundPort`).
     public func start(address: String, render: @escaping @Sendable () -> String) throws {
-        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
-              (0...65535).contains(port) else {
+        guard let (host, port) = parseHostPort(address) else {
             throw KernelError.system("bad metrics address '\(address)' (want HOST:PORT)", EINVAL)
         }
-        var host = String(address[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         let bootstrap = ServerBootstrap(group: elg)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
