@@ -24,7 +24,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
-#define TCP_ESTABLISHED 1
 #define TCP_CLOSE 7
 
 /* x86_64 syscall numbers of accept and accept4. */
@@ -83,6 +82,61 @@ struct {
     __type(key, __u32);
     __type(value, struct ft_scratch);
 } ft_scratch_map SEC(".maps");
+
+/* ---------------------------------------------------------------- relay maps */
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, FT_STREAM_RULES_MAX);
+    __type(key, __u32);
+    __type(value, struct ft_stream_rule);
+} ft_stream_rules SEC(".maps");
+
+/* Entry 0: how many rules are in use, so flows pay nothing while there are none. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u32);
+} ft_stream_rule_count SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_SK_STORAGE);
+    __uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+    __type(key, int);
+    __type(value, struct ft_relay_route);
+} ft_relay_routes SEC(".maps");
+
+/* sk_skb programs may not use socket storage: arriving data finds its relay by the
+ * socket's 4-tuple. A tuple already relayed (the same tuple in another netns) keeps the
+ * second flow direct, so a tuple names one relayed socket. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, FT_RELAY_SLOTS_MAX);
+    __type(key, struct ft_tuple);
+    __type(value, struct ft_relay_route);
+} ft_relay_tuples SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, FT_RELAY_SLOTS_MAX);
+    __type(key, __u32);
+    __type(value, struct ft_relay_slot);
+} ft_relay_slots SEC(".maps");
+
+/* Free slots, pushed by the agent once both relay sockets are in ft_relay_socks. */
+struct {
+    __uint(type, BPF_MAP_TYPE_QUEUE);
+    __uint(max_entries, FT_RELAY_SLOTS_MAX);
+    __type(value, __u32);
+} ft_relay_pool SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKHASH);
+    __uint(max_entries, 3 * FT_RELAY_SLOTS_MAX);
+    __type(key, __u64);
+    __type(value, __u64);
+} ft_relay_socks SEC(".maps");
 
 static __always_inline void count(__u32 idx)
 {
@@ -229,6 +283,202 @@ static __always_inline void emit(__u32 kind, const struct ft_flow *flow, const s
     bpf_ringbuf_submit(ev, pending >= FT_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/* ---------------------------------------------------------------- stream relay */
+
+static __always_inline int prefix_matches(const __u8 *addr, const __u8 *want, __u32 bits)
+{
+    for (int i = 0; i < 16; i++) {
+        if (bits == 0)
+            return 1;
+        __u8 mask = bits >= 8 ? 0xff : (__u8)(0xff << (8 - bits));
+        if ((addr[i] ^ want[i]) & mask)
+            return 0;
+        bits = bits >= 8 ? bits - 8 : 0;
+    }
+    return 1;
+}
+
+static __always_inline int remote_matches(const struct ft_stream_rule *r, const struct ft_tuple *t)
+{
+    if (r->remote_family == t->family)
+        return prefix_matches(t->remote, r->remote, r->remote_prefix);
+    /* An IPv4 rule also selects an IPv6 socket talking to a v4-mapped address. */
+    if (r->remote_family == AF_INET && t->family == AF_INET6) {
+        const __u8 *a = t->remote;
+        for (int i = 0; i < 10; i++)
+            if (a[i])
+                return 0;
+        if (a[10] != 0xff || a[11] != 0xff)
+            return 0;
+        return prefix_matches(&a[12], r->remote, r->remote_prefix);
+    }
+    return 0;
+}
+
+static __always_inline int rule_matches(const struct ft_stream_rule *r, const struct ft_flow *f)
+{
+    __u32 m = r->match;
+    if (!m)
+        return 0;
+    if ((m & FT_MATCH_UID) && f->owner.uid != r->uid)
+        return 0;
+    if ((m & FT_MATCH_CGROUP) && f->owner.cgroup_id != r->cgroup_id)
+        return 0;
+    if ((m & FT_MATCH_LOCAL_PORT) && f->tuple.local_port != r->local_port)
+        return 0;
+    if ((m & FT_MATCH_REMOTE_PORT) && f->tuple.remote_port != r->remote_port)
+        return 0;
+    if ((m & FT_MATCH_DIRECTION) && f->direction != r->direction)
+        return 0;
+    if ((m & FT_MATCH_REMOTE_ADDR) && !remote_matches(r, &f->tuple))
+        return 0;
+    if (m & FT_MATCH_EXE) {
+        __u32 tgid = f->owner.tgid;
+        struct ft_proc *p = bpf_map_lookup_elem(&ft_procs, &tgid);
+        if (!p || p->exe_ino != r->exe_ino || p->exe_dev != r->exe_dev)
+            return 0;
+    }
+    return 1;
+}
+
+static __always_inline int flow_selected(const struct ft_flow *f)
+{
+    __u32 zero = 0;
+    __u32 *n = bpf_map_lookup_elem(&ft_stream_rule_count, &zero);
+    if (!n || *n == 0)
+        return 0;
+    for (__u32 i = 0; i < FT_STREAM_RULES_MAX; i++) {
+        struct ft_stream_rule *r = bpf_map_lookup_elem(&ft_stream_rules, &i);
+        if (r && rule_matches(r, f))
+            return 1;
+    }
+    return 0;
+}
+
+/* Put a selected flow's socket into the relay before it can carry a byte: sockops runs at
+ * establishment, before connect() returns or the connection can be accepted. */
+static __always_inline void relay_take(struct bpf_sock_ops *skops, struct bpf_sock *sk, struct ft_flow *f)
+{
+    __u32 slot;
+    if (bpf_map_pop_elem(&ft_relay_pool, &slot)) {
+        count(FT_CNT_RELAY_POOL_EMPTY);
+        return;
+    }
+    struct ft_relay_slot *s = bpf_map_lookup_elem(&ft_relay_slots, &slot);
+    struct ft_relay_route *r = bpf_sk_storage_get(&ft_relay_routes, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!s || !r) {
+        bpf_map_push_elem(&ft_relay_pool, &slot, 0);
+        count(FT_CNT_RELAY_POOL_EMPTY);
+        return;
+    }
+    r->slot = slot;
+    r->role = FT_RELAY_APP;
+    r->app_cookie = f->cookie;
+    if (bpf_map_update_elem(&ft_relay_tuples, &f->tuple, r, BPF_NOEXIST)) {
+        r->role = FT_RELAY_NONE;
+        bpf_map_push_elem(&ft_relay_pool, &slot, 0);
+        count(FT_CNT_RELAY_POOL_EMPTY);
+        return;
+    }
+    s->app_cookie = f->cookie;
+    s->mode = FT_RELAY_ACTIVE;
+    __u64 key = f->cookie;
+    if (bpf_sock_hash_update(skops, &ft_relay_socks, &key, BPF_NOEXIST)) {
+        s->mode = FT_RELAY_FREE;
+        r->role = FT_RELAY_NONE;
+        bpf_map_delete_elem(&ft_relay_tuples, &f->tuple);
+        bpf_map_push_elem(&ft_relay_pool, &slot, 0);
+        count(FT_CNT_RELAY_POOL_EMPTY);
+        return;
+    }
+    f->flags |= FT_FLOW_RELAYED;
+    f->relay_slot = slot;
+    count(FT_CNT_RELAY_ASSIGNED);
+}
+
+/* Where a relayed socket's bytes go. App sockets fail open (a missing relay socket, e.g.
+ * after an agent crash, leaves the flow direct); relay sockets fail closed so that no
+ * agent byte reaches the wrong stream. */
+static __always_inline int relay_target(const struct ft_relay_route *r, int sending, __u64 *key, __u64 *flags)
+{
+    if (!r || r->role == FT_RELAY_NONE)
+        return SK_PASS;
+    __u32 slot = r->slot;
+    struct ft_relay_slot *s = bpf_map_lookup_elem(&ft_relay_slots, &slot);
+    if (r->role == FT_RELAY_APP) {
+        if (!s || s->mode != FT_RELAY_ACTIVE || s->app_cookie != r->app_cookie)
+            return SK_PASS;
+        *key = FT_RELAY_KEY(slot, sending ? FT_RELAY_SEND : FT_RELAY_RECV);
+        *flags = BPF_F_INGRESS;
+        return -1;
+    }
+    if (!sending || !s || s->mode != FT_RELAY_ACTIVE)
+        return SK_DROP;
+    if (r->role == FT_RELAY_SEND) {
+        *key = s->app_cookie;
+        *flags = 0; /* out of the app socket, to its peer */
+        return -1;
+    }
+    if (r->role == FT_RELAY_RECV) {
+        *key = s->app_cookie;
+        *flags = BPF_F_INGRESS; /* into the app socket's receive queue */
+        return -1;
+    }
+    return SK_DROP;
+}
+
+SEC("sk_msg")
+int ft_relay_msg(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct ft_relay_route *r = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
+    __u64 key = 0, flags = 0;
+    int verdict = relay_target(r, 1, &key, &flags);
+    if (verdict >= 0)
+        return verdict;
+    long ret = bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, flags);
+    if (ret == SK_PASS)
+        return SK_PASS;
+    return r->role == FT_RELAY_APP ? SK_PASS : SK_DROP;
+}
+
+SEC("sk_skb")
+int ft_relay_skb(struct __sk_buff *skb)
+{
+    struct ft_tuple t;
+    __builtin_memset(&t, 0, sizeof(t));
+    t.family = skb->family;
+    t.protocol = IPPROTO_TCP;
+    t.local_port = skb->local_port;
+    t.remote_port = bpf_ntohl(skb->remote_port);
+    if (t.family == AF_INET) {
+        __u32 l = skb->local_ip4, r = skb->remote_ip4;
+        __builtin_memcpy(t.local, &l, 4);
+        __builtin_memcpy(t.remote, &r, 4);
+    } else {
+        __u32 l[4], r[4];
+        l[0] = skb->local_ip6[0]; l[1] = skb->local_ip6[1];
+        l[2] = skb->local_ip6[2]; l[3] = skb->local_ip6[3];
+        r[0] = skb->remote_ip6[0]; r[1] = skb->remote_ip6[1];
+        r[2] = skb->remote_ip6[2]; r[3] = skb->remote_ip6[3];
+        __builtin_memcpy(t.local, l, 16);
+        __builtin_memcpy(t.remote, r, 16);
+    }
+    /* Only app sockets are found by tuple; a relay socket never receives from its peer
+     * (every write on it is redirected), so unknown data on it is dropped. */
+    struct ft_relay_route *route = bpf_map_lookup_elem(&ft_relay_tuples, &t);
+    if (!route)
+        return SK_DROP;
+    __u64 key = 0, flags = 0;
+    int verdict = relay_target(route, 0, &key, &flags);
+    if (verdict >= 0)
+        return verdict;
+    bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, flags);
+    return SK_PASS; /* redirected, or direct when the relay socket is gone */
+}
+
 /* ---------------------------------------------------------------- TCP */
 
 static __always_inline void tuple_from_sockops(struct bpf_sock_ops *skops, struct ft_tuple *t)
@@ -273,7 +523,15 @@ static __always_inline void flow_from_sockops(struct bpf_sock_ops *skops, struct
 static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir)
 {
     struct ft_flow f;
+    struct bpf_sock *sk = skops->sk;
+    if (sk) {
+        struct ft_relay_route *own = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
+        if (own && own->role != FT_RELAY_NONE)
+            return; /* the agent's own relay plumbing is not a flow */
+    }
     flow_from_sockops(skops, &f, dir);
+    if (sk && flow_selected(&f))
+        relay_take(skops, sk, &f);
     if (dir == FT_DIR_INBOUND) {
         /* Until accept the owner is the listener's (cloned): report at accept. */
         if (f.owner.attribution == FT_ATTR_KERNEL)
@@ -290,8 +548,24 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
 static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
 {
     __u32 new_state = skops->args[1];
-    if (new_state != TCP_CLOSE)
-        return; /* FIN_WAIT*, CLOSE_WAIT, …: nothing to do until the socket is gone */
+    if (new_state != TCP_CLOSE) {
+        /* Other states matter only to relayed flows: a FIN sent or received. */
+        if (new_state != TCP_FIN_WAIT1 && new_state != TCP_CLOSE_WAIT)
+            return;
+        __u32 zero = 0;
+        __u32 *rules = bpf_map_lookup_elem(&ft_stream_rule_count, &zero);
+        if (!rules || *rules == 0)
+            return;
+        __u64 c = bpf_get_socket_cookie(skops);
+        struct ft_flow *rf = bpf_map_lookup_elem(&ft_tcp_flows, &c);
+        if (!rf || !(rf->flags & FT_FLOW_RELAYED))
+            return;
+        struct ft_close_stats st = {};
+        st.last_state = skops->args[0];
+        st.pad = new_state;
+        emit(FT_EV_RELAY_STATE, rf, &st);
+        return;
+    }
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
 
@@ -301,6 +575,8 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
     struct ft_flow flow;
     __builtin_memcpy(&flow, f, sizeof(flow));
     bpf_map_delete_elem(&ft_tcp_flows, &cookie);
+    if (flow.flags & FT_FLOW_RELAYED)
+        bpf_map_delete_elem(&ft_relay_tuples, &flow.tuple);
     if (flow.flags & FT_FLOW_PENDING_ACCEPT)
         emit(FT_EV_OPEN, &flow, 0); /* never accepted: report with the inherited owner */
 
@@ -622,7 +898,10 @@ int BPF_PROG(ft_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
     p->exit_ns = 0;
     p->flags = 0;
     bpf_get_current_comm(p->comm, sizeof(p->comm));
-    resolve_path(BPF_CORE_READ(bprm, file), p);
+    struct file *file = BPF_CORE_READ(bprm, file);
+    p->exe_ino = BPF_CORE_READ(file, f_inode, i_ino);
+    p->exe_dev = BPF_CORE_READ(file, f_inode, i_sb, s_dev);
+    resolve_path(file, p);
     count(FT_CNT_EXECS);
     return 0;
 }

@@ -10,12 +10,15 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <dirent.h>
+#include <sys/syscall.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
 
 #include "generated/flowtag.skel.h"
 
-_Static_assert(FTBPF_MAP_COUNT == 6, "map table");
+_Static_assert(FTBPF_MAP_COUNT == 12, "map table");
 
 #define FTBPF_MAX_LINKS 32
 
@@ -23,6 +26,9 @@ static const char *const map_names[FTBPF_MAP_COUNT] = {
     [FTBPF_MAP_TCP_FLOWS] = "ft_tcp_flows", [FTBPF_MAP_UDP_FLOWS] = "ft_udp_flows",
     [FTBPF_MAP_PROCS] = "ft_procs", [FTBPF_MAP_COUNTERS] = "ft_counters",
     [FTBPF_MAP_EVENTS] = "ft_events", [FTBPF_MAP_SK_STATE] = "ft_sk_state",
+    [FTBPF_MAP_STREAM_RULES] = "ft_stream_rules", [FTBPF_MAP_STREAM_RULE_COUNT] = "ft_stream_rule_count",
+    [FTBPF_MAP_RELAY_ROUTES] = "ft_relay_routes", [FTBPF_MAP_RELAY_SLOTS] = "ft_relay_slots",
+    [FTBPF_MAP_RELAY_POOL] = "ft_relay_pool", [FTBPF_MAP_RELAY_SOCKS] = "ft_relay_socks",
 };
 
 struct ftbpf {
@@ -173,7 +179,23 @@ int ftbpf_attach(struct ftbpf *obj, int cgroup_fd, char *err, size_t err_len)
             return -E2BIG;
         }
         struct bpf_link *link;
-        if (is_cgroup_prog(bpf_program__type(prog)))
+        enum bpf_prog_type type = bpf_program__type(prog);
+        if (type == BPF_PROG_TYPE_SK_MSG || type == BPF_PROG_TYPE_SK_SKB) {
+            /* Attached to the relay sockhash, not a cgroup: it lives as long as the map
+             * (pinned), with no link to pin. libbpf 1.1 has no attach_sockmap. */
+            int rc = bpf_prog_attach(bpf_program__fd(prog), bpf_map__fd(obj->skel->maps.ft_relay_socks),
+                                     type == BPF_PROG_TYPE_SK_MSG ? BPF_SK_MSG_VERDICT : BPF_SK_SKB_VERDICT, 0);
+            if (rc) {
+                rc = -errno;
+                char what[128];
+                snprintf(what, sizeof(what), "attach program %s to the relay sockhash", bpf_program__name(prog));
+                set_err(err, err_len, what, rc);
+                detach_all(obj);
+                return rc;
+            }
+            continue;
+        }
+        if (is_cgroup_prog(type))
             link = bpf_program__attach_cgroup(prog, cgroup_fd);
         else
             link = bpf_program__attach(prog);
@@ -318,6 +340,12 @@ int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
     case FTBPF_MAP_COUNTERS: m = obj->skel->maps.ft_counters; break;
     case FTBPF_MAP_EVENTS: m = obj->skel->maps.ft_events; break;
     case FTBPF_MAP_SK_STATE: m = obj->skel->maps.ft_sk_state; break;
+    case FTBPF_MAP_STREAM_RULES: m = obj->skel->maps.ft_stream_rules; break;
+    case FTBPF_MAP_STREAM_RULE_COUNT: m = obj->skel->maps.ft_stream_rule_count; break;
+    case FTBPF_MAP_RELAY_ROUTES: m = obj->skel->maps.ft_relay_routes; break;
+    case FTBPF_MAP_RELAY_SLOTS: m = obj->skel->maps.ft_relay_slots; break;
+    case FTBPF_MAP_RELAY_POOL: m = obj->skel->maps.ft_relay_pool; break;
+    case FTBPF_MAP_RELAY_SOCKS: m = obj->skel->maps.ft_relay_socks; break;
     default: return -EINVAL;
     }
     return bpf_map__fd(m);
@@ -418,6 +446,8 @@ int ftbpf_map_lookup(int fd, const void *key, void *value) { return neg_errno(bp
 int ftbpf_map_next_key(int fd, const void *key, void *next_key) { return neg_errno(bpf_map_get_next_key(fd, key, next_key)); }
 int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags) { return neg_errno(bpf_map_update_elem(fd, key, value, flags)); }
 int ftbpf_map_delete(int fd, const void *key) { return neg_errno(bpf_map_delete_elem(fd, key)); }
+int ftbpf_queue_push(int fd, const void *value) { return neg_errno(bpf_map_update_elem(fd, NULL, value, 0)); }
+int ftbpf_queue_pop(int fd, void *value) { return neg_errno(bpf_map_lookup_and_delete_elem(fd, NULL, value)); }
 
 int ftbpf_num_cpus(void) { return libbpf_num_possible_cpus(); }
 
@@ -486,4 +516,48 @@ int ftbpf_prog_exists(uint32_t id)
         return 1;
     }
     return errno == ENOENT ? 0 : -errno;
+}
+
+int ftbpf_pidfd_getfd(int pid, int target)
+{
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0)
+        return -errno;
+    int fd = (int)syscall(SYS_pidfd_getfd, pidfd, target, 0);
+    int rc = fd < 0 ? -errno : fd;
+    close(pidfd);
+    return rc;
+}
+
+int ftbpf_epoll_create(void)
+{
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int ftbpf_epoll_ctl(int epfd, int op, int fd, uint32_t events)
+{
+    struct epoll_event ev = { .events = events, .data.fd = fd };
+    return epoll_ctl(epfd, op, fd, &ev) ? -errno : 0;
+}
+
+int ftbpf_epoll_wait(int epfd, int *fds, uint32_t *events, int max, int timeout_ms)
+{
+    struct epoll_event evs[64];
+    if (max > 64)
+        max = 64;
+    int n = epoll_wait(epfd, evs, max, timeout_ms);
+    if (n < 0)
+        return -errno;
+    for (int i = 0; i < n; i++) {
+        fds[i] = evs[i].data.fd;
+        events[i] = evs[i].events;
+    }
+    return n;
+}
+
+int ftbpf_eventfd(void)
+{
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return fd < 0 ? -errno : fd;
 }

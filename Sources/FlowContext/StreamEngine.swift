@@ -117,7 +117,13 @@ public struct StreamInjector: Sendable {
 /// indicates to each callout in weight order and delivers what survives.
 public final class StreamSession: @unchecked Sendable {
     public let flow: FlowHandle
-    public let metadata: Metadata
+    /// The owner given with every indication. It may change once (an accepted flow
+    /// starts with the listener's owner and becomes the accepting process's).
+    public var metadata: Metadata {
+        get { lock.lock(); defer { lock.unlock() }; return currentMetadata }
+        set { lock.lock(); currentMetadata = newValue; lock.unlock() }
+    }
+    private var currentMetadata: Metadata
     public let bufferLimit: Int
     private let callouts: [StreamCallout]
     private let sink: StreamSink
@@ -146,7 +152,7 @@ public final class StreamSession: @unchecked Sendable {
     /// WFP's stream buffer limit for needMoreData is 8 MB.
     public init(flow: FlowHandle, metadata: Metadata, callouts: [StreamCallout], sink: StreamSink, bufferLimit: Int = 8 << 20) {
         self.flow = flow
-        self.metadata = metadata
+        self.currentMetadata = metadata
         self.callouts = callouts.sorted { $0.weight > $1.weight }
         self.sink = sink
         self.bufferLimit = bufferLimit
@@ -171,7 +177,7 @@ public final class StreamSession: @unchecked Sendable {
         for d in StreamDirection.allCases {
             for i in callouts.indices where pipes[d]![i].mode != .allowed && applies(i) {
                 let ind = StreamIndication(flow: flow, direction: d, flags: StreamFlags.direction(d).union(.abort),
-                                           data: [], missedBytes: 0, metadata: metadata)
+                                           data: [], missedBytes: 0, metadata: currentMetadata)
                 classifying += 1
                 _ = callouts[i].classify(ind, StreamInjector(session: self, stage: i))
                 classifying -= 1
@@ -313,7 +319,7 @@ public final class StreamSession: @unchecked Sendable {
             if !hasData { flags.insert(.disconnect) }
             let limitReached = hasData && data.count >= bufferLimit
             if limitReached { flags.insert(.bufferLimitReached) }
-            let ind = StreamIndication(flow: flow, direction: d, flags: flags, data: data, missedBytes: 0, metadata: metadata)
+            let ind = StreamIndication(flow: flow, direction: d, flags: flags, data: data, missedBytes: 0, metadata: currentMetadata)
             classifying += 1
             let decision = callout.classify(ind, StreamInjector(session: self, stage: i))
             classifying -= 1

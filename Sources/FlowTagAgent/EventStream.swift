@@ -88,6 +88,7 @@ public enum AgentRunner {
         var server: APIServer?
         var metricsServer: MetricsServer?
         var lock: AgentLock?
+        var relay: StreamRelay?
         do {
             try KernelPrograms.probe()
             guard let cgroup = config.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
@@ -119,6 +120,20 @@ public enum AgentRunner {
             if let journal { metrics.countJournalErrors { journal.writeErrors } }
             table = FlowTable(metrics: metrics, journal: journal)
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: .seconds(config.udpIdleSeconds))
+            let rules = try config.stream.kernelRules()
+            if !rules.isEmpty {
+                let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules,
+                                        callouts: config.stream.streamCallouts(capture: nil),
+                                        poolSize: config.stream.poolSize)
+                monitor.relayHandler = { r.handle($0) }
+                r.start()
+                relay = r
+            } else {
+                // An earlier agent's rules and relayed flows: none selected, those go direct.
+                let k = RelayKernel(programs: programs)
+                try k.setRules([])
+                try k.reset()
+            }
             try monitor.start()
             for r in monitor.liveFlowRecords() { table.adopt(r) }
             if let path = config.socket {
@@ -166,6 +181,7 @@ public enum AgentRunner {
             }
         }
         writeAll(1, buffer)
+        relay?.stop()
         server?.stop()
         metricsServer?.stop()
         journalTask?.cancel()

@@ -5,6 +5,16 @@ import CFlowTagBPF
 import Foundation
 import Synchronization
 
+/// What the stream relay hears of its flows from the kernel.
+public enum RelayKernelEvent: Sendable {
+    case opened(slot: UInt32, record: FlowRecord)
+    /// The process half-closed (its FIN went out).
+    case finSent(cookie: UInt64)
+    /// The peer half-closed (its FIN arrived).
+    case finReceived(cookie: UInt64)
+    case closed(cookie: UInt64, slot: UInt32, reason: String)
+}
+
 /// Turns the kernel's ring-buffer records into `FlowEvent`s with the owner resolved,
 /// and ends UDP flows (socket released, or idle for `udpIdleTimeout`).
 ///
@@ -16,6 +26,10 @@ public final class FlowMonitor: @unchecked Sendable {
     public var udpIdleTimeout: Duration
     private let continuation: AsyncStream<FlowEvent>.Continuation
     private let queued = EventCounter()
+
+    /// Relayed flows' lifecycle, for the stream relay, called on the poll thread. Set
+    /// before `start()`.
+    public var relayHandler: (@Sendable (RelayKernelEvent) -> Void)?
 
     /// Events handed to `events` and not yet taken by its consumer.
     public var pendingEvents: Int { queued.value.load(ordering: .relaxed) }
@@ -87,6 +101,9 @@ public final class FlowMonitor: @unchecked Sendable {
         switch ev.kind {
         case FT_EV_OPEN.rawValue:
             let record = makeRecord(ev.flow)
+            if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
+                relayHandler?(.opened(slot: ev.flow.relay_slot, record: record))
+            }
             if record.protocol == .udp { udpByCookie[ev.flow.cookie, default: []].insert(UDPKey(ev.flow)) }
             emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
         case FT_EV_CLOSE.rawValue:
@@ -98,12 +115,29 @@ public final class FlowMonitor: @unchecked Sendable {
             record.closeReason = Self.tcpCloseReason(lastState: s.last_state)
             record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
                                       smoothedRTTMicroseconds: s.srtt_us)
+            if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
+                relayHandler?(.closed(cookie: ev.flow.cookie, slot: ev.flow.relay_slot, reason: record.closeReason ?? "closed"))
+            }
             emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
+        case FT_EV_RELAY_STATE.rawValue:
+            // FIN_WAIT1: the process sent its FIN; CLOSE_WAIT: the peer's arrived.
+            let cookie = ev.flow.cookie
+            relayHandler?(ev.stats.pad == 4 ? .finSent(cookie: cookie) : .finReceived(cookie: cookie))
         case FT_EV_SOCK_RELEASE.rawValue:
             closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
         default:
             break
         }
+    }
+
+    /// A live relayed TCP flow as the kernel holds it now (its open may not be reported
+    /// yet: inbound flows are reported at accept, their bytes can come first).
+    public func liveRelayedFlow(cookie: UInt64) -> (slot: UInt32, record: FlowRecord)? {
+        var key = cookie
+        var flow = ft_flow()
+        guard ftbpf_map_lookup(programs.mapFD(.tcpFlows), &key, &flow) == 0,
+              flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 else { return nil }
+        return (flow.relay_slot, makeRecord(flow))
     }
 
     /// From the TCP state before TCP_CLOSE: straight from ESTABLISHED or a handshake state

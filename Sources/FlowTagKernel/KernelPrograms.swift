@@ -20,6 +20,7 @@ public struct KernelLimits: Sendable, Equatable {
 /// Which kernel map.
 public enum KernelMap: Sendable {
     case tcpFlows, udpFlows, processes, counters, events, socketState
+    case streamRules, streamRuleCount, relayRoutes, relaySlots, relayPool, relaySockets
 
     var shim: ftbpf_map {
         switch self {
@@ -29,6 +30,12 @@ public enum KernelMap: Sendable {
         case .counters: return FTBPF_MAP_COUNTERS
         case .events: return FTBPF_MAP_EVENTS
         case .socketState: return FTBPF_MAP_SK_STATE
+        case .streamRules: return FTBPF_MAP_STREAM_RULES
+        case .streamRuleCount: return FTBPF_MAP_STREAM_RULE_COUNT
+        case .relayRoutes: return FTBPF_MAP_RELAY_ROUTES
+        case .relaySlots: return FTBPF_MAP_RELAY_SLOTS
+        case .relayPool: return FTBPF_MAP_RELAY_POOL
+        case .relaySockets: return FTBPF_MAP_RELAY_SOCKS
         }
     }
 }

@@ -103,6 +103,10 @@ public final class ProcessTable: Sendable {
         p.flags = FT_PROC_SEEDED.rawValue
         setCString(&p.comm, comm)
         setCString(&p.exe, exe)
+        if let file = ExecutableIdentity(path: "/proc/\(pid)/exe") {
+            p.exe_dev = file.device
+            p.exe_ino = file.inode
+        }
         return p
     }
 

@@ -17,6 +17,7 @@ public enum KernelError: Error, CustomStringConvertible, Equatable {
     case attach(String)
     case pin(String)
     case system(String, Int32)
+    case invalidArgument(String)
 
     public var description: String {
         switch self {
@@ -42,6 +43,8 @@ public enum KernelError: Error, CustomStringConvertible, Equatable {
             return "pinning failed: \(why)"
         case .system(let what, let err):
             return "\(what): \(String(cString: strerror(err)))"
+        case .invalidArgument(let what):
+            return what
         }
     }
 }
@@ -160,4 +163,26 @@ public func readLink(_ path: String) -> String? {
 /// The text in a NUL-terminated C buffer.
 func cText(_ buf: [CChar]) -> String {
     String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// An executable as the kernel names it at exec: the device of its superblock (kernel
+/// `dev_t`, `major << 20 | minor`) and its inode. Stream rules select flows by it, so a
+/// rule follows the file, not a spelling of its path.
+public struct ExecutableIdentity: Sendable, Hashable {
+    public var device: UInt32
+    public var inode: UInt64
+
+    public init(device: UInt32, inode: UInt64) { self.device = device; self.inode = inode }
+
+    /// stat(2) of the path (symlinks followed); nil when it does not exist.
+    public init?(path: String) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        // glibc's dev_t encoding → the kernel's internal one (MKDEV).
+        let dev = UInt64(st.st_dev)
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
+        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
+        self.device = UInt32(truncatingIfNeeded: (major << 20) | minor)
+        self.inode = UInt64(st.st_ino)
+    }
 }

@@ -83,6 +83,7 @@ enum ft_direction { FT_DIR_OUTBOUND = 1, FT_DIR_INBOUND = 2 };
 /* ft_flow.flags */
 enum ft_flow_flags {
     FT_FLOW_PENDING_ACCEPT = 1, /* passive flow not yet accepted: open not reported */
+    FT_FLOW_RELAYED = 2,        /* selected by a stream rule: its bytes go through the agent */
 };
 
 /* A live flow: value of the live-flow maps, and the body of every flow event. 144 bytes. */
@@ -95,7 +96,8 @@ struct ft_flow {
     ft_u64 last_ns;       /* boottime of the last activity (UDP idle expiry) */
     ft_u8 direction;
     ft_u8 flags;
-    ft_u8 pad[6];
+    ft_u16 pad;
+    ft_u32 relay_slot; /* FT_FLOW_RELAYED: the stream-relay slot the flow was given */
 };
 
 /* UDP flow key: one flow per (netns, 5-tuple). 56 bytes. */
@@ -130,6 +132,8 @@ enum ft_event_kind {
     FT_EV_OPEN = 1,
     FT_EV_CLOSE = 2,
     FT_EV_SOCK_RELEASE = 3, /* a UDP socket was released: its flows end */
+    FT_EV_RELAY_STATE = 4,  /* a relayed flow sent (FIN_WAIT1) or got (CLOSE_WAIT) a FIN:
+                               stats.last_state is the old state, stats.pad the new one */
 };
 
 /* One ring-buffer record. 208 bytes. */
@@ -156,10 +160,10 @@ struct ft_proc {
     ft_u64 start_ns; /* boottime */
     ft_u64 exit_ns;
     ft_u32 flags;
-    ft_u32 pad;
+    ft_u32 exe_dev; /* kernel dev_t (MKDEV: major << 20 | minor) of the executable */
     char comm[FT_COMM_LEN];
     char exe[FT_PATH_MAX];
-    ft_u64 pad2;
+    ft_u64 exe_ino; /* inode of the executable: stream rules match (dev, ino) */
 };
 
 /* Indexes of the per-CPU counter array. */
@@ -168,8 +172,81 @@ enum ft_counter {
     FT_CNT_FLOWS_DROPPED = 1, /* live-flow map full */
     FT_CNT_STAMPS = 2,
     FT_CNT_EXECS = 3,
+    FT_CNT_RELAY_ASSIGNED = 4,   /* flows a stream rule selected and the relay took */
+    FT_CNT_RELAY_POOL_EMPTY = 5, /* selected flows left direct: no relay slot was free */
     FT_CNT_MAX = 8,
 };
+
+/* ---------------------------------------------------------------- stream relay
+ *
+ * A selected TCP flow's socket (the "app" socket) sits in a sockhash with two relay
+ * sockets of the agent, the two ends of one loopback connection made in advance (a
+ * "slot"). sk_msg on the app socket sends what the process writes into the ingress
+ * queue of the slot's SEND socket (the agent reads it); what the agent writes on the
+ * SEND socket leaves by the app socket's egress. sk_skb on the app socket sends arriving
+ * data into the slot's RECV socket; what the agent writes on RECV lands in the app
+ * socket's receive queue. */
+#define FT_STREAM_RULES_MAX 16
+#define FT_RELAY_SLOTS_MAX 4096
+
+enum ft_rule_match {
+    FT_MATCH_EXE = 1,
+    FT_MATCH_UID = 2,
+    FT_MATCH_CGROUP = 4,
+    FT_MATCH_LOCAL_PORT = 8,
+    FT_MATCH_REMOTE_PORT = 16,
+    FT_MATCH_REMOTE_ADDR = 32,
+    FT_MATCH_DIRECTION = 64,
+    FT_MATCH_ANY = 128, /* a rule with no condition: every TCP flow */
+};
+
+/* A stream-relay selection rule: every condition in `match` must hold. 64 bytes. */
+struct ft_stream_rule {
+    ft_u32 match; /* 0: unused slot */
+    ft_u32 uid;
+    ft_u64 cgroup_id;
+    ft_u64 exe_ino;
+    ft_u32 exe_dev;
+    ft_u16 local_port;
+    ft_u16 remote_port;
+    ft_u8 remote[16];    /* network order; IPv4 in the first 4 bytes */
+    ft_u8 remote_prefix; /* bits */
+    ft_u8 remote_family; /* AF_INET or AF_INET6 */
+    ft_u8 direction;     /* ft_direction */
+    ft_u8 pad[5];
+    ft_u64 pad2;
+};
+
+enum ft_relay_role {
+    FT_RELAY_NONE = 0,
+    FT_RELAY_APP = 1,   /* the selected flow's own socket */
+    FT_RELAY_SEND = 2,  /* agent end carrying what the app sends */
+    FT_RELAY_RECV = 3,  /* agent end carrying what the app receives */
+    FT_RELAY_AGENT = 4, /* other agent relay plumbing (the listener): never selected */
+};
+
+/* Socket-local storage on every socket the relay touches. 16 bytes. */
+struct ft_relay_route {
+    ft_u32 slot;
+    ft_u32 role;
+    ft_u64 app_cookie; /* FT_RELAY_APP: its own cookie, checked against the slot */
+};
+
+enum ft_relay_mode {
+    FT_RELAY_FREE = 0,
+    FT_RELAY_ACTIVE = 1,
+    FT_RELAY_DIRECT = 2, /* returned to direct mode: the programs pass */
+};
+
+/* Relay slot table entry (array indexed by slot). 16 bytes. */
+struct ft_relay_slot {
+    ft_u64 app_cookie;
+    ft_u32 mode;
+    ft_u32 pad;
+};
+
+/* Sockhash keys: app sockets by cookie, relay sockets by slot with the top bit set. */
+#define FT_RELAY_KEY(slot, role) ((1ULL << 63) | ((ft_u64)(slot) << 2) | (ft_u64)(role))
 
 #define FT_ASSERT_SIZE(type, size) _Static_assert(sizeof(type) == (size), #type " size")
 FT_ASSERT_SIZE(struct ft_stamp, 64);
@@ -181,5 +258,8 @@ FT_ASSERT_SIZE(struct ft_udp_flow, 176);
 FT_ASSERT_SIZE(struct ft_close_stats, 40);
 FT_ASSERT_SIZE(struct ft_event, 208);
 FT_ASSERT_SIZE(struct ft_proc, 576);
+FT_ASSERT_SIZE(struct ft_stream_rule, 64);
+FT_ASSERT_SIZE(struct ft_relay_route, 16);
+FT_ASSERT_SIZE(struct ft_relay_slot, 16);
 
 #endif

@@ -25,7 +25,13 @@ enum ftbpf_map {
     FTBPF_MAP_COUNTERS = 3,
     FTBPF_MAP_EVENTS = 4,
     FTBPF_MAP_SK_STATE = 5,
-    FTBPF_MAP_COUNT = 6,
+    FTBPF_MAP_STREAM_RULES = 6,
+    FTBPF_MAP_STREAM_RULE_COUNT = 7,
+    FTBPF_MAP_RELAY_ROUTES = 8,
+    FTBPF_MAP_RELAY_SLOTS = 9,
+    FTBPF_MAP_RELAY_POOL = 10,
+    FTBPF_MAP_RELAY_SOCKS = 11,
+    FTBPF_MAP_COUNT = 12,
 };
 
 struct ftbpf_config {
@@ -74,6 +80,19 @@ int ftbpf_map_lookup(int fd, const void *key, void *value);
 int ftbpf_map_next_key(int fd, const void *key, void *next_key);
 int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags);
 int ftbpf_map_delete(int fd, const void *key);
+/* A duplicate of fd `target` of process `pid` (pidfd_open + pidfd_getfd), or -errno. */
+int ftbpf_pidfd_getfd(int pid, int target);
+
+/* epoll and eventfd for the stream relay, without epoll_event's packed layout. */
+int ftbpf_epoll_create(void);
+int ftbpf_epoll_ctl(int epfd, int op, int fd, uint32_t events); /* op: 1 add, 2 del, 3 mod */
+/* Waits; fills fds/events; returns the count or -errno. */
+int ftbpf_epoll_wait(int epfd, int *fds, uint32_t *events, int max, int timeout_ms);
+int ftbpf_eventfd(void);
+
+/* Queue maps: push a value; pop one (-ENOENT when empty). */
+int ftbpf_queue_push(int fd, const void *value);
+int ftbpf_queue_pop(int fd, void *value);
 /* Sum of one slot of a per-CPU u64 array. */
 int ftbpf_percpu_sum(int fd, uint32_t index, uint64_t *sum);
 

@@ -1,0 +1,181 @@
+import FlowContext
+import FlowTagCore
+import FlowTagKernel
+import Synchronization
+
+/// A captured prefix of a relayed flow's bytes (the capture callout).
+public struct PayloadCapture: Sendable, Hashable {
+    public var flow: UInt64
+    public var direction: StreamDirection
+    /// Offset of `data` in the direction's stream.
+    public var offset: Int
+    public var data: [UInt8]
+    public var metadata: Metadata
+}
+
+/// The stream callouts flowtagd builds from its config file. User-written callouts are
+/// plain `StreamCallout`s (see docs/stream-relay.md); these are built the same way.
+public enum BuiltinStreamCallouts {
+    /// Permits every byte: the relay with nothing changed (for measuring it).
+    public static func passThrough(name: String = "pass", weight: UInt16 = 1) -> StreamCallout {
+        StreamCallout(name: name, weight: weight, isTerminating: false) { _, _ in .permit }
+    }
+
+    /// Replaces `pattern` with `replacement` in the chosen directions, also when the
+    /// pattern is split across writes. Inline: permits up to a match, injects the
+    /// replacement in place of the match, holds back a possible partial match.
+    /// Out-of-band: blocks every byte and injects the edited copy (stmedit's OOB mode).
+    public static func edit(name: String, weight: UInt16, pattern: [UInt8], replacement: [UInt8],
+                            outOfBand: Bool, directions: Set<StreamDirection> = [.send, .receive]) -> StreamCallout {
+        precondition(!pattern.isEmpty)
+        if !outOfBand {
+            return StreamCallout(name: name, weight: weight) { ind, inj in
+                guard directions.contains(ind.direction) else { return .permit }
+                return inlineEdit(ind, inj, pattern: pattern, replacement: replacement)
+            }
+        }
+        let held = Mutex<[Key: [UInt8]]>([:])
+        return StreamCallout(name: name, weight: weight) { ind, inj in
+            guard directions.contains(ind.direction) else { return .permit }
+            let key = Key(flow: ind.flow.cookie, direction: ind.direction)
+            if ind.flags.contains(.abort) {
+                held.withLock { _ = $0.removeValue(forKey: key) }
+                return .permit
+            }
+            let final = ind.flags.contains(.disconnect)
+            let out: [UInt8] = held.withLock { h in
+                var buf = h[key] ?? []
+                buf.append(contentsOf: ind.data)
+                let keep = final ? 0 : partialSuffix(buf, pattern)
+                if final { h.removeValue(forKey: key) } else { h[key] = Array(buf.suffix(keep)) }
+                return replaceAll(Array(buf.dropLast(keep)), pattern, replacement)
+            }
+            if !out.isEmpty { _ = inj.inject(flags: .direction(ind.direction), data: out, completion: { _ in }) }
+            return final ? .permit : .block
+        }
+    }
+
+    /// Blocks the flow and drops the connection when `pattern` appears (split or not);
+    /// bytes before the match are delivered.
+    public static func blockOnPattern(name: String, weight: UInt16, pattern: [UInt8]) -> StreamCallout {
+        precondition(!pattern.isEmpty)
+        let tails = Mutex<[Key: [UInt8]]>([:])
+        return StreamCallout(name: name, weight: weight, isTerminating: true) { ind, _ in
+            let key = Key(flow: ind.flow.cookie, direction: ind.direction)
+            if ind.flags.contains(.abort) || ind.flags.contains(.disconnect) {
+                tails.withLock { _ = $0.removeValue(forKey: key) }
+                return .permit
+            }
+            let tail = tails.withLock { $0[key] ?? [] }
+            let window = tail + ind.data
+            if let at = firstIndex(of: pattern, in: window) {
+                let before = max(0, at - tail.count)
+                tails.withLock { _ = $0.removeValue(forKey: key) }
+                // The bytes before the match go on; the rest is indicated again at once,
+                // starting with the match, and then blocked with the connection.
+                if before > 0 { return .permit(before) }
+                return StreamDecision(.block, .dropConnection)
+            }
+            tails.withLock { $0[key] = Array(window.suffix(pattern.count - 1)) }
+            return .permit
+        }
+    }
+
+    /// Reports the first `bytes` bytes of each direction of each flow, then steps aside.
+    public static func capture(name: String = "capture", weight: UInt16 = 0xffff, bytes: Int,
+                               report: @escaping @Sendable (PayloadCapture) -> Void) -> StreamCallout {
+        let seen = Mutex<[Key: Int]>([:])
+        return StreamCallout(name: name, weight: weight, isTerminating: false) { ind, _ in
+            let key = Key(flow: ind.flow.cookie, direction: ind.direction)
+            if ind.flags.contains(.abort) || ind.flags.contains(.disconnect) {
+                seen.withLock { _ = $0.removeValue(forKey: key) }
+                return .permit
+            }
+            let offset = seen.withLock { $0[key] ?? 0 }
+            let take = min(bytes - offset, ind.data.count)
+            if take > 0 {
+                seen.withLock { $0[key] = offset + take }
+                report(PayloadCapture(flow: ind.flow.cookie, direction: ind.direction, offset: offset,
+                                      data: Array(ind.data.prefix(take)), metadata: ind.metadata))
+            }
+            return .permit
+        }
+    }
+
+    struct Key: Hashable { var flow: UInt64; var direction: StreamDirection }
+
+    static func inlineEdit(_ ind: StreamIndication, _ inj: StreamInjector, pattern: [UInt8], replacement: [UInt8]) -> StreamDecision {
+        let data = ind.data
+        if data.isEmpty { return .permit }
+        if let at = firstIndex(of: pattern, in: data) {
+            if at > 0 { return .permit(at) }
+            _ = inj.inject(flags: .direction(ind.direction), data: replacement, completion: { _ in })
+            return .block(pattern.count)
+        }
+        let partial = ind.flags.contains(.noMoreData) ? 0 : partialSuffix(data, pattern)
+        if partial == 0 { return .permit }
+        if partial < data.count { return .permit(data.count - partial) }
+        return .needMoreData(pattern.count)
+    }
+
+    static func firstIndex(of p: [UInt8], in d: [UInt8]) -> Int? {
+        guard d.count >= p.count else { return nil }
+        for i in 0...(d.count - p.count) where d[i] == p[0] && d[i..<i + p.count].elementsEqual(p) { return i }
+        return nil
+    }
+
+    /// Length of the longest proper prefix of `p` that ends `d`.
+    static func partialSuffix(_ d: [UInt8], _ p: [UInt8]) -> Int {
+        for n in stride(from: min(p.count - 1, d.count), to: 0, by: -1) where d.suffix(n).elementsEqual(p.prefix(n)) { return n }
+        return 0
+    }
+
+    static func replaceAll(_ d: [UInt8], _ p: [UInt8], _ r: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(d.count)
+        var i = 0
+        while i < d.count {
+            if i + p.count <= d.count && d[i] == p[0] && d[i..<i + p.count].elementsEqual(p) { out += r; i += p.count } else { out.append(d[i]); i += 1 }
+        }
+        return out
+    }
+}
+
+extension StreamConfig {
+    /// The kernel selection rules; a missing executable or cgroup is a config error.
+    public func kernelRules() throws(ConfigError) -> [StreamRule] {
+        try rules.enumerated().map { (i, r) throws(ConfigError) -> StreamRule in
+            let key = "stream.rules[\(i)]"
+            var rule = StreamRule(uid: r.uid, localPort: r.localPort, remotePort: r.remotePort,
+                                  remote: r.remote.flatMap(IPPrefix.init),
+                                  direction: r.direction.flatMap(FlowDirection.init(rawValue:)))
+            if let exe = r.exe {
+                guard let id = ExecutableIdentity(path: exe) else { throw ConfigError(key: "\(key).exe", reason: "no such file: \(exe)") }
+                rule.exe = id
+            }
+            if let cg = r.cgroup {
+                guard let id = Cgroup2.id(of: cg) else { throw ConfigError(key: "\(key).cgroup", reason: "no such cgroup: \(cg)") }
+                rule.cgroupID = id
+            }
+            return rule
+        }
+    }
+
+    /// The configured callouts (none: the bytes pass unchanged).
+    public func streamCallouts(capture: (@Sendable (PayloadCapture) -> Void)? = nil) -> [StreamCallout] {
+        callouts.map { c in
+            let dirs: Set<StreamDirection> = c.direction == "both" ? [.send, .receive] : [c.direction == "send" ? .send : .receive]
+            switch c.type {
+            case "edit":
+                return BuiltinStreamCallouts.edit(name: c.name, weight: c.weight, pattern: Array(c.pattern!.utf8),
+                                                  replacement: Array(c.replacement!.utf8), outOfBand: c.outOfBand, directions: dirs)
+            case "block":
+                return BuiltinStreamCallouts.blockOnPattern(name: c.name, weight: c.weight, pattern: Array(c.pattern!.utf8))
+            case "capture":
+                return BuiltinStreamCallouts.capture(name: c.name, weight: c.weight, bytes: c.bytes, report: capture ?? { _ in })
+            default:
+                return BuiltinStreamCallouts.passThrough(name: c.name, weight: c.weight)
+            }
+        }
+    }
+}

@@ -1,0 +1,416 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import CFlowTagBPF
+import FlowContext
+import FlowTagKernel
+import Synchronization
+
+/// Counters of the stream relay (exported as metrics).
+public final class RelayCounters: Sendable {
+    public let flows = Atomic<UInt64>(0)
+    public let bytesFromProcess = Atomic<UInt64>(0)
+    public let bytesFromPeer = Atomic<UInt64>(0)
+    public let bytesToPeer = Atomic<UInt64>(0)
+    public let bytesToProcess = Atomic<UInt64>(0)
+    public let closedOnStop = Atomic<UInt64>(0)
+    public init() {}
+}
+
+/// The user-space half of the stream relay (see docs/stream-relay.md).
+///
+/// The kernel puts a selected flow's socket in a sockhash with a pre-made slot: two
+/// connected loopback sockets of the agent. What the process sends arrives on the slot's
+/// send socket, what the peer sends on its receive socket; both pass through a
+/// `StreamSession` with the configured callouts, and what survives is written back on the
+/// same socket, which the kernel redirects to the flow's egress (send) or into the
+/// process's receive queue (receive). One thread runs every relayed flow with epoll.
+public final class StreamRelay: @unchecked Sendable {
+    public let kernel: RelayKernel
+    public let counters = RelayCounters()
+    private let monitor: FlowMonitor
+    private let callouts: [StreamCallout]
+    private let poolSize: Int
+    private let epfd: Int32
+    private let wakeFD: Int32
+    private let inbox = Mutex<[RelayKernelEvent]>([])
+    private let stopping = Atomic<Bool>(false)
+    private let done = DispatchSemaphore(value: 0)
+    private var thread: Thread?
+
+    // Relay-thread state.
+    private var slots: [UInt32: RelaySlot] = [:]
+    private var byFD: [Int32: (slot: UInt32, direction: StreamDirection)] = [:]
+    private var byCookie: [UInt64: UInt32] = [:]
+    private var unusedNumbers: [UInt32]
+    private var offered = 0
+    private var buffer = [UInt8](repeating: 0, count: 1 << 16)
+
+    /// Output held for one direction before the relay stops reading that direction's input.
+    static let pendingLimit = 4 << 20
+
+    public init(programs: KernelPrograms, monitor: FlowMonitor, rules: [StreamRule], callouts: [StreamCallout], poolSize: Int = 32) throws {
+        self.kernel = RelayKernel(programs: programs)
+        self.monitor = monitor
+        self.callouts = callouts
+        self.poolSize = max(1, min(poolSize, Int(RelayKernel.maxSlots) / 2))
+        unusedNumbers = Array((0..<RelayKernel.maxSlots).reversed())
+        epfd = ftbpf_epoll_create()
+        wakeFD = ftbpf_eventfd()
+        guard epfd >= 0, wakeFD >= 0 else { throw KernelError.system("relay epoll", epfd < 0 ? -epfd : -wakeFD) }
+        try kernel.reset()
+        try kernel.openListener()
+        for _ in 0..<self.poolSize { try makeAndOffer() }
+        add(wakeFD)
+        // Rules last: no flow is selected before the pool is ready.
+        try kernel.setRules(rules)
+    }
+
+    deinit {
+        close(epfd)
+        close(wakeFD)
+    }
+
+    /// Kernel events about relayed flows (from the flow monitor's thread).
+    public func handle(_ event: RelayKernelEvent) {
+        inbox.withLock { $0.append(event) }
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
+    public func start() {
+        let t = Thread { [self] in
+            run()
+            done.signal()
+        }
+        t.name = "flowtag-relay"
+        thread = t
+        t.start()
+    }
+
+    /// Stops selecting flows, delivers what the callouts hold, then closes each relayed
+    /// flow cleanly (shutdown: FIN to the peer, EOF to the process) and frees every slot.
+    public func stop() {
+        guard !stopping.exchange(true, ordering: .relaxed), thread != nil else { return }
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+        done.wait()
+    }
+
+    /// Flows being relayed now.
+    public var activeFlows: Int { activeCount.load(ordering: .relaxed) }
+    private let activeCount = Atomic<Int>(0)
+
+    // MARK: - Relay thread
+
+    private func run() {
+        var fds = [Int32](repeating: 0, count: 64)
+        var events = [UInt32](repeating: 0, count: 64)
+        while !stopping.load(ordering: .relaxed) {
+            let waiting = slots.values.contains { $0.hasPendingOutput }
+            let n = ftbpf_epoll_wait(epfd, &fds, &events, 64, waiting ? 1 : 100)
+            if n > 0 {
+                for i in 0..<Int(n) {
+                    let fd = fds[i]
+                    if fd == wakeFD {
+                        var v: UInt64 = 0
+                        _ = Glibc.read(wakeFD, &v, 8)
+                    } else {
+                        readable(fd)
+                    }
+                }
+            }
+            processInbox()
+            for s in slots.values where s.hasPendingOutput { flush(s) }
+            replenish()
+        }
+        shutdownAll()
+    }
+
+    private func processInbox() {
+        let events = inbox.withLock { box -> [RelayKernelEvent] in
+            let e = box
+            box.removeAll()
+            return e
+        }
+        for e in events {
+            log("event \(e)")
+            switch e {
+            case .opened(let slot, let record):
+                guard let s = slots[slot] else { continue }
+                if let session = s.session {
+                    if session.flow.cookie == record.flow { session.metadata = Self.metadata(record) }
+                } else {
+                    bind(s, record: record)
+                }
+            case .finSent(let cookie):
+                guard let s = slot(cookie) else { continue }
+                drain(s, .send)
+                if !s.finIndicated[0] { s.finIndicated[0] = true; s.session?.indicate([], direction: .send, flags: .disconnect) }
+            case .finReceived(let cookie):
+                guard let s = slot(cookie) else { continue }
+                drain(s, .receive)
+                if !s.finIndicated[1] { s.finIndicated[1] = true; s.session?.indicate([], direction: .receive, flags: .disconnect) }
+            case .closed(let cookie, let slotNumber, let reason):
+                guard let s = slots[slotNumber], s.session == nil || s.session?.flow.cookie == cookie else { continue }
+                if s.session == nil, let entry = kernel.slotEntry(slotNumber), entry.appCookie == cookie {
+                    bindFromKernel(s) // closed before its first byte or its open was seen
+                }
+                drain(s, .send)
+                drain(s, .receive)
+                s.flowEnded = true
+                if reason == "reset" {
+                    s.session?.abort()
+                } else {
+                    for (i, d) in [StreamDirection.send, .receive].enumerated() where !s.finIndicated[i] {
+                        s.finIndicated[i] = true
+                        s.session?.indicate([], direction: d, flags: .disconnect)
+                    }
+                }
+                retire(s)
+            }
+        }
+    }
+
+    private func slot(_ cookie: UInt64) -> RelaySlot? { byCookie[cookie].flatMap { slots[$0] } }
+
+    static let debug = getenv("FLOWTAG_RELAY_DEBUG") != nil
+    func log(_ s: @autoclosure () -> String) { if Self.debug { FileHandle.standardError.write(Data("relay: \(s())\n".utf8)) } }
+
+    private func readable(_ fd: Int32) {
+        guard let (number, direction) = byFD[fd], let s = slots[number] else { return }
+        if s.session == nil { bindFromKernel(s) }
+        guard s.session != nil else {
+            // Bytes on a slot no flow holds: nothing may forward them.
+            _ = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            return
+        }
+        read(s, direction, rounds: 16)
+    }
+
+    /// Reads what waits on one direction (up to `rounds` buffers) into the session.
+    private func read(_ s: RelaySlot, _ direction: StreamDirection, rounds: Int) {
+        let fd = direction == .send ? s.sendFD : s.receiveFD
+        for _ in 0..<rounds {
+            if s.pendingCount(direction) > Self.pendingLimit {
+                setReading(s, direction, false)
+                return
+            }
+            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            log("slot \(s.number) \(direction) read \(n) errno \(errno)")
+            if n > 0 {
+                if direction == .send { counters.bytesFromProcess.add(UInt64(n), ordering: .relaxed) }
+                else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed) }
+                s.session?.indicate(Array(buffer[0..<n]), direction: direction)
+            } else {
+                return // EAGAIN, or nothing more
+            }
+        }
+    }
+
+    /// Everything already relayed into the agent for one direction.
+    private func drain(_ s: RelaySlot, _ direction: StreamDirection) {
+        read(s, direction, rounds: Int.max)
+    }
+
+    private func flush(_ s: RelaySlot) {
+        for d in [StreamDirection.send, .receive] {
+            let written = s.flush(d)
+            if written > 0 {
+                if d == .send { counters.bytesToPeer.add(UInt64(written), ordering: .relaxed) }
+                else { counters.bytesToProcess.add(UInt64(written), ordering: .relaxed) }
+            }
+            if !s.readingEnabled(d) && s.pendingCount(d) < Self.pendingLimit / 2 { setReading(s, d, true) }
+        }
+    }
+
+    private func bindFromKernel(_ s: RelaySlot) {
+        guard let entry = kernel.slotEntry(s.number), entry.active, entry.appCookie != 0 else { return }
+        if let (slot, record) = monitor.liveRelayedFlow(cookie: entry.appCookie), slot == s.number {
+            bind(s, record: record)
+        } else {
+            // The flow map entry is gone (closed already): relay with the cookie alone.
+            bind(s, record: nil, cookie: entry.appCookie)
+        }
+    }
+
+    private func bind(_ s: RelaySlot, record: FlowRecord?, cookie: UInt64? = nil) {
+        guard let c = record?.flow ?? cookie else { return }
+        let meta = record.map(Self.metadata) ?? Metadata(flow: FlowHandle(cookie: c), processID: 0, processPath: "")
+        s.ownerPID = record?.process.pid ?? 0
+        s.session = StreamSession(flow: FlowHandle(cookie: c, netns: record?.netns ?? 0), metadata: meta, callouts: callouts, sink: s)
+        byCookie[c] = s.number
+        offered -= 1
+        counters.flows.add(1, ordering: .relaxed)
+        activeCount.add(1, ordering: .relaxed)
+    }
+
+    static func metadata(_ r: FlowRecord) -> Metadata {
+        Metadata(flow: FlowHandle(cookie: r.flow, netns: r.netns), processID: r.process.pid, threadID: r.process.tid,
+                 processPath: r.process.exe, userID: r.process.uid, cgroupID: r.process.cgroup)
+    }
+
+    /// The flow is gone: its slot's sockets are closed (which takes them out of the
+    /// sockhash) and the slot number is reused for a fresh pair.
+    private func retire(_ s: RelaySlot) {
+        if let c = s.session?.flow.cookie { byCookie.removeValue(forKey: c) }
+        if s.session != nil { activeCount.subtract(1, ordering: .relaxed) } else { offered -= 1 }
+        for fd in [s.sendFD, s.receiveFD] {
+            _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)
+            byFD.removeValue(forKey: fd)
+            close(fd)
+        }
+        s.closed()
+        slots.removeValue(forKey: s.number)
+        kernel.setSlot(s.number, .free)
+        unusedNumbers.append(s.number)
+    }
+
+    /// Keeps `poolSize` slots offered to the kernel.
+    private func replenish() {
+        while offered < poolSize && !unusedNumbers.isEmpty {
+            do { try makeAndOffer() } catch {
+                FileHandle.standardError.write(Data("flowtagd: relay pool: \(error)\n".utf8))
+                return
+            }
+        }
+    }
+
+    private func makeAndOffer() throws {
+        guard let number = unusedNumbers.popLast() else { return }
+        do {
+            let (send, receive) = try kernel.makeSlot(number)
+            let s = RelaySlot(number: number, sendFD: send, receiveFD: receive)
+            slots[number] = s
+            byFD[send] = (number, .send)
+            byFD[receive] = (number, .receive)
+            add(send)
+            add(receive)
+            try kernel.offer(number)
+            offered += 1
+        } catch {
+            unusedNumbers.append(number)
+            throw error
+        }
+    }
+
+    private func add(_ fd: Int32) {
+        _ = ftbpf_epoll_ctl(epfd, 1, fd, 1 /* EPOLLIN */)
+    }
+
+    private func setReading(_ s: RelaySlot, _ d: StreamDirection, _ on: Bool) {
+        s.setReadingEnabled(d, on)
+        _ = ftbpf_epoll_ctl(epfd, 3, d == .send ? s.sendFD : s.receiveFD, on ? 1 : 0)
+    }
+
+    /// Orderly stop: no new selections, then each relayed flow is drained, flushed and
+    /// closed; free slots are withdrawn from the kernel.
+    private func shutdownAll() {
+        try? kernel.setRules([])
+        kernel.withdrawPool()
+        processInbox()
+        for s in Array(slots.values) {
+            if let c = s.session?.flow.cookie {
+                // Still relayed while it drains, so no byte of the process overtakes
+                // what the agent holds; then FIN after the last delivered byte.
+                drainAndFlush(s)
+                if s.ownerPID != 0, AppSocket.shutdown(pid: s.ownerPID, cookie: c) {
+                    counters.closedOnStop.add(1, ordering: .relaxed)
+                } else {
+                    kernel.setSlot(s.number, .direct) // no owner to close it through: direct mode
+                }
+                s.flowEnded = true
+            }
+            retire(s)
+        }
+    }
+
+    private func drainAndFlush(_ s: RelaySlot) {
+        drain(s, .send)
+        drain(s, .receive)
+        let deadline = ContinuousClock.now.advanced(by: .seconds(2))
+        while s.hasPendingOutput && ContinuousClock.now < deadline {
+            flush(s)
+            if s.hasPendingOutput { usleep(1000) }
+        }
+    }
+}
+
+/// One slot: its two sockets, the session of the flow that holds it, and the output
+/// waiting to be written (sessions may deliver from callout threads: output is locked).
+final class RelaySlot: StreamSink, @unchecked Sendable {
+    let number: UInt32
+    let sendFD: Int32
+    let receiveFD: Int32
+    var session: StreamSession?
+    var ownerPID: UInt32 = 0
+    var finIndicated = [false, false]
+    /// The kernel reported the flow closed: nothing to shut any more.
+    var flowEnded = false
+    private let output = Mutex<Output>(Output())
+
+    struct Output {
+        var pending: [[UInt8]] = [[], []]
+        var reading = [true, true]
+        var closed = false
+    }
+
+    init(number: UInt32, sendFD: Int32, receiveFD: Int32) {
+        self.number = number; self.sendFD = sendFD; self.receiveFD = receiveFD
+    }
+
+    private static func index(_ d: StreamDirection) -> Int { d == .send ? 0 : 1 }
+
+    var hasPendingOutput: Bool { output.withLock { !$0.pending[0].isEmpty || !$0.pending[1].isEmpty } }
+    func pendingCount(_ d: StreamDirection) -> Int { output.withLock { $0.pending[Self.index(d)].count } }
+    func readingEnabled(_ d: StreamDirection) -> Bool { output.withLock { $0.reading[Self.index(d)] } }
+    func setReadingEnabled(_ d: StreamDirection, _ on: Bool) { output.withLock { $0.reading[Self.index(d)] = on } }
+    func closed() { output.withLock { $0.closed = true; $0.pending = [[], []] } }
+
+    // StreamSink
+    func deliver(_ bytes: [UInt8], direction: StreamDirection) {
+        output.withLock { o in
+            guard !o.closed else { return }
+            o.pending[Self.index(direction)].append(contentsOf: bytes)
+        }
+        _ = flush(direction)
+    }
+
+    /// The kernel carried the FIN itself (it is a TCP state, not data): nothing to write.
+    func disconnect(direction: StreamDirection) {}
+
+    /// A terminating callout dropped the connection: both directions are shut.
+    func abort() {
+        output.withLock { $0.pending = [[], []] }
+        if let c = session?.flow.cookie, ownerPID != 0, !flowEnded { AppSocket.shutdown(pid: ownerPID, cookie: c) }
+    }
+
+    /// Writes what it can of one direction without blocking; returns the bytes written.
+    /// The write on a relay socket is redirected by the kernel to the flow: a short
+    /// count means the flow's socket is full, the rest waits.
+    func flush(_ d: StreamDirection) -> Int {
+        let fd = d == .send ? sendFD : receiveFD
+        return output.withLock { o -> Int in
+            let i = Self.index(d)
+            guard !o.closed, !o.pending[i].isEmpty else { return 0 }
+            var total = 0
+            while total < o.pending[i].count {
+                let n = o.pending[i].withUnsafeBytes { buf in
+                    send(fd, buf.baseAddress! + total, buf.count - total, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
+                }
+                if StreamRelay.debug { FileHandle.standardError.write(Data("relay: slot \(number) \(d) wrote \(n) errno \(errno)\n".utf8)) }
+                if n <= 0 {
+                    if n < 0 && errno != EAGAIN && errno != EINTR && errno != ENOMEM && errno != ENOBUFS {
+                        o.pending[i].removeAll() // the flow is gone (EPIPE, EACCES): nothing can take it
+                        return total
+                    }
+                    break
+                }
+                total += n
+            }
+            o.pending[i].removeFirst(total)
+            return total
+        }
+    }
+}

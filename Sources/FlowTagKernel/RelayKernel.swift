@@ -1,0 +1,256 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFlowTagBPF
+import FlowTagCore
+
+/// Which TCP flows the kernel hands to the stream relay. Every condition set must hold;
+/// a rule with none selects every TCP flow of the attached cgroup.
+public struct StreamRule: Sendable, Hashable {
+    public var exe: ExecutableIdentity?
+    public var uid: UInt32?
+    /// cgroup v2 id of the socket's owner (exact cgroup, not descendants).
+    public var cgroupID: UInt64?
+    public var localPort: UInt16?
+    public var remotePort: UInt16?
+    public var remote: IPPrefix?
+    public var direction: FlowDirection?
+
+    public init(exe: ExecutableIdentity? = nil, uid: UInt32? = nil, cgroupID: UInt64? = nil, localPort: UInt16? = nil,
+                remotePort: UInt16? = nil, remote: IPPrefix? = nil, direction: FlowDirection? = nil) {
+        self.exe = exe; self.uid = uid; self.cgroupID = cgroupID; self.localPort = localPort
+        self.remotePort = remotePort; self.remote = remote; self.direction = direction
+    }
+
+    var raw: ft_stream_rule {
+        var r = ft_stream_rule()
+        var match: UInt32 = 0
+        if let exe { match |= FT_MATCH_EXE.rawValue; r.exe_dev = exe.device; r.exe_ino = exe.inode }
+        if let uid { match |= FT_MATCH_UID.rawValue; r.uid = uid }
+        if let cgroupID { match |= FT_MATCH_CGROUP.rawValue; r.cgroup_id = cgroupID }
+        if let localPort { match |= FT_MATCH_LOCAL_PORT.rawValue; r.local_port = localPort }
+        if let remotePort { match |= FT_MATCH_REMOTE_PORT.rawValue; r.remote_port = remotePort }
+        if let direction {
+            match |= FT_MATCH_DIRECTION.rawValue
+            r.direction = UInt8(direction == .outbound ? FT_DIR_OUTBOUND.rawValue : FT_DIR_INBOUND.rawValue)
+        }
+        if let remote {
+            match |= FT_MATCH_REMOTE_ADDR.rawValue
+            let bytes = remote.address.bytes
+            withUnsafeMutableBytes(of: &r.remote) { buf in
+                for (i, b) in bytes.enumerated() where i < 16 { buf[i] = b }
+            }
+            r.remote_prefix = UInt8(remote.length)
+            r.remote_family = UInt8(remote.address.isIPv4 ? 2 : 10)
+        }
+        r.match = match == 0 ? FT_MATCH_ANY.rawValue : match
+        return r
+    }
+}
+
+/// The kernel half of the stream relay: selection rules, the slot table, the pool of
+/// pre-made relay socket pairs, and the sockhash that ties them to selected flows.
+public final class RelayKernel: @unchecked Sendable {
+    public let programs: KernelPrograms
+    private var listener: Int32 = -1
+    private var listenPort: UInt16 = 0
+
+    public static let maxRules = Int(FT_STREAM_RULES_MAX)
+    public static let maxSlots = UInt32(FT_RELAY_SLOTS_MAX)
+
+    public init(programs: KernelPrograms) { self.programs = programs }
+
+    deinit { if listener >= 0 { close(listener) } }
+
+    /// Installs the selection rules (replacing any), count last so no flow sees half a set.
+    public func setRules(_ rules: [StreamRule]) throws {
+        guard rules.count <= Self.maxRules else {
+            throw KernelError.invalidArgument("at most \(Self.maxRules) stream rules, not \(rules.count)")
+        }
+        let fd = programs.mapFD(.streamRules)
+        var zero: UInt32 = 0, count: UInt32 = 0
+        try check("clear the stream rule count", ftbpf_map_update(programs.mapFD(.streamRuleCount), &zero, &count, 0))
+        for i in 0..<Self.maxRules {
+            var key = UInt32(i)
+            var value = i < rules.count ? rules[i].raw : ft_stream_rule()
+            try check("write stream rule \(i)", ftbpf_map_update(fd, &key, &value, 0))
+        }
+        count = UInt32(rules.count)
+        try check("write the stream rule count", ftbpf_map_update(programs.mapFD(.streamRuleCount), &zero, &count, 0))
+    }
+
+    /// Forgets every slot a previous agent left (its relay sockets died with it): flows it
+    /// relayed fall back to direct mode, and the pool starts empty.
+    public func reset() throws {
+        withdrawPool()
+        let fd = programs.mapFD(.relaySlots)
+        for s in 0..<Self.maxSlots {
+            var key = s
+            var entry = ft_relay_slot()
+            if ftbpf_map_lookup(fd, &key, &entry) == 0, entry.mode != FT_RELAY_FREE.rawValue {
+                entry.mode = FT_RELAY_DIRECT.rawValue
+                _ = ftbpf_map_update(fd, &key, &entry, 0)
+            }
+        }
+    }
+
+    /// Makes the loopback listener the relay pairs come from.
+    public func openListener() throws {
+        guard listener < 0 else { return }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw KernelError.system("relay listener socket", errno) }
+        do {
+            try markRole(fd, FT_RELAY_AGENT, slot: 0)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+            try withUnsafePointer(to: &addr) { p in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    guard bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 else { throw KernelError.system("bind the relay listener", errno) }
+                }
+            }
+            guard listen(fd, 128) == 0 else { throw KernelError.system("listen on the relay listener", errno) }
+            var bound = sockaddr_in()
+            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &bound) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+            }
+            listenPort = UInt16(bigEndian: bound.sin_port)
+            listener = fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// A slot's two relay sockets, connected to each other over loopback, in the sockhash,
+    /// non-blocking. The slot is not yet offered to the kernel (see `offer`).
+    public func makeSlot(_ slot: UInt32) throws -> (send: Int32, receive: Int32) {
+        try openListener()
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard client >= 0 else { throw KernelError.system("relay socket", errno) }
+        var accepted: Int32 = -1
+        do {
+            // Marked before connect so sockops never takes the relay's own connection for a flow.
+            try markRole(client, FT_RELAY_SEND, slot: slot)
+            var addr = sockaddr_in()
+            addr.sin_family = sa_family_t(AF_INET)
+            addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+            addr.sin_port = listenPort.bigEndian
+            try withUnsafePointer(to: &addr) { p in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    guard connect(client, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 else { throw KernelError.system("connect a relay pair", errno) }
+                }
+            }
+            accepted = accept(listener, nil, nil)
+            guard accepted >= 0 else { throw KernelError.system("accept a relay pair", errno) }
+            _ = fcntl(accepted, F_SETFD, FD_CLOEXEC)
+            try markRole(accepted, FT_RELAY_RECV, slot: slot)
+            var one: Int32 = 1
+            for fd in [client, accepted] {
+                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            }
+            var entry = ft_relay_slot()
+            var key = slot
+            try check("reset relay slot \(slot)", ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0))
+            try addToSockhash(client, key: Self.sockhashKey(slot: slot, role: FT_RELAY_SEND))
+            try addToSockhash(accepted, key: Self.sockhashKey(slot: slot, role: FT_RELAY_RECV))
+            return (client, accepted)
+        } catch {
+            close(client)
+            if accepted >= 0 { close(accepted) }
+            throw error
+        }
+    }
+
+    /// Takes every offered slot back: no flow can be selected into one any more.
+    public func withdrawPool() {
+        var slot: UInt32 = 0
+        while ftbpf_queue_pop(programs.mapFD(.relayPool), &slot) == 0 {}
+    }
+
+    /// Offers a made slot to the kernel: the next selected flow may take it.
+    public func offer(_ slot: UInt32) throws {
+        var s = slot
+        try check("offer relay slot \(slot)", ftbpf_queue_push(programs.mapFD(.relayPool), &s))
+    }
+
+    /// The slot table entry (which app socket holds it, and its mode).
+    public func slotEntry(_ slot: UInt32) -> (appCookie: UInt64, active: Bool)? {
+        var key = slot
+        var entry = ft_relay_slot()
+        guard ftbpf_map_lookup(programs.mapFD(.relaySlots), &key, &entry) == 0 else { return nil }
+        return (entry.app_cookie, entry.mode == FT_RELAY_ACTIVE.rawValue)
+    }
+
+    public enum SlotMode { case free, active, direct }
+
+    /// Frees a slot, or returns its flow to direct mode (the programs pass its bytes).
+    public func setSlot(_ slot: UInt32, _ mode: SlotMode) {
+        var key = slot
+        var entry = ft_relay_slot()
+        guard ftbpf_map_lookup(programs.mapFD(.relaySlots), &key, &entry) == 0 else { return }
+        switch mode {
+        case .free: entry.mode = FT_RELAY_FREE.rawValue; entry.app_cookie = 0
+        case .active: entry.mode = FT_RELAY_ACTIVE.rawValue
+        case .direct: entry.mode = FT_RELAY_DIRECT.rawValue
+        }
+        _ = ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0)
+    }
+
+    public var assignedCount: UInt64 { programs.counter(FT_CNT_RELAY_ASSIGNED) }
+    public var poolEmptyCount: UInt64 { programs.counter(FT_CNT_RELAY_POOL_EMPTY) }
+
+    static func sockhashKey(slot: UInt32, role: ft_relay_role) -> UInt64 {
+        (1 << 63) | (UInt64(slot) << 2) | UInt64(role.rawValue)
+    }
+
+    private func markRole(_ fd: Int32, _ role: ft_relay_role, slot: UInt32) throws {
+        var route = ft_relay_route()
+        route.slot = slot
+        route.role = role.rawValue
+        var key = fd
+        try check("mark a relay socket", ftbpf_map_update(programs.mapFD(.relayRoutes), &key, &route, 0))
+    }
+
+    private func addToSockhash(_ fd: Int32, key: UInt64) throws {
+        var k = key
+        var value = UInt64(fd)
+        try check("add a relay socket to the sockhash", ftbpf_map_update(programs.mapFD(.relaySockets), &k, &value, 0))
+    }
+
+    private func check(_ what: String, _ rc: Int32) throws {
+        if rc < 0 { throw KernelError.system(what, -rc) }
+    }
+}
+
+/// Acting on a process's own socket from the agent: pidfd_getfd(2) on the owner's fd
+/// that carries the flow's cookie (needs CAP_SYS_PTRACE over the owner).
+public enum AppSocket {
+    /// shutdown(SHUT_RDWR) on the socket with this cookie held by `pid`: FIN to the peer,
+    /// EOF/EPIPE to the process. Returns false when no such socket was found.
+    @discardableResult
+    public static func shutdown(pid: UInt32, cookie: UInt64) -> Bool {
+        guard let fd = find(pid: pid, cookie: cookie) else { return false }
+        defer { close(fd) }
+        return Glibc.shutdown(fd, Int32(SHUT_RDWR)) == 0
+    }
+
+    /// A duplicate of the owner's fd for the socket with this cookie (close it after use).
+    public static func find(pid: UInt32, cookie: UInt64) -> Int32? {
+        guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) { String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self)) }
+            guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), link.hasPrefix("socket:") else { continue }
+            let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
+            guard fd >= 0 else { continue }
+            var value: UInt64 = 0
+            var len = socklen_t(MemoryLayout<UInt64>.size)
+            if getsockopt(fd, SOL_SOCKET, 57 /* SO_COOKIE */, &value, &len) == 0, value == cookie { return fd }
+            close(fd)
+        }
+        return nil
+    }
+}
