@@ -12,6 +12,7 @@ let package = Package(
         .executable(name: "flowtagd", targets: ["flowtagd"]),
         .executable(name: "flowtag", targets: ["flowtag"]),
         .executable(name: "flowtag-bench", targets: ["flowtag-bench"]),
+        .executable(name: "flowtag-example-uppercase", targets: ["flowtag-example-uppercase"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -46,6 +47,9 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "flowtag-bench", dependencies: ["FlowContext"]),
+        // The documented example of a user-written stream callout (docs/stream-relay.md).
+        .executableTarget(name: "flowtag-example-uppercase", dependencies: ["FlowContext", "FlowTagAgent"],
+                          path: "Examples/uppercase-callout"),
         .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent"]),
         .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
     ]

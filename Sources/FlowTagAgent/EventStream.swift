@@ -1,3 +1,4 @@
+import FlowContext
 import FlowTagKernel
 import Foundation
 
@@ -54,6 +55,20 @@ public enum EventLine {
         return out + "\""
     }
 
+    /// A capture callout's report: the flow, direction, offset and bytes (base64 in JSON).
+    public static func payload(_ c: PayloadCapture, as format: EventFormat) -> String {
+        let m = c.metadata
+        switch format {
+        case .json:
+            return "{\"event\":\"payload\",\"flow\":\(c.flow),\"direction\":\"\(c.direction.rawValue)\",\"offset\":\(c.offset),"
+                + "\"length\":\(c.data.count),\"data_base64\":\"\(Data(c.data).base64EncodedString())\","
+                + "\"process\":{\"pid\":\(m.processID),\"tid\":\(m.threadID),\"exe\":\(quoted(m.processPath)),\"uid\":\(m.userID),\"cgroup\":\(m.cgroupID)}}"
+        case .text:
+            let shown = String(decoding: c.data.map { (0x20..<0x7f).contains($0) ? $0 : UInt8(ascii: ".") }, as: UTF8.self)
+            return "payload flow=\(c.flow) \(c.direction.rawValue) offset=\(c.offset) pid=\(m.processID) exe=\(m.processPath) \"\(shown)\""
+        }
+    }
+
     public static func text(_ event: FlowEvent) -> String {
         let r = event.record
         var line = "\(event.time) \(event.kind.rawValue.padding(toLength: 5, withPad: " ", startingAt: 0)) "
@@ -73,7 +88,9 @@ public enum EventLine {
 /// the flow table until SIGINT/SIGTERM, then shut down in WFP's order and detach.
 /// With `format` text or json it also prints one line per event (`flowtagd --json`).
 public enum AgentRunner {
-    public static func run(_ config: AgentConfig) async -> Int32 {
+    /// `streamCallouts` are added to the configured ones (user-written stream callouts:
+    /// see docs/stream-relay.md and Examples/).
+    public static func run(_ config: AgentConfig, streamCallouts: [StreamCallout] = []) async -> Int32 {
         let format: EventFormat? = config.output == "none" ? nil : EventFormat(rawValue: config.output)
         let stderr = FileHandle.standardError
         func fail(_ message: String) -> Int32 {
@@ -89,6 +106,11 @@ public enum AgentRunner {
         var metricsServer: MetricsServer?
         var lock: AgentLock?
         var relay: StreamRelay?
+        let rules: [StreamRule]
+        do { rules = try config.stream.kernelRules() } catch {
+            stderr.write(Data("flowtagd: error: \(error)\n".utf8))
+            return 78 // EX_CONFIG
+        }
         do {
             try KernelPrograms.probe()
             guard let cgroup = config.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
@@ -120,13 +142,16 @@ public enum AgentRunner {
             if let journal { metrics.countJournalErrors { journal.writeErrors } }
             table = FlowTable(metrics: metrics, journal: journal)
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: .seconds(config.udpIdleSeconds))
-            let rules = try config.stream.kernelRules()
             if !rules.isEmpty {
                 let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules,
-                                        callouts: config.stream.streamCallouts(capture: nil),
+                                        callouts: config.stream.streamCallouts(capture: { c in
+                                            guard let format else { return }
+                                            writeAll(1, Array((EventLine.payload(c, as: format) + "\n").utf8))
+                                        }) + streamCallouts,
                                         poolSize: config.stream.poolSize)
                 monitor.relayHandler = { r.handle($0) }
                 r.start()
+                table.attach(relay: r)
                 relay = r
             } else {
                 // An earlier agent's rules and relayed flows: none selected, those go direct.

@@ -34,11 +34,18 @@ public struct AgentStats: Sendable, Codable, Hashable {
     public var kernelEventsLost: UInt64 = 0
     public var resynchronisedFlows = 0
     public var watchers = 0
+    /// Flows the stream relay has taken since the agent started, and those relayed now.
+    public var relayedFlows: UInt64 = 0
+    public var activeRelayedFlows = 0
+    /// Selected flows left direct because no relay slot was free (kernel counter).
+    public var relayPoolEmpty: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case activeFlows = "active_flows", flowsOpened = "flows_opened", flowsClosed = "flows_closed"
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", attribution
         case kernelEventsLost = "kernel_events_lost", resynchronisedFlows = "resynchronised_flows", watchers
+        case relayedFlows = "relayed_flows", activeRelayedFlows = "active_relayed_flows"
+        case relayPoolEmpty = "relay_pool_empty"
     }
 }
 
@@ -56,7 +63,11 @@ public final class FlowTable: Sendable {
         var stats = AgentStats()
         var watchers: [UInt64: Watcher] = [:]
         var nextWatcher: UInt64 = 1
+        var relay: StreamRelay?
     }
+
+    /// The stream relay whose counters `stats` reports.
+    public func attach(relay: StreamRelay) { state.withLock { $0.relay = relay } }
 
     struct Watcher {
         let filter: FlowFilter
@@ -201,6 +212,11 @@ public final class FlowTable: Sendable {
             var st = s.stats
             st.kernelEventsLost = lost
             st.watchers = s.watchers.count
+            if let r = s.relay {
+                st.relayedFlows = r.counters.flows.load(ordering: .relaxed)
+                st.activeRelayedFlows = r.activeFlows
+                st.relayPoolEmpty = r.kernel.poolEmptyCount
+            }
             return st
         }
     }

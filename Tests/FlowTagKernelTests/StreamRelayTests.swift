@@ -1,0 +1,300 @@
+import Foundation
+import Testing
+@testable import FlowTagAgent
+@testable import FlowTagKernel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Paths {
+    static let relayPeer = repo + "/Tests/Peers/relaypeer.py"
+}
+
+/// An echo server outside the agent's cgroup (optionally in a network namespace).
+func startEchoServer(mode: String = "echo", bind: String = "127.0.0.1", netns: String? = nil) async throws -> (Child, UInt16) {
+    let portFile = tempPath("port")
+    var argv = [Paths.python, Paths.relayPeer, "server", portFile, "--bind", bind, "--mode", mode]
+    if let netns { argv = ["/usr/sbin/ip", "netns", "exec", netns] + argv }
+    let server = try Child(argv)
+    let port = try await waitForPort(portFile)
+    unlink(portFile)
+    return (server, port)
+}
+
+/// The agent with a stream section in its config file.
+func withRelayAgent(_ stream: String, _ body: (RunningAgent) async throws -> Void) async throws {
+    let config = tempPath("config") + ".yaml"
+    try ("stream:\n" + stream).write(toFile: config, atomically: true, encoding: .utf8)
+    defer { unlink(config) }
+    let a = try await RunningAgent(extra: ["--config", config])
+    do { try await body(a) } catch { await a.stop(); throw error }
+    await a.stop()
+}
+
+/// Runs a relaypeer client inside the agent's cgroup; returns its JSON report.
+func relayClient(_ a: RunningAgent, _ args: [String], timeout: Double = 90) async throws -> [String: Any] {
+    let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "client"] + args))
+    let status = try await c.wait(timeout: timeout)
+    let lines = c.jsonLines
+    guard status == 0, let report = lines.last else {
+        throw TestFailure("client \(args) exited \(status): \(c.stdout) \(c.stderrText)")
+    }
+    return report
+}
+
+func firstResult(_ report: [String: Any]) -> [String: Any] {
+    (report["results"] as? [[String: Any]])?.first ?? [:]
+}
+
+/// The relay's counters, read from the agent's metrics.
+func relayedFlowCount(_ a: RunningAgent) throws -> Int {
+    let (_, out, _) = try a.cli(["stats", "-o", "json"])
+    let obj = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]
+    return (obj?["relayed_flows"] as? Int) ?? -1
+}
+
+@Suite("Stream relay (sockmap, real agent)", .serialized)
+struct StreamRelayTests {
+    @Test("pass-through: 10 MB both ways byte-exact, random chunk sizes, FIN after the data")
+    func passThroughBulk() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: pass
+            """) { a in
+            for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
+                let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
+                #expect(r["echo_equal"] as? Bool == true, "\(r)")
+                #expect(r["eof"] as? Bool == true, "\(r)")
+            }
+            // The server saw exactly what the client sent (sha over every byte).
+            let reports = try await server.waitForLines(3)
+            #expect(reports.allSatisfy { $0["eof"] as? Bool == true })
+            #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
+            #expect(try relayedFlowCount(a) >= 3)
+        }
+    }
+
+    @Test("edits with the pattern split across writes, in both directions (inline and out-of-band)", arguments: ["inline", "out-of-band"])
+    func editsBothDirections(mode: String) async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: edit
+                  name: rainy-to-cloudy
+                  weight: 20
+                  mode: \(mode)
+                  direction: send
+                  pattern: rainy
+                  replacement: cloudy
+                - type: edit
+                  name: cloudy-to-sunny
+                  weight: 10
+                  direction: receive
+                  pattern: cloudy
+                  replacement: sunny
+            """) { a in
+            for maxChunk in [3, 64, 4096] {
+                let report = try await relayClient(a, ["127.0.0.1", "\(port)", "--text", "--edit", "--size", "200000", "--max-chunk", "\(maxChunk)", "--seed", "\(maxChunk)"])
+                let r = firstResult(report)
+                #expect(r["echo_equal"] as? Bool == true, "max chunk \(maxChunk): \(r)")
+            }
+            // The server received the send-side edit exactly.
+            let reports = try await server.waitForLines(3)
+            let shas = Set(reports.compactMap { $0["sha"] as? String })
+            #expect(shas.count == 3)
+        }
+    }
+
+    @Test("an unselected flow is untouched and never relayed")
+    func unselectedFlowUntouched() async throws {
+        let (selected, selectedPort) = try await startEchoServer()
+        let (other, otherPort) = try await startEchoServer()
+        defer { selected.kill(); other.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(selectedPort)
+              callouts:
+                - type: edit
+                  pattern: rainy
+                  replacement: cloudy
+            """) { a in
+            // Same edit-worthy text to the other port: it must come back unchanged.
+            let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(otherPort)", "--text", "--size", "100000"]))
+            #expect(r["echo_equal"] as? Bool == true, "\(r)")
+            #expect(try relayedFlowCount(a) == 0)
+            // And the selected one is edited (the rule works).
+            let e = try await relayClient(a, ["127.0.0.1", "\(selectedPort)", "--text", "--size", "1000"])
+            #expect(firstResult(e)["echo_equal"] as? Bool == false)
+            #expect(try relayedFlowCount(a) == 1)
+        }
+    }
+
+    @Test("100 concurrent relayed flows")
+    func hundredConcurrentFlows() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              pool_size: 16
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            let report = try await relayClient(a, ["127.0.0.1", "\(port)", "--flows", "100", "--size", "200000", "--max-chunk", "20000"], timeout: 120)
+            #expect(report["flows"] as? Int == 100)
+            #expect(report["all_equal"] as? Bool == true, "\(report)")
+            #expect(try relayedFlowCount(a) == 100)
+        }
+    }
+
+    @Test("half-close reaches the peer after every byte; a reset reaches the process")
+    func halfCloseAndReset() async throws {
+        let (trailer, trailerPort) = try await startEchoServer(mode: "trailer")
+        let (resetter, resetPort) = try await startEchoServer(mode: "reset")
+        defer { trailer.kill(); resetter.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(trailerPort)
+                - remote_port: \(resetPort)
+            """) { a in
+            // The client half-closes after its data came back; the server then sends
+            // "bye" through the relay and closes.
+            let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(trailerPort)", "--size", "100000", "--trailer"]))
+            #expect(r["echo_equal"] as? Bool == true, "\(r)")
+            #expect(r["eof"] as? Bool == true)
+            withKnownIssue("on 6.18 a relayed socket reads EOF once its own process half-closed it (docs/stream-relay.md)", isIntermittent: true) {
+                #expect(r["after_half_close"] as? String == "bye", "\(r)")
+            }
+            let s = try await trailer.waitForLines(1)
+            #expect(s.first?["eof"] as? Bool == true)
+            #expect(s.first?["received"] as? Int == 100_000)
+
+            let reset = try await relayClient(a, ["127.0.0.1", "\(resetPort)", "--size", "1000", "--reset"])
+            #expect(firstResult(reset)["reset"] as? Bool == true, "\(reset)")
+            #expect(try relayedFlowCount(a) == 2)
+        }
+    }
+
+    @Test("a relayed flow whose peer is in another network namespace")
+    func peerInAnotherNamespace() async throws {
+        let ns = String(uniqueName("relay").suffix(40))
+        let n = nameCounter.add(1, ordering: .relaxed).newValue % 200 + 20
+        let hostIf = "ftr\(getpid() % 100000)h\(n % 10)", peerIf = "ftr\(getpid() % 100000)p\(n % 10)"
+        let hostAddr = "10.231.\(n).1", peerAddr = "10.231.\(n).2"
+        defer { _ = try? runCommand(["/usr/sbin/ip", "netns", "del", ns]) }
+        for argv in [["netns", "add", ns], ["-n", ns, "link", "set", "lo", "up"],
+                     ["link", "add", hostIf, "type", "veth", "peer", "name", peerIf, "netns", ns],
+                     ["addr", "add", hostAddr + "/30", "dev", hostIf], ["link", "set", hostIf, "up"],
+                     ["-n", ns, "addr", "add", peerAddr + "/30", "dev", peerIf], ["-n", ns, "link", "set", peerIf, "up"]] {
+            let (rc, _, err) = try runCommand(["/usr/sbin/ip"] + argv)
+            try #require(rc == 0, "ip \(argv): \(err)")
+        }
+        let (server, port) = try await startEchoServer(bind: peerAddr, netns: ns)
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote: \(peerAddr)/32
+                  direction: outbound
+              callouts:
+                - type: pass
+            """) { a in
+            let r = firstResult(try await relayClient(a, [peerAddr, "\(port)", "--size", "2000000", "--max-chunk", "30000"]))
+            #expect(r["echo_equal"] as? Bool == true, "\(r)")
+            #expect(r["eof"] as? Bool == true)
+            #expect(try relayedFlowCount(a) == 1)
+        }
+    }
+
+    @Test("stopping the agent mid-transfer closes the relayed flow cleanly, nothing corrupted, nothing hangs")
+    func stopMidTransfer() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        let config = tempPath("config") + ".yaml"
+        try "stream:\n  rules:\n    - remote_port: \(port)\n".write(toFile: config, atomically: true, encoding: .utf8)
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config])
+        let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "stream", "127.0.0.1", "\(port)"]))
+        do {
+            _ = try await client.waitForLines(1, timeout: 30) // data is flowing through the relay
+            let t0 = Date()
+            kill(a.process.pid, SIGTERM)
+            let status = try await a.process.wait(timeout: 20)
+            #expect(status == 0, "\(a.process.stderrText)")
+            #expect(try await client.wait(timeout: 20) == 0)
+            #expect(Date().timeIntervalSince(t0) < 20)
+            let end = client.jsonLines.last ?? [:]
+            #expect(end["end"] as? String == "eof", "\(end)")
+            #expect(end["prefix_equal"] as? Bool == true, "\(end)")
+        } catch {
+            client.kill(); await a.stop(); throw error
+        }
+        await a.stop()
+    }
+
+    @Test("the documented example callout (a user-written StreamCallout) builds and runs")
+    func exampleCalloutRuns() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        let cgroup = try TestCgroup()
+        defer { cgroup.remove() }
+        let socket = tempPath("api") + ".sock", journal = tempPath("journal") + ".db"
+        let config = tempPath("config") + ".yaml"
+        try """
+            cgroup: \(cgroup.path)
+            bpffs: /sys/fs/bpf/\(uniqueName("pins"))
+            socket: \(socket)
+            journal: \(journal)
+            metrics_address: 127.0.0.1:0
+            output: none
+            stream:
+              rules:
+                - remote_port: \(port)
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        defer { unlink(config); unlink(journal) }
+        let agent = try Child([Paths.repo + "/.build/debug/flowtag-example-uppercase", config])
+        defer { kill(agent.pid, SIGTERM); _ = try? runCommand(["/bin/sleep", "0.5"]); agent.kill() }
+        for _ in 0..<500 where access(socket, F_OK) != 0 && agent.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        try #require(access(socket, F_OK) == 0, "example did not start: \(agent.stderrText)")
+        let script = """
+            import socket
+            s = socket.create_connection(("127.0.0.1", \(port)), timeout=10)
+            s.sendall(b"hello, rainy world")
+            got = b""
+            while len(got) < 18: got += s.recv(100)
+            print(got.decode())
+            """
+        let client = try Child(cgroup.wrap([Paths.python, "-c", script]))
+        #expect(try await client.wait() == 0, "\(client.stderrText)")
+        #expect(client.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "HELLO, RAINY WORLD")
+        // The callout saw the owning process in its indications.
+        #expect(agent.stderrText.contains("bytes for pid \(client.pid) "), "\(agent.stderrText)")
+        kill(agent.pid, SIGTERM)
+        #expect(try await agent.wait(timeout: 20) == 0)
+    }
+
+    @Test("bad stream config is refused with the key and the reason")
+    func badStreamConfig() throws {
+        let cases: [(String, String)] = [
+            ("stream:\n  rules:\n    - exe: /nonexistent/binary\n", "stream.rules[0].exe"),
+            ("stream:\n  rules:\n    - remote: 10.0.0.0/99\n", "stream.rules[0].remote"),
+            ("stream:\n  callouts:\n    - type: edit\n      pattern: a\n", "stream.callouts[0].replacement"),
+            ("stream:\n  callouts:\n    - type: frobnicate\n", "stream.callouts[0].type"),
+            ("stream:\n  pool_size: 0\n", "stream.pool_size"),
+        ]
+        for (yaml, key) in cases {
+            let path = tempPath("config") + ".yaml"
+            try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+            defer { unlink(path) }
+            let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", path, "--cgroup", "/nonexistent", "--socket", tempPath("s"),
+                                               "--metrics-address", "127.0.0.1:0", "--journal", tempPath("j")])
+            #expect(rc == 78, "\(yaml): \(err)")
+            #expect(err.contains(key), "\(yaml): \(err)")
+        }
+    }
+}

@@ -1,0 +1,166 @@
+#!/usr/bin/python3
+"""Peers for the stream-relay tests: an echo server and clients that check every byte.
+
+Data is deterministic (seeded), written in random chunk sizes so that patterns split
+across writes. Each peer prints one JSON line with what it saw; the tests compare."""
+import argparse, hashlib, json, os, random, socket, struct, sys, threading, time
+
+def write_port(path, port):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(port))
+    os.rename(path + ".tmp", path)
+
+def payload(size, seed, text):
+    if text:
+        words = [b"it is rainy today. ", b"rain", b"y or not, ", b"cloudy skies ", b"sun. "]
+        rnd = random.Random(seed)
+        out = bytearray()
+        while len(out) < size:
+            out += rnd.choice(words)
+        return bytes(out[:size])
+    return random.Random(seed).randbytes(size)
+
+def server(args):
+    fam = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+    l = socket.socket(fam); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind((args.bind, 0)); l.listen(256)
+    write_port(args.portfile, l.getsockname()[1])
+    def serve(c):
+        h = hashlib.sha256(); n = 0
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d: break
+                h.update(d); n += len(d)
+                if args.mode == "reset":
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    c.close()
+                    print(json.dumps({"received": n, "reset": True}), flush=True)
+                    return
+                c.sendall(d)
+            # EOF from the client (half-close): the other direction still works.
+            print(json.dumps({"received": n, "sha": h.hexdigest(), "eof": True}), flush=True)
+            if args.mode == "trailer":
+                # Half-closed by the client: this direction still carries data. The FIN
+                # follows only once the client has the trailer (see docs/stream-relay.md
+                # on a FIN that overtakes data the agent holds).
+                c.sendall(b"bye")
+                try:
+                    c.recv(1)
+                except OSError:
+                    pass
+            c.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            print(json.dumps({"received": n, "error": str(e)}), flush=True)
+        finally:
+            c.close()
+    while True:
+        c, _ = l.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+def one_client(args, seed, results):
+    data = payload(args.size, seed, args.text)
+    expect_at_server = data.replace(b"rainy", b"cloudy") if args.edit else data
+    expect_back = expect_at_server.replace(b"cloudy", b"sunny") if args.edit else data
+    s = socket.create_connection((args.host, args.port), timeout=30)
+    got = bytearray(); err = []
+    want = len(expect_back) + (3 if args.trailer else 0)
+    reset_seen = []
+    def rd():
+        try:
+            while len(got) < len(expect_back):
+                d = s.recv(65536)
+                if not d: break
+                got.extend(d)
+        except ConnectionResetError:
+            reset_seen.append(True)
+        except OSError as e:
+            err.append(str(e))
+    t = threading.Thread(target=rd); t.start()
+    rnd = random.Random(seed + 1)
+    t0 = time.time(); i = 0
+    try:
+        while i < len(data):
+            n = rnd.randint(1, args.max_chunk)
+            s.sendall(data[i:i + n]); i += n
+    except ConnectionResetError:
+        reset_seen.append(True)
+    except OSError as e:
+        err.append(str(e))
+    t.join(60)
+    echo_ok = bytes(got) == expect_back
+    r = {"seed": seed, "sent": len(data), "got": len(got), "echo_equal": echo_ok,
+         "server_sha": hashlib.sha256(expect_at_server).hexdigest(), "seconds": round(time.time() - t0, 3)}
+    if args.reset:
+        try:
+            if reset_seen: raise ConnectionResetError()
+            while s.recv(65536): pass
+            r["reset"] = False
+        except ConnectionResetError:
+            r["reset"] = True
+        except OSError as e:
+            r["reset"] = False; r["error"] = str(e)
+    else:
+        s.shutdown(socket.SHUT_WR)
+        tail = bytearray()
+        try:
+            while not (args.trailer and len(tail) >= 3):
+                d = s.recv(65536)
+                if not d: break
+                tail += d
+            r["eof"] = True
+        except OSError as e:
+            r["eof"] = False; err.append(str(e))
+        r["after_half_close"] = tail.decode("latin1")
+    if err: r["errors"] = err
+    s.close()
+    results.append(r)
+
+def client(args):
+    results = []
+    threads = [threading.Thread(target=one_client, args=(args, args.seed + 1000 * k, results)) for k in range(args.flows)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    ok = all(r["echo_equal"] for r in results)
+    print(json.dumps({"flows": len(results), "all_equal": ok, "results": results if not ok or args.flows == 1 else results[:1]}), flush=True)
+
+def stream(args):
+    """Writes and reads until the connection ends: for stopping the agent mid-transfer."""
+    s = socket.create_connection((args.host, args.port), timeout=30)
+    data = payload(64 << 20, args.seed, False)
+    got = bytearray(); state = {}
+    def rd():
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d: state["end"] = "eof"; return
+                got.extend(d)
+                if len(got) >= 256 << 10 and "running" not in state:
+                    state["running"] = True
+                    print(json.dumps({"running": True}), flush=True)
+        except OSError as e:
+            state["end"] = "error: " + str(e)
+    t = threading.Thread(target=rd); t.start()
+    i = 0
+    try:
+        while i < len(data) and t.is_alive():
+            s.sendall(data[i:i + 16384]); i += 16384
+            time.sleep(0.001)
+    except OSError as e:
+        state.setdefault("send_error", str(e))
+    t.join(30)
+    print(json.dumps({"end": state.get("end", "none"), "got": len(got), "prefix_equal": bytes(got) == data[:len(got)],
+                      "send_error": state.get("send_error")}), flush=True)
+
+p = argparse.ArgumentParser()
+sub = p.add_subparsers(dest="cmd", required=True)
+a = sub.add_parser("server"); a.add_argument("portfile"); a.add_argument("--bind", default="127.0.0.1")
+a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset"])
+a = sub.add_parser("client"); a.add_argument("host"); a.add_argument("port", type=int)
+a.add_argument("--size", type=int, default=100000); a.add_argument("--seed", type=int, default=1)
+a.add_argument("--flows", type=int, default=1); a.add_argument("--max-chunk", type=int, default=8192)
+a.add_argument("--text", action="store_true"); a.add_argument("--edit", action="store_true")
+a.add_argument("--trailer", action="store_true"); a.add_argument("--reset", action="store_true")
+a = sub.add_parser("stream"); a.add_argument("host"); a.add_argument("port", type=int); a.add_argument("--seed", type=int, default=7)
+args = p.parse_args()
+{"server": server, "client": client, "stream": stream}[args.cmd](args)
