@@ -53,6 +53,20 @@ struct ABILayoutTests {
         #expect(MemoryLayout<ft_proc>.offset(of: \.flags) == 32)
         #expect(MemoryLayout<ft_proc>.offset(of: \.comm) == 40)
         #expect(MemoryLayout<ft_proc>.offset(of: \.exe) == 56)
+        #expect(MemoryLayout<ft_proc>.offset(of: \.exe_dev) == 36)
+        #expect(MemoryLayout<ft_proc>.offset(of: \.exe_ino) == 568)
+        #expect(MemoryLayout<ft_flow>.offset(of: \.relay_slot) == 140)
+        // Stream relay structs.
+        #expect(MemoryLayout<ft_stream_rule>.size == 64)
+        #expect(MemoryLayout<ft_stream_rule>.offset(of: \.cgroup_id) == 8)
+        #expect(MemoryLayout<ft_stream_rule>.offset(of: \.exe_ino) == 16)
+        #expect(MemoryLayout<ft_stream_rule>.offset(of: \.exe_dev) == 24)
+        #expect(MemoryLayout<ft_stream_rule>.offset(of: \.local_port) == 28)
+        #expect(MemoryLayout<ft_stream_rule>.offset(of: \.remote) == 32)
+        #expect(MemoryLayout<ft_stream_rule>.offset(of: \.remote_prefix) == 48)
+        #expect(MemoryLayout<ft_relay_route>.size == 16)
+        #expect(MemoryLayout<ft_relay_route>.offset(of: \.app_cookie) == 8)
+        #expect(MemoryLayout<ft_relay_slot>.size == 16)
     }
 
     @Test func everyStructIsEightByteAligned() {
