@@ -107,12 +107,22 @@ struct {
     __type(value, struct ft_relay_route);
 } ft_relay_routes SEC(".maps");
 
+/* The agent's writer sockets for the send direction: only sk_msg runs on them, and it
+ * sends what the agent writes out of the app socket (tcp_bpf_push, not the app socket's
+ * own sendmsg, which would loop back into the relay). */
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKHASH);
+    __uint(max_entries, FT_RELAY_SLOTS_MAX);
+    __type(key, __u64);
+    __type(value, __u64);
+} ft_relay_writers SEC(".maps");
+
 /* sk_skb programs may not use socket storage: arriving data finds its relay by the
  * socket's 4-tuple. A tuple already relayed (the same tuple in another netns) keeps the
  * second flow direct, so a tuple names one relayed socket. */
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, FT_RELAY_SLOTS_MAX);
+    __uint(max_entries, 3 * FT_RELAY_SLOTS_MAX);
     __type(key, struct ft_tuple);
     __type(value, struct ft_relay_route);
 } ft_relay_tuples SEC(".maps");
@@ -396,9 +406,12 @@ static __always_inline void relay_take(struct bpf_sock_ops *skops, struct bpf_so
     count(FT_CNT_RELAY_ASSIGNED);
 }
 
-/* Where a relayed socket's bytes go. App sockets fail open (a missing relay socket, e.g.
- * after an agent crash, leaves the flow direct); relay sockets fail closed so that no
- * agent byte reaches the wrong stream. */
+/* Where a relayed socket's bytes go (sending: sk_msg on its own writes; otherwise sk_skb
+ * on data that arrived on it). Into the agent, every hop is an egress redirect into a slot
+ * socket, so TCP between the slot's two ends carries it with flow control: a process
+ * that outruns the agent waits (or gets EAGAIN) like on any full socket.
+ * App sockets fail open (a missing relay socket, e.g. after an agent crash, leaves the
+ * flow direct); slot sockets fail closed so no agent byte reaches the wrong stream. */
 static __always_inline int relay_target(const struct ft_relay_route *r, int sending, __u64 *key, __u64 *flags)
 {
     if (!r || r->role == FT_RELAY_NONE)
@@ -409,22 +422,17 @@ static __always_inline int relay_target(const struct ft_relay_route *r, int send
         if (!s || s->mode != FT_RELAY_ACTIVE || s->app_cookie != r->app_cookie)
             return SK_PASS;
         *key = FT_RELAY_KEY(slot, sending ? FT_RELAY_SEND : FT_RELAY_RECV);
-        *flags = BPF_F_INGRESS;
+        *flags = 0;
         return -1;
     }
-    if (!sending || !s || s->mode != FT_RELAY_ACTIVE)
+    if (sending)
+        return SK_PASS; /* a slot socket transmitting what was redirected out of it */
+    /* Arriving at RECV: what the agent wrote back for the process. */
+    if (r->role != FT_RELAY_RECV || !s || s->mode != FT_RELAY_ACTIVE)
         return SK_DROP;
-    if (r->role == FT_RELAY_SEND) {
-        *key = s->app_cookie;
-        *flags = 0; /* out of the app socket, to its peer */
-        return -1;
-    }
-    if (r->role == FT_RELAY_RECV) {
-        *key = s->app_cookie;
-        *flags = BPF_F_INGRESS; /* into the app socket's receive queue */
-        return -1;
-    }
-    return SK_DROP;
+    *key = s->app_cookie;
+    *flags = BPF_F_INGRESS;
+    return -1;
 }
 
 SEC("sk_msg")
@@ -438,10 +446,26 @@ int ft_relay_msg(struct sk_msg_md *msg)
     int verdict = relay_target(r, 1, &key, &flags);
     if (verdict >= 0)
         return verdict;
-    long ret = bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, flags);
-    if (ret == SK_PASS)
-        return SK_PASS;
-    return r->role == FT_RELAY_APP ? SK_PASS : SK_DROP;
+    bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, flags);
+    return SK_PASS; /* redirected, or direct when the relay socket is gone */
+}
+
+/* On the agent's send-direction writer sockets (ft_relay_writers). */
+SEC("sk_msg")
+int ft_relay_writer(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_DROP;
+    struct ft_relay_route *r = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
+    if (!r || r->role != FT_RELAY_WRITER)
+        return SK_DROP;
+    __u32 slot = r->slot;
+    struct ft_relay_slot *s = bpf_map_lookup_elem(&ft_relay_slots, &slot);
+    if (!s || s->mode != FT_RELAY_ACTIVE)
+        return SK_DROP;
+    __u64 key = s->app_cookie;
+    return bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, 0) == SK_PASS ? SK_PASS : SK_DROP;
 }
 
 SEC("sk_skb")
@@ -466,8 +490,7 @@ int ft_relay_skb(struct __sk_buff *skb)
         __builtin_memcpy(t.local, l, 16);
         __builtin_memcpy(t.remote, r, 16);
     }
-    /* Only app sockets are found by tuple; a relay socket never receives from its peer
-     * (every write on it is redirected), so unknown data on it is dropped. */
+    /* App sockets (sockops) and slot sockets (the agent) are indexed by tuple. */
     struct ft_relay_route *route = bpf_map_lookup_elem(&ft_relay_tuples, &t);
     if (!route)
         return SK_DROP;
@@ -475,8 +498,11 @@ int ft_relay_skb(struct __sk_buff *skb)
     int verdict = relay_target(route, 0, &key, &flags);
     if (verdict >= 0)
         return verdict;
-    bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, flags);
-    return SK_PASS; /* redirected, or direct when the relay socket is gone */
+    if (bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, flags) == SK_PASS)
+        return SK_PASS;
+    /* Target gone: an app socket's data goes to the process directly; a slot socket's
+     * is dropped (its flow has ended). */
+    return route->role == FT_RELAY_APP ? SK_PASS : SK_DROP;
 }
 
 /* ---------------------------------------------------------------- TCP */

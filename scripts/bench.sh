@@ -6,7 +6,7 @@ scripts/install-deps.sh
 make bpf
 swift build -c release
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(b1 b2 b3 b4 b7 b8)
+[ ${#names[@]} -eq 0 ] && names=(b1 b2 b3 b4 b5 b7 b8)
 kernel=()
 for n in "${names[@]}"; do
     case "${n,,}" in

@@ -18,7 +18,7 @@
 
 #include "generated/flowtag.skel.h"
 
-_Static_assert(FTBPF_MAP_COUNT == 12, "map table");
+_Static_assert(FTBPF_MAP_COUNT == 14, "map table");
 
 #define FTBPF_MAX_LINKS 32
 
@@ -29,6 +29,7 @@ static const char *const map_names[FTBPF_MAP_COUNT] = {
     [FTBPF_MAP_STREAM_RULES] = "ft_stream_rules", [FTBPF_MAP_STREAM_RULE_COUNT] = "ft_stream_rule_count",
     [FTBPF_MAP_RELAY_ROUTES] = "ft_relay_routes", [FTBPF_MAP_RELAY_SLOTS] = "ft_relay_slots",
     [FTBPF_MAP_RELAY_POOL] = "ft_relay_pool", [FTBPF_MAP_RELAY_SOCKS] = "ft_relay_socks",
+    [FTBPF_MAP_RELAY_TUPLES] = "ft_relay_tuples", [FTBPF_MAP_RELAY_WRITERS] = "ft_relay_writers",
 };
 
 struct ftbpf {
@@ -183,7 +184,9 @@ int ftbpf_attach(struct ftbpf *obj, int cgroup_fd, char *err, size_t err_len)
         if (type == BPF_PROG_TYPE_SK_MSG || type == BPF_PROG_TYPE_SK_SKB) {
             /* Attached to the relay sockhash, not a cgroup: it lives as long as the map
              * (pinned), with no link to pin. libbpf 1.1 has no attach_sockmap. */
-            int rc = bpf_prog_attach(bpf_program__fd(prog), bpf_map__fd(obj->skel->maps.ft_relay_socks),
+            struct bpf_map *target = prog == obj->skel->progs.ft_relay_writer ? obj->skel->maps.ft_relay_writers
+                                                                              : obj->skel->maps.ft_relay_socks;
+            int rc = bpf_prog_attach(bpf_program__fd(prog), bpf_map__fd(target),
                                      type == BPF_PROG_TYPE_SK_MSG ? BPF_SK_MSG_VERDICT : BPF_SK_SKB_VERDICT, 0);
             if (rc) {
                 rc = -errno;
@@ -346,6 +349,8 @@ int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
     case FTBPF_MAP_RELAY_SLOTS: m = obj->skel->maps.ft_relay_slots; break;
     case FTBPF_MAP_RELAY_POOL: m = obj->skel->maps.ft_relay_pool; break;
     case FTBPF_MAP_RELAY_SOCKS: m = obj->skel->maps.ft_relay_socks; break;
+    case FTBPF_MAP_RELAY_TUPLES: m = obj->skel->maps.ft_relay_tuples; break;
+    case FTBPF_MAP_RELAY_WRITERS: m = obj->skel->maps.ft_relay_writers; break;
     default: return -EINVAL;
     }
     return bpf_map__fd(m);
@@ -561,3 +566,5 @@ int ftbpf_eventfd(void)
     int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     return fd < 0 ? -errno : fd;
 }
+
+int ftbpf_gettid(void) { return (int)syscall(SYS_gettid); }

@@ -152,6 +152,7 @@ public enum AgentRunner {
                 monitor.relayHandler = { r.handle($0) }
                 r.start()
                 table.attach(relay: r)
+                metrics.countRelay(r)
                 relay = r
             } else {
                 // An earlier agent's rules and relayed flows: none selected, those go direct.

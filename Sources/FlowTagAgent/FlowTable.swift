@@ -39,13 +39,15 @@ public struct AgentStats: Sendable, Codable, Hashable {
     public var activeRelayedFlows = 0
     /// Selected flows left direct because no relay slot was free (kernel counter).
     public var relayPoolEmpty: UInt64 = 0
+    /// Relayed bytes that could not be delivered because their flow ended first.
+    public var relayBytesUndeliverable: UInt64 = 0
 
     enum CodingKeys: String, CodingKey {
         case activeFlows = "active_flows", flowsOpened = "flows_opened", flowsClosed = "flows_closed"
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", attribution
         case kernelEventsLost = "kernel_events_lost", resynchronisedFlows = "resynchronised_flows", watchers
         case relayedFlows = "relayed_flows", activeRelayedFlows = "active_relayed_flows"
-        case relayPoolEmpty = "relay_pool_empty"
+        case relayPoolEmpty = "relay_pool_empty", relayBytesUndeliverable = "relay_bytes_undeliverable"
     }
 }
 
@@ -216,6 +218,7 @@ public final class FlowTable: Sendable {
                 st.relayedFlows = r.counters.flows.load(ordering: .relaxed)
                 st.activeRelayedFlows = r.activeFlows
                 st.relayPoolEmpty = r.kernel.poolEmptyCount
+                st.relayBytesUndeliverable = r.counters.bytesUndeliverable.load(ordering: .relaxed)
             }
             return st
         }

@@ -24,6 +24,39 @@ public final class AgentMetrics: Sendable {
     let journalErrorsSeen = Mutex<Int64>(0)
     let journalErrorSource = Mutex<(@Sendable () -> Int)?>(nil)
 
+    /// Counters whose totals live elsewhere (the stream relay), mirrored at each scrape.
+    final class Mirrored: Sendable {
+        let counter: Counter
+        let seen = Mutex<Int64>(0)
+        let source: @Sendable () -> UInt64
+        init(_ counter: Counter, _ source: @escaping @Sendable () -> UInt64) { self.counter = counter; self.source = source }
+    }
+    let mirrored = Mutex<[Mirrored]>([])
+    let gauges = Mutex<[(Gauge, @Sendable () -> Double)]>([])
+
+    /// Registers the stream relay's counters (once it runs).
+    public func countRelay(_ relay: StreamRelay) {
+        let c = relay.counters
+        let bytes = Self.name("relay_bytes", "total", "Bytes through the stream relay, by hop.")
+        let list: [Mirrored] = [
+            Mirrored(registry.makeCounter(descriptor: Self.name("relay_flows", "total", "Flows the stream relay took.")),
+                     { c.flows.load(ordering: .relaxed) }),
+            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_process")]), { c.bytesFromProcess.load(ordering: .relaxed) }),
+            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "to_peer")]), { c.bytesToPeer.load(ordering: .relaxed) }),
+            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_peer")]), { c.bytesFromPeer.load(ordering: .relaxed) }),
+            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "to_process")]), { c.bytesToProcess.load(ordering: .relaxed) }),
+            Mirrored(registry.makeCounter(descriptor: Self.name("relay_undeliverable_bytes", "total",
+                                                                "Relayed bytes dropped because their flow ended first (a FIN or reset overtook them).")),
+                     { c.bytesUndeliverable.load(ordering: .relaxed) }),
+            Mirrored(registry.makeCounter(descriptor: Self.name("relay_pool_empty", "total",
+                                                                "Selected flows left direct because no relay slot was free.")),
+                     { relay.kernel.poolEmptyCount }),
+        ]
+        mirrored.withLock { $0 += list }
+        let active = registry.makeGauge(descriptor: Self.name("relay_active_flows", "", "Flows relayed now."))
+        gauges.withLock { $0.append((active, { Double(relay.activeFlows) })) }
+    }
+
     /// Where journal write errors are counted (set once the journal is open).
     public func countJournalErrors(_ source: @escaping @Sendable () -> Int) { journalErrorSource.withLock { $0 = source } }
 
@@ -80,6 +113,8 @@ public final class AgentMetrics: Sendable {
         if let errs = journalErrorSource.withLock({ $0 })?() {
             Self.mirror(Int64(errs), into: journalErrors, seen: journalErrorsSeen)
         }
+        for m in mirrored.withLock({ $0 }) { Self.mirror(Int64(clamping: m.source()), into: m.counter, seen: m.seen) }
+        for (g, value) in gauges.withLock({ $0 }) { g.set(to: value()) }
         var buffer = [UInt8]()
         registry.emit(into: &buffer)
         return String(decoding: buffer, as: UTF8.self)

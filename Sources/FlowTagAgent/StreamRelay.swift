@@ -15,6 +15,9 @@ public final class RelayCounters: Sendable {
     public let bytesToPeer = Atomic<UInt64>(0)
     public let bytesToProcess = Atomic<UInt64>(0)
     public let closedOnStop = Atomic<UInt64>(0)
+    /// Bytes the callouts let through that could not be delivered because the flow had
+    /// ended first (a FIN or reset overtook them: docs/stream-relay.md).
+    public let bytesUndeliverable = Atomic<UInt64>(0)
     public init() {}
 }
 
@@ -81,6 +84,9 @@ public final class StreamRelay: @unchecked Sendable {
 
     public func start() {
         let t = Thread { [self] in
+            // Relayed bytes wait for this thread: it runs ahead of ordinary processes so a
+            // busy machine does not slow every relayed flow (needs CAP_SYS_NICE; else as is).
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(ftbpf_gettid()), -10)
             run()
             done.signal()
         }
@@ -108,7 +114,7 @@ public final class StreamRelay: @unchecked Sendable {
         var fds = [Int32](repeating: 0, count: 64)
         var events = [UInt32](repeating: 0, count: 64)
         while !stopping.load(ordering: .relaxed) {
-            let waiting = slots.values.contains { $0.hasPendingOutput }
+            let waiting = slots.values.contains { $0.hasPendingOutput || $0.isPaused }
             let n = ftbpf_epoll_wait(epfd, &fds, &events, 64, waiting ? 1 : 100)
             if n > 0 {
                 for i in 0..<Int(n) {
@@ -116,13 +122,16 @@ public final class StreamRelay: @unchecked Sendable {
                     if fd == wakeFD {
                         var v: UInt64 = 0
                         _ = Glibc.read(wakeFD, &v, 8)
-                    } else {
-                        readable(fd)
+                        continue
                     }
+                    if events[i] & 4 != 0, let (number, _) = byFD[fd], let s = slots[number] { flush(s) } // EPOLLOUT
+                    if events[i] & ~4 != 0 { readable(fd) }
                 }
             }
             processInbox()
-            for s in slots.values where s.hasPendingOutput { flush(s) }
+            // Also slots whose input is paused: their output may have drained meanwhile
+            // (sessions deliver, and write, from inside indicate).
+            for s in slots.values where s.hasPendingOutput || s.isPaused { flush(s) }
             replenish()
         }
         shutdownAll()
@@ -187,6 +196,7 @@ public final class StreamRelay: @unchecked Sendable {
             return
         }
         read(s, direction, rounds: 16)
+        if s.hasPendingOutput { updateInterest(s) }
     }
 
     /// Reads what waits on one direction (up to `rounds` buffers) into the session.
@@ -216,12 +226,24 @@ public final class StreamRelay: @unchecked Sendable {
 
     private func flush(_ s: RelaySlot) {
         for d in [StreamDirection.send, .receive] {
-            let written = s.flush(d)
-            if written > 0 {
-                if d == .send { counters.bytesToPeer.add(UInt64(written), ordering: .relaxed) }
-                else { counters.bytesToProcess.add(UInt64(written), ordering: .relaxed) }
+            _ = s.flush(d)
+            if !s.readingEnabled(d) && s.pendingCount(d) < Self.pendingLimit / 2 { s.setReadingEnabled(d, true) }
+        }
+        updateInterest(s)
+    }
+
+    /// epoll interest per agent socket: input unless paused, output while bytes wait.
+    private var interest: [Int32: UInt32] = [:]
+    private func updateInterest(_ s: RelaySlot) {
+        for d in [StreamDirection.send, .receive] {
+            let fd = d == .send ? s.sendFD : s.receiveFD
+            // Send-direction writes go out of the app socket, whose room epoll cannot
+            // watch from here: they are retried on the loop's 1 ms tick instead.
+            let want: UInt32 = (s.readingEnabled(d) ? 1 : 0) | (d == .receive && s.pendingCount(d) > 0 ? 4 : 0)
+            if interest[fd] != want {
+                _ = ftbpf_epoll_ctl(epfd, 3, fd, want)
+                interest[fd] = want
             }
-            if !s.readingEnabled(d) && s.pendingCount(d) < Self.pendingLimit / 2 { setReading(s, d, true) }
         }
     }
 
@@ -259,9 +281,10 @@ public final class StreamRelay: @unchecked Sendable {
         for fd in [s.sendFD, s.receiveFD] {
             _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)
             byFD.removeValue(forKey: fd)
-            close(fd)
+            interest.removeValue(forKey: fd)
         }
         s.closed()
+        kernel.destroy(s.sockets)
         slots.removeValue(forKey: s.number)
         kernel.setSlot(s.number, .free)
         unusedNumbers.append(s.number)
@@ -280,13 +303,13 @@ public final class StreamRelay: @unchecked Sendable {
     private func makeAndOffer() throws {
         guard let number = unusedNumbers.popLast() else { return }
         do {
-            let (send, receive) = try kernel.makeSlot(number)
-            let s = RelaySlot(number: number, sendFD: send, receiveFD: receive)
+            let sockets = try kernel.makeSlot(number)
+            let s = RelaySlot(sockets, counters: counters)
             slots[number] = s
-            byFD[send] = (number, .send)
-            byFD[receive] = (number, .receive)
-            add(send)
-            add(receive)
+            byFD[s.sendFD] = (number, .send)
+            byFD[s.receiveFD] = (number, .receive)
+            add(s.sendFD)
+            add(s.receiveFD)
             try kernel.offer(number)
             offered += 1
         } catch {
@@ -297,11 +320,12 @@ public final class StreamRelay: @unchecked Sendable {
 
     private func add(_ fd: Int32) {
         _ = ftbpf_epoll_ctl(epfd, 1, fd, 1 /* EPOLLIN */)
+        interest[fd] = 1
     }
 
     private func setReading(_ s: RelaySlot, _ d: StreamDirection, _ on: Bool) {
         s.setReadingEnabled(d, on)
-        _ = ftbpf_epoll_ctl(epfd, 3, d == .send ? s.sendFD : s.receiveFD, on ? 1 : 0)
+        updateInterest(s)
     }
 
     /// Orderly stop: no new selections, then each relayed flow is drained, flushed and
@@ -340,9 +364,10 @@ public final class StreamRelay: @unchecked Sendable {
 /// One slot: its two sockets, the session of the flow that holds it, and the output
 /// waiting to be written (sessions may deliver from callout threads: output is locked).
 final class RelaySlot: StreamSink, @unchecked Sendable {
-    let number: UInt32
-    let sendFD: Int32
-    let receiveFD: Int32
+    let sockets: RelaySlotSockets
+    var number: UInt32 { sockets.slot }
+    var sendFD: Int32 { sockets.sendFD }
+    var receiveFD: Int32 { sockets.receiveFD }
     var session: StreamSession?
     var ownerPID: UInt32 = 0
     var finIndicated = [false, false]
@@ -354,19 +379,27 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
         var pending: [[UInt8]] = [[], []]
         var reading = [true, true]
         var closed = false
+        /// A writer thread owns the send direction's output.
+        var writerActive = false
     }
 
-    init(number: UInt32, sendFD: Int32, receiveFD: Int32) {
-        self.number = number; self.sendFD = sendFD; self.receiveFD = receiveFD
-    }
+    let counters: RelayCounters
+    init(_ sockets: RelaySlotSockets, counters: RelayCounters) { self.sockets = sockets; self.counters = counters }
 
     private static func index(_ d: StreamDirection) -> Int { d == .send ? 0 : 1 }
 
-    var hasPendingOutput: Bool { output.withLock { !$0.pending[0].isEmpty || !$0.pending[1].isEmpty } }
-    func pendingCount(_ d: StreamDirection) -> Int { output.withLock { $0.pending[Self.index(d)].count } }
+    var hasPendingOutput: Bool { output.withLock { !$0.pending[0].isEmpty || !$0.pending[1].isEmpty || $0.writerActive } }
+    func pendingCount(_ d: StreamDirection) -> Int { output.withLock { $0.pending[Self.index(d)].count + (d == .send && $0.writerActive ? 1 : 0) } }
+    var isPaused: Bool { output.withLock { !$0.reading[0] || !$0.reading[1] } }
     func readingEnabled(_ d: StreamDirection) -> Bool { output.withLock { $0.reading[Self.index(d)] } }
     func setReadingEnabled(_ d: StreamDirection, _ on: Bool) { output.withLock { $0.reading[Self.index(d)] = on } }
-    func closed() { output.withLock { $0.closed = true; $0.pending = [[], []] } }
+    func closed() {
+        output.withLock { o in
+            counters.bytesUndeliverable.add(UInt64(o.pending[0].count + o.pending[1].count), ordering: .relaxed)
+            o.closed = true
+            o.pending = [[], []]
+        }
+    }
 
     // StreamSink
     func deliver(_ bytes: [UInt8], direction: StreamDirection) {
@@ -387,22 +420,25 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     }
 
     /// Writes what it can of one direction without blocking; returns the bytes written.
-    /// The write on a relay socket is redirected by the kernel to the flow: a short
-    /// count means the flow's socket is full, the rest waits.
+    /// Send-direction bytes leave by the app socket: when it is full the rest is handed
+    /// to a writer thread that blocks on it (the kernel wakes it when there is room),
+    /// keeping order, since no other write of that direction happens meanwhile.
     func flush(_ d: StreamDirection) -> Int {
         let fd = d == .send ? sendFD : receiveFD
-        return output.withLock { o -> Int in
+        var handOff = false
+        let written = output.withLock { o -> Int in
             let i = Self.index(d)
-            guard !o.closed, !o.pending[i].isEmpty else { return 0 }
+            guard !o.closed, !o.pending[i].isEmpty, !(d == .send && o.writerActive) else { return 0 }
             var total = 0
             while total < o.pending[i].count {
                 let n = o.pending[i].withUnsafeBytes { buf in
                     send(fd, buf.baseAddress! + total, buf.count - total, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
                 }
-                if StreamRelay.debug { FileHandle.standardError.write(Data("relay: slot \(number) \(d) wrote \(n) errno \(errno)\n".utf8)) }
                 if n <= 0 {
                     if n < 0 && errno != EAGAIN && errno != EINTR && errno != ENOMEM && errno != ENOBUFS {
-                        o.pending[i].removeAll() // the flow is gone (EPIPE, EACCES): nothing can take it
+                        // The flow is gone (EPIPE, EACCES): nothing can take these bytes.
+                        counters.bytesUndeliverable.add(UInt64(o.pending[i].count - total), ordering: .relaxed)
+                        o.pending[i].removeAll()
                         return total
                     }
                     break
@@ -410,7 +446,49 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
                 total += n
             }
             o.pending[i].removeFirst(total)
+            if total > 0 { if d == .send { counters.bytesToPeer.add(UInt64(total), ordering: .relaxed) } else { counters.bytesToProcess.add(UInt64(total), ordering: .relaxed) } }
+            if d == .send && !o.pending[i].isEmpty {
+                o.writerActive = true
+                handOff = true
+            }
             return total
         }
+        if handOff {
+            let t = Thread { [self] in blockingSendWriter() }
+            t.name = "flowtag-relay-writer"
+            t.start()
+        }
+        return written
     }
+
+    /// Blocking writes of the send direction until nothing waits (or the flow is gone).
+    private func blockingSendWriter() {
+        while true {
+            let chunk: [UInt8]? = output.withLock { o in
+                if o.closed || o.pending[0].isEmpty { o.writerActive = false; return nil }
+                let c = o.pending[0]
+                o.pending[0].removeAll(keepingCapacity: true)
+                return c
+            }
+            guard let chunk else { return }
+            var total = 0
+            while total < chunk.count {
+                let n = chunk.withUnsafeBytes { send(sendFD, $0.baseAddress! + total, $0.count - total, Int32(MSG_NOSIGNAL)) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    let left = output.withLock { o -> Int in
+                        defer { o.pending[0].removeAll(); o.writerActive = false }
+                        return o.pending[0].count
+                    }
+                    counters.bytesUndeliverable.add(UInt64(chunk.count - total + left), ordering: .relaxed)
+                    return // the flow is gone
+                }
+                total += n
+            }
+            counters.bytesToPeer.add(UInt64(total), ordering: .relaxed)
+        }
+    }
+
+    var writerActive: Bool { output.withLock { $0.writerActive } }
+
 }

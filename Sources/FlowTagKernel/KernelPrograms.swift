@@ -20,7 +20,7 @@ public struct KernelLimits: Sendable, Equatable {
 /// Which kernel map.
 public enum KernelMap: Sendable {
     case tcpFlows, udpFlows, processes, counters, events, socketState
-    case streamRules, streamRuleCount, relayRoutes, relaySlots, relayPool, relaySockets
+    case streamRules, streamRuleCount, relayRoutes, relaySlots, relayPool, relaySockets, relayTuples, relayWriters
 
     var shim: ftbpf_map {
         switch self {
@@ -36,6 +36,8 @@ public enum KernelMap: Sendable {
         case .relaySlots: return FTBPF_MAP_RELAY_SLOTS
         case .relayPool: return FTBPF_MAP_RELAY_POOL
         case .relaySockets: return FTBPF_MAP_RELAY_SOCKS
+        case .relayTuples: return FTBPF_MAP_RELAY_TUPLES
+        case .relayWriters: return FTBPF_MAP_RELAY_WRITERS
         }
     }
 }

@@ -56,6 +56,9 @@ public final class RelayKernel: @unchecked Sendable {
     private var listenPort: UInt16 = 0
 
     public static let maxRules = Int(FT_STREAM_RULES_MAX)
+    /// Send buffer of a slot's kernel end and receive buffer of the agent's end.
+    public static let hopBufferBytes: Int32 = 8 << 20
+
     public static let maxSlots = UInt32(FT_RELAY_SLOTS_MAX)
 
     public init(programs: KernelPrograms) { self.programs = programs }
@@ -123,16 +126,55 @@ public final class RelayKernel: @unchecked Sendable {
         }
     }
 
-    /// A slot's two relay sockets, connected to each other over loopback, in the sockhash,
-    /// non-blocking. The slot is not yet offered to the kernel (see `offer`).
-    public func makeSlot(_ slot: UInt32) throws -> (send: Int32, receive: Int32) {
+    /// One slot: for each direction a loopback TCP connection whose kernel end is in the
+    /// sockhash (the programs redirect to and from it) and whose agent end the agent reads
+    /// and writes (the SEND one through ft_relay_writers). Not yet offered (`offer`).
+    public func makeSlot(_ slot: UInt32) throws -> RelaySlotSockets {
         try openListener()
+        var made: [Int32] = []
+        do {
+            let (sendKernel, sendAgent) = try connectedPair(role: FT_RELAY_SEND, slot: slot)
+            made += [sendKernel, sendAgent]
+            let (recvKernel, recvAgent) = try connectedPair(role: FT_RELAY_RECV, slot: slot)
+            made += [recvKernel, recvAgent]
+            var entry = ft_relay_slot()
+            var key = slot
+            try check("reset relay slot \(slot)", ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0))
+            var tuples: [ft_tuple] = []
+            for (fd, role) in [(sendKernel, FT_RELAY_SEND), (recvKernel, FT_RELAY_RECV)] {
+                var tuple = try Self.loopbackTuple(fd)
+                var route = ft_relay_route()
+                route.slot = slot
+                route.role = role.rawValue
+                try check("index a relay socket", ftbpf_map_update(programs.mapFD(.relayTuples), &tuple, &route, 0))
+                tuples.append(tuple)
+                try addToSockhash(fd, key: Self.sockhashKey(slot: slot, role: role))
+            }
+            // The agent's SEND end writes out of the app socket through sk_msg.
+            try markRole(sendAgent, FT_RELAY_WRITER, slot: slot)
+            var writerKey = UInt64(slot)
+            var writerFD = UInt64(sendAgent)
+            try check("add a relay writer", ftbpf_map_update(programs.mapFD(.relayWriters), &writerKey, &writerFD, 0))
+            return RelaySlotSockets(slot: slot, sendFD: sendAgent, receiveFD: recvAgent, kernelFDs: [sendKernel, recvKernel], tuples: tuples)
+        } catch {
+            made.forEach { close($0) }
+            throw error
+        }
+    }
+
+    /// Closes a slot's sockets (which takes them out of the sockhash) and its index entries.
+    public func destroy(_ sockets: RelaySlotSockets) {
+        for var t in sockets.tuples { _ = ftbpf_map_delete(programs.mapFD(.relayTuples), &t) }
+        for fd in [sockets.sendFD, sockets.receiveFD] + sockets.kernelFDs { close(fd) }
+    }
+
+    /// A loopback connection: (kernel end, marked with its role before connecting so
+    /// sockops never takes it for a flow; agent end).
+    private func connectedPair(role: ft_relay_role, slot: UInt32) throws -> (Int32, Int32) {
         let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard client >= 0 else { throw KernelError.system("relay socket", errno) }
-        var accepted: Int32 = -1
         do {
-            // Marked before connect so sockops never takes the relay's own connection for a flow.
-            try markRole(client, FT_RELAY_SEND, slot: slot)
+            try markRole(client, role, slot: slot)
             var addr = sockaddr_in()
             addr.sin_family = sa_family_t(AF_INET)
             addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
@@ -142,26 +184,50 @@ public final class RelayKernel: @unchecked Sendable {
                     guard connect(client, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 else { throw KernelError.system("connect a relay pair", errno) }
                 }
             }
-            accepted = accept(listener, nil, nil)
+            let accepted = accept(listener, nil, nil) // inherits the listener's AGENT mark
             guard accepted >= 0 else { throw KernelError.system("accept a relay pair", errno) }
             _ = fcntl(accepted, F_SETFD, FD_CLOEXEC)
-            try markRole(accepted, FT_RELAY_RECV, slot: slot)
             var one: Int32 = 1
+            // Large buffers on the hop into the agent: a non-blocking process that fills
+            // it gets EAGAIN, but poll() on its own socket cannot tell it when the hop has
+            // room again (the kernel does not link the two), so it would spin; the room
+            // makes that rare. Memory is charged only while bytes wait.
+            var bytes = Self.hopBufferBytes
+            let size = socklen_t(MemoryLayout<Int32>.size)
+            if setsockopt(client, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, size) != 0 { _ = setsockopt(client, SOL_SOCKET, SO_SNDBUF, &bytes, size) }
+            if setsockopt(accepted, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, size) != 0 { _ = setsockopt(accepted, SOL_SOCKET, SO_RCVBUF, &bytes, size) }
             for fd in [client, accepted] {
                 _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-                _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             }
-            var entry = ft_relay_slot()
-            var key = slot
-            try check("reset relay slot \(slot)", ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0))
-            try addToSockhash(client, key: Self.sockhashKey(slot: slot, role: FT_RELAY_SEND))
-            try addToSockhash(accepted, key: Self.sockhashKey(slot: slot, role: FT_RELAY_RECV))
+            // Blocking: the agent passes MSG_DONTWAIT where it must not wait, and its
+            // send-direction writer blocks on the app socket's room (see StreamRelay).
             return (client, accepted)
         } catch {
             close(client)
-            if accepted >= 0 { close(accepted) }
             throw error
         }
+    }
+
+    /// The tuple sk_skb sees on a loopback socket (addresses network order, ports host).
+    static func loopbackTuple(_ fd: Int32) throws -> ft_tuple {
+        var local = sockaddr_in(), remote = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let a = withUnsafeMutablePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let b = withUnsafeMutablePointer(to: &remote) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+        guard a == 0, b == 0 else { throw KernelError.system("relay socket address", errno) }
+        var t = ft_tuple()
+        t.family = UInt8(AF_INET)
+        t.protocol = UInt8(IPPROTO_TCP)
+        t.local_port = UInt16(bigEndian: local.sin_port)
+        t.remote_port = UInt16(bigEndian: remote.sin_port)
+        withUnsafeMutableBytes(of: &t.local) { buf in
+            withUnsafeBytes(of: local.sin_addr.s_addr) { for i in 0..<4 { buf[i] = $0[i] } }
+        }
+        withUnsafeMutableBytes(of: &t.remote) { buf in
+            withUnsafeBytes(of: remote.sin_addr.s_addr) { for i in 0..<4 { buf[i] = $0[i] } }
+        }
+        return t
     }
 
     /// Takes every offered slot back: no flow can be selected into one any more.
@@ -223,6 +289,17 @@ public final class RelayKernel: @unchecked Sendable {
     private func check(_ what: String, _ rc: Int32) throws {
         if rc < 0 { throw KernelError.system(what, -rc) }
     }
+}
+
+/// The sockets of one relay slot.
+public struct RelaySlotSockets: Sendable {
+    public let slot: UInt32
+    /// The agent's ends: read what the process sent / what arrived for it; write back.
+    public let sendFD: Int32
+    public let receiveFD: Int32
+    /// The ends in the sockhash (kept open, never read or written by the agent).
+    let kernelFDs: [Int32]
+    let tuples: [ft_tuple]
 }
 
 /// Acting on a process's own socket from the agent: pidfd_getfd(2) on the owner's fd

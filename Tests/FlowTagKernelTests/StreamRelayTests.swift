@@ -12,9 +12,9 @@ extension Paths {
 }
 
 /// An echo server outside the agent's cgroup (optionally in a network namespace).
-func startEchoServer(mode: String = "echo", bind: String = "127.0.0.1", netns: String? = nil) async throws -> (Child, UInt16) {
+func startEchoServer(mode: String = "echo", bind: String = "127.0.0.1", netns: String? = nil, expect: Int = 0) async throws -> (Child, UInt16) {
     let portFile = tempPath("port")
-    var argv = [Paths.python, Paths.relayPeer, "server", portFile, "--bind", bind, "--mode", mode]
+    var argv = [Paths.python, Paths.relayPeer, "server", portFile, "--bind", bind, "--mode", mode, "--expect", "\(expect)"]
     if let netns { argv = ["/usr/sbin/ip", "netns", "exec", netns] + argv }
     let server = try Child(argv)
     let port = try await waitForPort(portFile)
@@ -76,6 +76,16 @@ struct StreamRelayTests {
             #expect(reports.allSatisfy { $0["eof"] as? Bool == true })
             #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
             #expect(try relayedFlowCount(a) >= 3)
+            // The relay's metrics count what went through, with no per-flow labels.
+            let url = try #require(a.process.stderrText.split(separator: "\n").first { $0.contains("metrics on ") }?.split(separator: " ").last)
+            let (_, text, _) = try runCommand(["/usr/bin/curl", "-s", String(url)])
+            let total = 10_000_000 + 300_000 + 50_000
+            for hop in ["from_process", "to_peer", "from_peer", "to_process"] {
+                let line = text.split(separator: "\n").first { $0.hasPrefix("flowtag_relay_bytes_total{direction=\"\(hop)\"}") }
+                #expect(line.flatMap { Double($0.split(separator: " ").last ?? "") }.map { Int($0) } == total, "\(hop): \(String(describing: line))")
+            }
+            #expect(text.contains("flowtag_relay_flows_total 3"))
+            #expect(text.contains("flowtag_relay_undeliverable_bytes_total 0"))
         }
     }
 
@@ -134,6 +144,31 @@ struct StreamRelayTests {
             let e = try await relayClient(a, ["127.0.0.1", "\(selectedPort)", "--text", "--size", "1000"])
             #expect(firstResult(e)["echo_equal"] as? Bool == false)
             #expect(try relayedFlowCount(a) == 1)
+        }
+    }
+
+    @Test("senders that outrun the agent wait: no write fails, every byte arrives (blocking and non-blocking, 4 at once)")
+    func floodersWaitInsteadOfFailing() async throws {
+        let (server, port) = try await startEchoServer(mode: "sink", expect: 200 << 20)
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: pass
+            """) { a in
+            var clients: [Child] = []
+            for i in 0..<4 {
+                var argv = [Paths.python, Paths.relayPeer, "flood", "127.0.0.1", "\(port)", "--size", "\(200 << 20)", "--seed", "\(i)"]
+                if i % 2 == 0 { argv.append("--blocking") }
+                clients.append(try Child(a.cgroup.wrap(argv)))
+            }
+            for c in clients { #expect(try await c.wait(timeout: 120) == 0, "\(c.stderrText)") }
+            let sent = clients.compactMap { $0.jsonLines.last }
+            #expect(sent.allSatisfy { $0["error"] == nil && $0["sent"] as? Int == 200 << 20 }, "\(sent)")
+            let received = try await server.waitForLines(4)
+            #expect(Set(received.compactMap { $0["sha"] as? String }) == Set(sent.compactMap { $0["sha"] as? String }))
+            #expect(received.allSatisfy { $0["received"] as? Int == 200 << 20 })
         }
     }
 

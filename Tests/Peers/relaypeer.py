@@ -26,12 +26,18 @@ def server(args):
     l.bind((args.bind, 0)); l.listen(256)
     write_port(args.portfile, l.getsockname()[1])
     def serve(c):
-        h = hashlib.sha256(); n = 0
+        h = hashlib.sha256(); n = 0; acked = False
         try:
             while True:
                 d = c.recv(65536)
                 if not d: break
                 h.update(d); n += len(d)
+                if args.mode == "sink":
+                    # An application-level ack once everything arrived, so the client's
+                    # FIN never races the relay (docs/stream-relay.md).
+                    if args.expect and n >= args.expect and not acked:
+                        c.sendall(b"ok"); acked = True
+                    continue
                 if args.mode == "reset":
                     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     c.close()
@@ -149,15 +155,45 @@ def stream(args):
     print(json.dumps({"end": state.get("end", "none"), "got": len(got), "prefix_equal": bytes(got) == data[:len(got)],
                       "send_error": state.get("send_error")}), flush=True)
 
+def flood(args):
+    """Writes `size` bytes as fast as the socket takes them (64 KiB writes), then
+    half-closes and waits for the server's EOF: every write must succeed."""
+    s = socket.create_connection((args.host, args.port), timeout=60)
+    if args.blocking:
+        s.settimeout(None)
+    data = payload(1 << 20, args.seed, False)
+    h = hashlib.sha256(); n = 0; t0 = time.time()
+    try:
+        while n < args.size:
+            chunk = data[n % len(data):][:65536]
+            s.sendall(chunk); h.update(chunk); n += len(chunk)
+        # Reads poll (a timeout): a blocking read on a relayed socket can return EAGAIN
+        # on this kernel (docs/stream-relay.md); the blocking mode is about the writes.
+        s.settimeout(60)
+        ack = b""
+        while len(ack) < 2:
+            d = s.recv(2 - len(ack))
+            if not d: break
+            ack += d
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536): pass
+        print(json.dumps({"sent": n, "sha": h.hexdigest(), "seconds": round(time.time() - t0, 3)}), flush=True)
+    except OSError as e:
+        print(json.dumps({"sent": n, "error": str(e)}), flush=True)
+
 p = argparse.ArgumentParser()
 sub = p.add_subparsers(dest="cmd", required=True)
 a = sub.add_parser("server"); a.add_argument("portfile"); a.add_argument("--bind", default="127.0.0.1")
-a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset"])
+a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "sink"])
+a.add_argument("--expect", type=int, default=0)
 a = sub.add_parser("client"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100000); a.add_argument("--seed", type=int, default=1)
 a.add_argument("--flows", type=int, default=1); a.add_argument("--max-chunk", type=int, default=8192)
 a.add_argument("--text", action="store_true"); a.add_argument("--edit", action="store_true")
 a.add_argument("--trailer", action="store_true"); a.add_argument("--reset", action="store_true")
 a = sub.add_parser("stream"); a.add_argument("host"); a.add_argument("port", type=int); a.add_argument("--seed", type=int, default=7)
+a = sub.add_parser("flood"); a.add_argument("host"); a.add_argument("port", type=int)
+a.add_argument("--size", type=int, default=100 << 20); a.add_argument("--seed", type=int, default=3)
+a.add_argument("--blocking", action="store_true")
 args = p.parse_args()
-{"server": server, "client": client, "stream": stream}[args.cmd](args)
+{"server": server, "client": client, "stream": stream, "flood": flood}[args.cmd](args)

@@ -179,13 +179,14 @@ enum ft_counter {
 
 /* ---------------------------------------------------------------- stream relay
  *
- * A selected TCP flow's socket (the "app" socket) sits in a sockhash with two relay
- * sockets of the agent, the two ends of one loopback connection made in advance (a
- * "slot"). sk_msg on the app socket sends what the process writes into the ingress
- * queue of the slot's SEND socket (the agent reads it); what the agent writes on the
- * SEND socket leaves by the app socket's egress. sk_skb on the app socket sends arriving
- * data into the slot's RECV socket; what the agent writes on RECV lands in the app
- * socket's receive queue. */
+ * A selected TCP flow's socket (the "app" socket) sits in the ft_relay_socks sockhash
+ * with two sockets of a slot the agent made in advance, SEND and RECV, each the kernel
+ * end of a loopback TCP connection whose other end the agent holds.
+ *   process writes → sk_msg on app → out of SEND → agent reads its SEND peer
+ *   agent writes on its SEND peer (in ft_relay_writers) → sk_msg → out of the app socket
+ *   peer's data → sk_skb on app → out of RECV → agent reads its RECV peer
+ *   agent writes on its RECV peer → arrives at RECV → sk_skb → app socket's receive queue
+ * Every hop is TCP or a redirect with back-pressure. */
 #define FT_STREAM_RULES_MAX 16
 #define FT_RELAY_SLOTS_MAX 4096
 
@@ -220,9 +221,10 @@ struct ft_stream_rule {
 enum ft_relay_role {
     FT_RELAY_NONE = 0,
     FT_RELAY_APP = 1,   /* the selected flow's own socket */
-    FT_RELAY_SEND = 2,  /* agent end carrying what the app sends */
-    FT_RELAY_RECV = 3,  /* agent end carrying what the app receives */
+    FT_RELAY_SEND = 2,  /* slot socket carrying what the app sends */
+    FT_RELAY_RECV = 3,  /* slot socket carrying what the app receives */
     FT_RELAY_AGENT = 4, /* other agent relay plumbing (the listener): never selected */
+    FT_RELAY_WRITER = 5, /* agent's end of SEND: its writes leave by the app socket */
 };
 
 /* Socket-local storage on every socket the relay touches. 16 bytes. */

@@ -31,7 +31,9 @@ enum ftbpf_map {
     FTBPF_MAP_RELAY_SLOTS = 9,
     FTBPF_MAP_RELAY_POOL = 10,
     FTBPF_MAP_RELAY_SOCKS = 11,
-    FTBPF_MAP_COUNT = 12,
+    FTBPF_MAP_RELAY_TUPLES = 12,
+    FTBPF_MAP_RELAY_WRITERS = 13,
+    FTBPF_MAP_COUNT = 14,
 };
 
 struct ftbpf_config {
@@ -89,6 +91,7 @@ int ftbpf_epoll_ctl(int epfd, int op, int fd, uint32_t events); /* op: 1 add, 2 
 /* Waits; fills fds/events; returns the count or -errno. */
 int ftbpf_epoll_wait(int epfd, int *fds, uint32_t *events, int max, int timeout_ms);
 int ftbpf_eventfd(void);
+int ftbpf_gettid(void);
 
 /* Queue maps: push a value; pop one (-ENOENT when empty). */
 int ftbpf_queue_push(int fd, const void *value);
