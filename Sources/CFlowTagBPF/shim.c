@@ -13,6 +13,14 @@
 #include <sys/syscall.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
+#include <linux/tcp.h>
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
 
@@ -568,3 +576,83 @@ int ftbpf_eventfd(void)
 }
 
 int ftbpf_gettid(void) { return (int)syscall(SYS_gettid); }
+
+int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx)
+{
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0)
+        return -errno;
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 req;
+    } msg = {0};
+    msg.nlh.nlmsg_len = sizeof(msg);
+    msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    msg.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    msg.req.sdiag_family = (uint8_t)family;
+    msg.req.sdiag_protocol = IPPROTO_TCP;
+    msg.req.idiag_states = states;
+    msg.req.idiag_ext = 1 << (INET_DIAG_INFO - 1);
+    struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
+    if (sendto(fd, &msg, sizeof(msg), 0, (struct sockaddr *)&nl, sizeof(nl)) < 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    static __thread char buf[1 << 16];
+    int count = 0, rc = 0;
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof(buf), 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        int done = 0;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+            if (h->nlmsg_type == NLMSG_DONE) { done = 1; break; }
+            if (h->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *e = NLMSG_DATA(h);
+                rc = e->error < 0 ? e->error : -EIO;
+                done = 1;
+                break;
+            }
+            struct inet_diag_msg *m = NLMSG_DATA(h);
+            struct ftbpf_diag_sock s = {0};
+            s.family = m->idiag_family;
+            s.state = m->idiag_state;
+            s.local_port = ntohs(m->id.idiag_sport);
+            s.remote_port = ntohs(m->id.idiag_dport);
+            s.uid = m->idiag_uid;
+            s.inode = m->idiag_inode;
+            memcpy(s.local, m->id.idiag_src, 16);
+            memcpy(s.remote, m->id.idiag_dst, 16);
+            s.cookie = ((uint64_t)m->id.idiag_cookie[1] << 32) | m->id.idiag_cookie[0];
+            int len = h->nlmsg_len - NLMSG_LENGTH(sizeof(*m));
+            for (struct rtattr *a = (struct rtattr *)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+                if (a->rta_type == INET_DIAG_INFO) {
+                    struct tcp_info info = {0};
+                    size_t l = RTA_PAYLOAD(a) < sizeof(info) ? RTA_PAYLOAD(a) : sizeof(info);
+                    memcpy(&info, RTA_DATA(a), l);
+                    /* Payload only: what was sent less retransmissions (bytes_acked also
+                     * counts the SYN), and what arrived less a received FIN. */
+                    s.bytes_acked = info.tcpi_bytes_sent - info.tcpi_bytes_retrans;
+                    s.bytes_received = info.tcpi_bytes_received;
+                    int fin_in = s.state == 8 || s.state == 9 || s.state == 11 || s.state == 6;
+                    if (fin_in && s.bytes_received)
+                        s.bytes_received -= 1;
+                }
+            }
+            count++;
+            if (fn && fn(ctx, &s))
+                done = 1;
+        }
+        if (done)
+            break;
+    }
+    close(fd);
+    return rc < 0 ? rc : count;
+}

@@ -142,6 +142,7 @@ public enum AgentRunner {
             if let journal { metrics.countJournalErrors { journal.writeErrors } }
             table = FlowTable(metrics: metrics, journal: journal)
             monitor = FlowMonitor(programs: programs, udpIdleTimeout: .seconds(config.udpIdleSeconds))
+            monitor.seedExistingFlows = programs.attachedCgroup ?? cgroup
             if !rules.isEmpty {
                 let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules,
                                         callouts: config.stream.streamCallouts(capture: { c in

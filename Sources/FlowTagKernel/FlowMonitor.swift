@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CFlowTagBPF
+import FlowTagCore
 import Foundation
 import Synchronization
 
@@ -31,6 +32,10 @@ public final class FlowMonitor: @unchecked Sendable {
     /// before `start()`.
     public var relayHandler: (@Sendable (RelayKernelEvent) -> Void)?
 
+    /// When set (before `start()`): TCP connections already open in this cgroup subtree are
+    /// reported at start (attribution `seeded`) and followed with sock_diag until they end.
+    public var seedExistingFlows: String?
+
     /// Events handed to `events` and not yet taken by its consumer.
     public var pendingEvents: Int { queued.value.load(ordering: .relaxed) }
     private let processes: ProcessTable
@@ -40,6 +45,10 @@ public final class FlowMonitor: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     // Poll-thread state.
     private var udpByCookie: [UInt64: Set<UDPKey>] = [:]
+    private var seededTCP: [UInt64: FlowRecord] = [:]
+    private var lastSeededScan: UInt64 = 0
+    /// How often flows found at start are checked for their end.
+    static let seededScanNanoseconds: UInt64 = 2_000_000_000
     private var lastIdleScan: UInt64 = 0
 
     /// The kernel wakes the reader only for large batches (a wakeup per event costs more
@@ -58,6 +67,15 @@ public final class FlowMonitor: @unchecked Sendable {
     /// Seeds the process table from /proc (after attach) and starts reading events.
     public func start() throws {
         processes.seedFromProc()
+        if let cgroup = seedExistingFlows {
+            let known = Set(programs.liveTCPFlows().map(\.cookie))
+            let now = BootClock.nowNanoseconds()
+            for (_, record) in (try? ExistingFlows.find(cgroup: cgroup, known: known, processes: processes)) ?? [] {
+                seededTCP[record.flow] = record
+                emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: now), record: record))
+            }
+            lastSeededScan = now
+        }
         let ctx = Unmanaged.passUnretained(self).toOpaque()
         let rc = programs.openEvents({ ctx, data, len in
             guard let ctx, let data else { return 0 }
@@ -71,6 +89,7 @@ public final class FlowMonitor: @unchecked Sendable {
                 let n = programs.pollEvents(timeoutMilliseconds: Self.pollMilliseconds)
                 if n < 0 && n != -EINTR { break }
                 expireIdleUDP()
+                followSeededTCP()
             }
             _ = programs.pollEvents(timeoutMilliseconds: 0) // drain what is left
             continuation.finish()
@@ -127,6 +146,30 @@ public final class FlowMonitor: @unchecked Sendable {
             closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
         default:
             break
+        }
+    }
+
+    /// Flows found at start end when sock_diag no longer lists them (they get no
+    /// sock_ops callback); their counters are the last seen.
+    private func followSeededTCP() {
+        guard !seededTCP.isEmpty else { return }
+        let now = BootClock.nowNanoseconds()
+        guard now &- lastSeededScan >= Self.seededScanNanoseconds else { return }
+        lastSeededScan = now
+        guard let sockets = try? SockDiag.tcpSockets(states: DiagSocket.connectedStates) else { return }
+        var alive: [UInt64: DiagSocket] = [:]
+        for s in sockets where seededTCP[s.cookie] != nil { alive[s.cookie] = s }
+        for (cookie, var record) in seededTCP {
+            if let s = alive[cookie] {
+                record.bytesSent = s.bytesAcked
+                record.bytesReceived = s.bytesReceived
+                seededTCP[cookie] = record
+                continue
+            }
+            seededTCP.removeValue(forKey: cookie)
+            record.closedAt = WallTime(bootNanoseconds: now)
+            record.closeReason = "closed"
+            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: now), record: record))
         }
     }
 

@@ -15,9 +15,9 @@ final class RunningAgent: @unchecked Sendable {
     let process: Child
     let journal: String
 
-    init(extra: [String] = [], journal: String? = nil) async throws {
+    init(extra: [String] = [], journal: String? = nil, cgroup existing: TestCgroup? = nil) async throws {
         try ensureBPFFS()
-        cgroup = try TestCgroup()
+        cgroup = try existing ?? TestCgroup()
         socket = tempPath("api") + ".sock"
         pins = "/sys/fs/bpf/" + uniqueName("pins")
         self.journal = journal ?? tempPath("journal") + ".db"
@@ -68,6 +68,62 @@ struct AgentCLITests {
         let p = try Child(a.cgroup.wrap([Paths.python, "-c", script]))
         let line = try await p.waitForLines(1)[0]
         return (p, line["client"] as! Int, line["server"] as! Int)
+    }
+
+    @Test("connections open before the agent started are listed (seeded) and their end is seen")
+    func flowsPredatingTheAgent() async throws {
+        let cgroup = try TestCgroup()
+        // Connected, 1000 bytes each way, then held until told to close.
+        let script = """
+        import socket, json, os, sys
+        l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
+        c = socket.create_connection(l.getsockname()); s, _ = l.accept()
+        c.sendall(b"x" * 1000); s.sendall(b"y" * 1000)
+        got = b""
+        while len(got) < 1000: got += s.recv(2000)
+        got = b""
+        while len(got) < 1000: got += c.recv(2000)
+        print(json.dumps({"pid": os.getpid(), "client": c.getsockname()[1], "server": l.getsockname()[1]}), flush=True)
+        sys.stdin.readline()
+        c.close(); s.close()
+        sys.stdin.readline()
+        """
+        let peer = try Child(cgroup.wrap([Paths.python, "-c", script]))
+        defer { peer.kill() }
+        let line = try await peer.waitForLines(1)[0]
+        let client = try #require(line["client"] as? Int), server = try #require(line["server"] as? Int)
+        let a = try await RunningAgent(cgroup: cgroup)
+        do {
+            let (rc, out, err) = try a.cli(["flows", "--port", "\(server)", "-o", "json"])
+            #expect(rc == 0, "\(err)")
+            func decode(_ text: String) -> [[String: Any]] {
+                ((try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
+            }
+            let flows = decode(out)
+            #expect(flows.count == 2, "\(out)")
+            for f in flows {
+                #expect(f["attribution"] as? String == "seeded")
+                #expect((f["process"] as? [String: Any])?["pid"] as? Int == Int(peer.pid))
+                #expect(((f["process"] as? [String: Any])?["exe"] as? String)?.contains("python") == true)
+            }
+            let outbound = flows.first { ($0["local"] as? [String: Any])?["port"] as? Int == client }
+            #expect(outbound?["direction"] as? String == "outbound")
+            #expect(flows.first { ($0["local"] as? [String: Any])?["port"] as? Int == server }?["direction"] as? String == "inbound")
+            // They end when the process closes them (found by re-reading the socket table).
+            peer.send("")
+            var closed: [[String: Any]] = []
+            for _ in 0..<100 {
+                let (_, c, _) = try a.cli(["flows", "--port", "\(server)", "--state", "closed", "-o", "json"])
+                closed = decode(c)
+                if closed.count == 2 { break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(closed.count == 2)
+            #expect(closed.allSatisfy { $0["bytes_sent"] as? Int == 1000 && $0["bytes_received"] as? Int == 1000 }, "\(closed)")
+        } catch {
+            await a.stop(); throw error
+        }
+        await a.stop()
     }
 
     @Test("flows, filters and every output format")

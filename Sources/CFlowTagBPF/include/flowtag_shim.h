@@ -93,6 +93,26 @@ int ftbpf_epoll_wait(int epfd, int *fds, uint32_t *events, int max, int timeout_
 int ftbpf_eventfd(void);
 int ftbpf_gettid(void);
 
+/* One TCP socket from sock_diag (NETLINK_SOCK_DIAG, INET_DIAG_INFO). */
+struct ftbpf_diag_sock {
+    uint8_t family;     /* AF_INET or AF_INET6 */
+    uint8_t state;      /* TCP state */
+    uint16_t local_port; /* host order */
+    uint16_t remote_port;
+    uint16_t pad;
+    uint32_t uid;
+    uint32_t inode;
+    uint8_t local[16];  /* network order; IPv4 in the first 4 bytes */
+    uint8_t remote[16];
+    uint64_t cookie;
+    uint64_t bytes_acked;    /* payload bytes sent (bytes_sent - bytes_retrans) */
+    uint64_t bytes_received; /* payload bytes received */
+};
+typedef int (*ftbpf_diag_fn)(void *ctx, const struct ftbpf_diag_sock *sock);
+/* Dumps the TCP sockets of one family in this network namespace, in the given states
+ * (bit per TCP state). Returns the count, or -errno. */
+int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx);
+
 /* Queue maps: push a value; pop one (-ENOENT when empty). */
 int ftbpf_queue_push(int fd, const void *value);
 int ftbpf_queue_pop(int fd, void *value);
