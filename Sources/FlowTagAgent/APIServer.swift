@@ -52,7 +52,7 @@ public func parseEndpoint(_ text: String) -> Endpoint? {
 /// |---|---|
 /// | `GET /v1/flows?FILTERS` | `{"flows":[…]}` |
 /// | `GET /v1/lookup?proto=tcp&local=IP:PORT&remote=IP:PORT[&netns=N]` | `{"flows":[…]}`, 404 when none |
-/// | `GET /v1/watch?FILTERS` | chunked JSON lines, one per event, until the client goes |
+/// | `GET /v1/watch?FILTERS[&payload=1]` | chunked JSON lines, one per event, until the client goes; `payload=1` adds capture callouts' bytes |
 /// | `GET /v1/history?since=…&until=…&FILTERS` | closed flows from the journal |
 /// | `GET /v1/stats` | counters |
 /// | `GET /v1/version` | `{"version":…}` |
@@ -254,9 +254,15 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
                 self.error(context, .internalServerError, "journal: \(error)")
             }
         case "/v1/watch":
+            // payload=1: also the bytes capture callouts take from relayed flows.
+            let payloadValues = items.filter { $0.0 == "payload" }.map(\.1)
+            guard payloadValues.allSatisfy({ ["1", "true", "0", "false"].contains($0) }) else {
+                self.error(context, .badRequest, "filter 'payload': must be 1, true, 0 or false")
+                return
+            }
             do {
-                let filter = try FlowFilter(query: items)
-                startWatch(context, filter: filter, uid: uidFilter)
+                let filter = try FlowFilter(query: items.filter { $0.0 != "payload" })
+                startWatch(context, filter: filter, uid: uidFilter, payload: payloadValues.last.map { $0 == "1" || $0 == "true" } ?? false)
             } catch {
                 self.error(context, .badRequest, error.description)
             }
@@ -269,13 +275,13 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
         "{\"flows\":[" + entries.map { EventLine.recordJSON($0.record, prefix: "\"state\":\"\($0.state.rawValue)\",") }.joined(separator: ",") + "]}\n"
     }
 
-    private func startWatch(_ context: ChannelHandlerContext, filter: FlowFilter, uid: UInt32?) {
+    private func startWatch(_ context: ChannelHandlerContext, filter: FlowFilter, uid: UInt32?, payload: Bool) {
         streaming = true
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "application/x-ndjson")
         headers.add(name: "Transfer-Encoding", value: "chunked")
         context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
-        let (stream, cancel) = table.watch(filter, uid: uid)
+        let (stream, cancel) = table.watch(filter, uid: uid, payload: payload)
         cancelWatch = cancel
         let channel = context.channel
         let loop = context.eventLoop

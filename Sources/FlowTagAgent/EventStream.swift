@@ -1,6 +1,8 @@
 import FlowContext
 import FlowTagKernel
 import Foundation
+import FlowTagCore
+import Synchronization
 
 /// Output formats for a stream of flow events.
 public enum EventFormat: String, Sendable, CaseIterable {
@@ -13,7 +15,12 @@ public enum EventLine {
     /// JSONEncoder costs more than everything else per event. Same keys and values as the
     /// Codable form (FlowRecord's), checked by the tests.
     public static func json(_ event: FlowEvent) -> String {
-        recordJSON(event.record, prefix: "\"event\":\"\(event.kind.rawValue)\",\"time\":\"\(event.time)\",")
+        var prefix = "\"event\":\"\(event.kind.rawValue)\",\"time\":\"\(event.time)\","
+        if let p = event.payload {
+            prefix += "\"payload\":{\"direction\":\"\(p.direction)\",\"offset\":\(p.offset),\"length\":\(p.data.count),"
+                + "\"data_base64\":\"\(Data(p.data).base64EncodedString())\"},"
+        }
+        return recordJSON(event.record, prefix: prefix)
     }
 
     /// A flow record as a JSON object; `prefix` holds extra members (with a trailing comma).
@@ -71,6 +78,11 @@ public enum EventLine {
 
     public static func text(_ event: FlowEvent) -> String {
         let r = event.record
+        if let p = event.payload {
+            let shown = String(decoding: p.data.map { (0x20..<0x7f).contains($0) ? $0 : UInt8(ascii: ".") }, as: UTF8.self)
+            return "\(event.time) payload \(p.direction) \(r.local) -> \(r.remote) pid=\(r.process.pid) comm=\(r.process.comm) "
+                + "offset=\(p.offset) length=\(p.data.count) \"\(shown)\""
+        }
         var line = "\(event.time) \(event.kind.rawValue.padding(toLength: 5, withPad: " ", startingAt: 0)) "
         line += "\(r.protocol.rawValue) \(r.direction.rawValue) \(r.local) -> \(r.remote) "
         line += "pid=\(r.process.pid) comm=\(r.process.comm) exe=\(r.process.exe.isEmpty ? "-" : r.process.exe) "
@@ -106,6 +118,7 @@ public enum AgentRunner {
         var metricsServer: MetricsServer?
         var lock: AgentLock?
         var relay: StreamRelay?
+        let relayRef = RelayReference() // for the capture callout, made before the relay
         let rules: [StreamRule]
         do { rules = try config.stream.kernelRules() } catch {
             stderr.write(Data("flowtagd: error: \(error)\n".utf8))
@@ -146,6 +159,12 @@ public enum AgentRunner {
             if !rules.isEmpty {
                 let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules,
                                         callouts: config.stream.streamCallouts(capture: { c in
+                                            // To `watch --payload` clients, and the agent's own output.
+                                            if let record = relayRef.value.withLock({ $0 })?.record(flow: c.flow) {
+                                                table.publish(FlowEvent(kind: .payload, time: WallTime(bootNanoseconds: BootClock.nowNanoseconds()),
+                                                                        record: record,
+                                                                        payload: FlowPayload(direction: c.direction.rawValue, offset: c.offset, data: c.data)))
+                                            }
                                             guard let format else { return }
                                             writeAll(1, Array((EventLine.payload(c, as: format) + "\n").utf8))
                                         }) + streamCallouts,
@@ -153,6 +172,7 @@ public enum AgentRunner {
                 monitor.relayHandler = { r.handle($0) }
                 r.start()
                 table.attach(relay: r)
+                relayRef.value.withLock { $0 = r }
                 metrics.countRelay(r)
                 relay = r
             } else {
@@ -220,6 +240,11 @@ public enum AgentRunner {
         withExtendedLifetime(lock) {}
         return 0
     }
+}
+
+/// The relay, once made, for closures built before it.
+final class RelayReference: Sendable {
+    let value = Mutex<StreamRelay?>(nil)
 }
 
 /// write(2) until everything is out (EINTR and short writes retried).

@@ -74,6 +74,7 @@ public final class FlowTable: Sendable {
     struct Watcher {
         let filter: FlowFilter
         let uid: UInt32?
+        var payload = false
         let continuation: AsyncStream<FlowEvent>.Continuation
     }
 
@@ -147,6 +148,7 @@ public final class FlowTable: Sendable {
 
     /// Applies one kernel event and tells the watchers.
     public func apply(_ event: FlowEvent) {
+        guard event.kind != .payload else { return publish(event) }
         let r = event.record
         if event.kind == .open {
             let (l, v, m) = Self.classifyValues(r)
@@ -166,6 +168,8 @@ public final class FlowTable: Sendable {
                 if s.live.updateValue(r, forKey: key) == nil { s.stats.flowsOpened += 1 }
                 s.namespaces.insert(r.netns)
                 s.stats.attribution[r.attribution.rawValue, default: 0] += 1
+            case .payload:
+                break
             case .close:
                 s.live.removeValue(forKey: key)
                 s.stats.flowsClosed += 1
@@ -181,6 +185,15 @@ public final class FlowTable: Sendable {
         }
         let state: FlowState = event.kind == .open ? .open : .closed
         for w in watchers where w.filter.matches(r, state: state) && (w.uid == nil || w.uid == r.process.uid) {
+            w.continuation.yield(event)
+        }
+    }
+
+    /// A capture's bytes, to the watchers that asked for payloads (and may see the flow).
+    public func publish(_ event: FlowEvent) {
+        let r = event.record
+        let watchers = state.withLock { Array($0.watchers.values) }
+        for w in watchers where w.payload && w.filter.matches(r, state: .open) && (w.uid == nil || w.uid == r.process.uid) {
             w.continuation.yield(event)
         }
     }
@@ -226,11 +239,11 @@ public final class FlowTable: Sendable {
 
     /// A stream of matching events until the caller cancels; a slow watcher loses its
     /// oldest events rather than stalling anyone.
-    public func watch(_ filter: FlowFilter, uid: UInt32?) -> (AsyncStream<FlowEvent>, cancel: @Sendable () -> Void) {
+    public func watch(_ filter: FlowFilter, uid: UInt32?, payload: Bool = false) -> (AsyncStream<FlowEvent>, cancel: @Sendable () -> Void) {
         let (stream, cont) = AsyncStream.makeStream(of: FlowEvent.self, bufferingPolicy: .bufferingNewest(4096))
         let id = state.withLock { s in
             defer { s.nextWatcher += 1 }
-            s.watchers[s.nextWatcher] = Watcher(filter: filter, uid: uid, continuation: cont)
+            s.watchers[s.nextWatcher] = Watcher(filter: filter, uid: uid, payload: payload, continuation: cont)
             return s.nextWatcher
         }
         let cancel: @Sendable () -> Void = { [weak self] in

@@ -106,6 +106,10 @@ public final class StreamRelay: @unchecked Sendable {
 
     /// Flows being relayed now.
     public var activeFlows: Int { activeCount.load(ordering: .relaxed) }
+
+    /// The record of a flow being relayed (for reports about it, e.g. captures).
+    public func record(flow: UInt64) -> FlowRecord? { records.withLock { $0[flow] } }
+    private let records = Mutex<[UInt64: FlowRecord]>([:])
     private let activeCount = Atomic<Int>(0)
 
     // MARK: - Relay thread
@@ -149,7 +153,10 @@ public final class StreamRelay: @unchecked Sendable {
             case .opened(let slot, let record):
                 guard let s = slots[slot] else { continue }
                 if let session = s.session {
-                    if session.flow.cookie == record.flow { session.metadata = Self.metadata(record) }
+                    if session.flow.cookie == record.flow {
+                        session.metadata = Self.metadata(record)
+                        records.withLock { $0[record.flow] = record }
+                    }
                 } else {
                     bind(s, record: record)
                 }
@@ -263,6 +270,7 @@ public final class StreamRelay: @unchecked Sendable {
         s.ownerPID = record?.process.pid ?? 0
         s.session = StreamSession(flow: FlowHandle(cookie: c, netns: record?.netns ?? 0), metadata: meta, callouts: callouts, sink: s)
         byCookie[c] = s.number
+        if let record { records.withLock { $0[c] = record } }
         offered -= 1
         counters.flows.add(1, ordering: .relaxed)
         activeCount.add(1, ordering: .relaxed)
@@ -276,7 +284,10 @@ public final class StreamRelay: @unchecked Sendable {
     /// The flow is gone: its slot's sockets are closed (which takes them out of the
     /// sockhash) and the slot number is reused for a fresh pair.
     private func retire(_ s: RelaySlot) {
-        if let c = s.session?.flow.cookie { byCookie.removeValue(forKey: c) }
+        if let c = s.session?.flow.cookie {
+            byCookie.removeValue(forKey: c)
+            records.withLock { _ = $0.removeValue(forKey: c) }
+        }
         if s.session != nil { activeCount.subtract(1, ordering: .relaxed) } else { offered -= 1 }
         for fd in [s.sendFD, s.receiveFD] {
             _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)

@@ -1,3 +1,4 @@
+import Foundation
 /// Transport protocol of a flow.
 public enum FlowProtocol: String, Codable, Sendable, CaseIterable {
     case tcp, udp
@@ -101,6 +102,40 @@ public struct FlowRecord: Codable, Sendable, Hashable {
 
 public enum FlowEventKind: String, Codable, Sendable {
     case open, close
+    /// Bytes a capture stream callout took from a relayed flow (watch --payload).
+    case payload
+}
+
+/// Captured bytes of a relayed flow: where in which direction's stream they start.
+public struct FlowPayload: Codable, Sendable, Hashable {
+    /// `send` (what the owning process sent) or `receive`.
+    public var direction: String
+    public var offset: Int
+    public var data: [UInt8]
+
+    public init(direction: String, offset: Int, data: [UInt8]) {
+        self.direction = direction; self.offset = offset; self.data = data
+    }
+
+    enum CodingKeys: String, CodingKey { case direction, offset, length, dataBase64 = "data_base64" }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        direction = try c.decode(String.self, forKey: .direction)
+        offset = try c.decode(Int.self, forKey: .offset)
+        guard let d = Data(base64Encoded: try c.decode(String.self, forKey: .dataBase64)) else {
+            throw DecodingError.dataCorruptedError(forKey: .dataBase64, in: c, debugDescription: "not base64")
+        }
+        data = Array(d)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(direction, forKey: .direction)
+        try c.encode(offset, forKey: .offset)
+        try c.encode(data.count, forKey: .length)
+        try c.encode(Data(data).base64EncodedString(), forKey: .dataBase64)
+    }
 }
 
 /// A flow opening or closing, as `flowtagd --json` prints it: one JSON object a line.
@@ -108,17 +143,20 @@ public struct FlowEvent: Sendable, Hashable, Encodable {
     public var kind: FlowEventKind
     public var time: WallTime
     public var record: FlowRecord
+    /// Only for `payload` events.
+    public var payload: FlowPayload?
 
-    public init(kind: FlowEventKind, time: WallTime, record: FlowRecord) {
-        self.kind = kind; self.time = time; self.record = record
+    public init(kind: FlowEventKind, time: WallTime, record: FlowRecord, payload: FlowPayload? = nil) {
+        self.kind = kind; self.time = time; self.record = record; self.payload = payload
     }
 
-    enum CodingKeys: String, CodingKey { case event, time }
+    enum CodingKeys: String, CodingKey { case event, time, payload }
 
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(kind, forKey: .event)
         try c.encode(time, forKey: .time)
+        try c.encodeIfPresent(payload, forKey: .payload)
         try record.encode(to: encoder)
     }
 }

@@ -159,15 +159,19 @@ struct FlowtagCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Stream flow events as they happen.")
         @OptionGroup var common: Common
         @OptionGroup var filters: Filters
+        @Flag(name: .long, help: "Also show the bytes capture stream callouts take from relayed flows.")
+        var payload = false
 
         func run() throws {
             let json = common.format == .json
+            var query = filters.query
+            if payload { query.append(("payload", "1")) }
             do {
-                let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + encode(filters.query)) { line in
+                let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + encode(query)) { line in
                     // One write per line: a pipe reader sees each event as it happens.
                     if json { FileHandle.standardOutput.write(Data((line + "\n").utf8)); return }
                     guard let e = try? JSONDecoder().decode(WatchEvent.self, from: Data(line.utf8)) else { return }
-                    let text = EventLine.text(FlowEvent(kind: e.event, time: e.time, record: e.record))
+                    let text = EventLine.text(FlowEvent(kind: e.event, time: e.time, record: e.record, payload: e.payload))
                     FileHandle.standardOutput.write(Data((text + "\n").utf8))
                 }
                 if r.status == 400 { fail(.usage, errorText(r)) }
@@ -206,11 +210,13 @@ struct WatchEvent: Decodable {
     var event: FlowEventKind
     var time: WallTime
     var record: FlowRecord
-    enum CodingKeys: String, CodingKey { case event, time }
+    var payload: FlowPayload?
+    enum CodingKeys: String, CodingKey { case event, time, payload }
     init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         event = try c.decode(FlowEventKind.self, forKey: .event)
         time = try c.decode(WallTime.self, forKey: .time)
+        payload = try c.decodeIfPresent(FlowPayload.self, forKey: .payload)
         record = try FlowRecord(from: decoder)
     }
 }

@@ -123,6 +123,44 @@ struct StreamRelayTests {
         }
     }
 
+    @Test("capture: `flowtag watch --payload` shows the first N bytes of each direction with the owner")
+    func captureShownByWatch() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: capture
+                  bytes: 16
+            """) { a in
+            let watch = try Child([Paths.flowtag, "watch", "--payload", "-o", "json", "--port", "\(port)", "--socket", a.socket])
+            defer { watch.kill() }
+            try await Task.sleep(for: .milliseconds(500)) // the watch is registered
+            let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "client", "127.0.0.1", "\(port)", "--size", "5000", "--text", "--max-chunk", "7"]))
+            #expect(try await client.wait() == 0, "\(client.stderrText)")
+            var captures: [[String: Any]] = []
+            for _ in 0..<100 {
+                captures = watch.jsonLines.filter { $0["event"] as? String == "payload" }
+                let total = captures.compactMap { ($0["payload"] as? [String: Any])?["length"] as? Int }.reduce(0, +)
+                if total >= 32 { break }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            func bytes(_ direction: String) -> [UInt8] {
+                captures.filter { ($0["payload"] as? [String: Any])?["direction"] as? String == direction }
+                    .sorted { (($0["payload"] as? [String: Any])?["offset"] as? Int ?? 0) < (($1["payload"] as? [String: Any])?["offset"] as? Int ?? 0) }
+                    .flatMap { Array(Data(base64Encoded: ($0["payload"] as? [String: Any])?["data_base64"] as? String ?? "") ?? Data()) }
+            }
+            #expect(bytes("send").count == 16, "\(captures)")
+            #expect(bytes("send") == bytes("receive"), "an echo: both directions start alike")
+            #expect(captures.allSatisfy { ($0["process"] as? [String: Any])?["pid"] as? Int == Int(client.pid) })
+            // A bad payload value is refused with a 400.
+            let (_, code, _) = try runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", a.socket,
+                                               "http://agent/v1/watch?payload=maybe"])
+            #expect(code == "400")
+        }
+    }
+
     @Test("an unselected flow is untouched and never relayed")
     func unselectedFlowUntouched() async throws {
         let (selected, selectedPort) = try await startEchoServer()
