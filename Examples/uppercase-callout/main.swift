@@ -21,9 +21,14 @@ do { config = try AgentConfig.load(path: args[1]) } catch {
 }
 
 let uppercase = StreamCallout(name: "uppercase", weight: 50) { indication, injector in
-    guard indication.direction == .receive, !indication.data.isEmpty else { return .permit }
-    // Every indication names the process that owns the flow.
+    // Every indication names the process that owns the flow, FIN and reset included.
     let who = indication.metadata
+    if indication.flags.contains(.disconnect) || indication.flags.contains(.abort) {
+        let what = indication.flags.contains(.abort) ? "reset" : "FIN"
+        FileHandle.standardError.write(Data("uppercase: \(what) (\(indication.direction.rawValue)) for pid \(who.processID)\n".utf8))
+        return .permit
+    }
+    guard indication.direction == .receive, !indication.data.isEmpty else { return .permit }
     FileHandle.standardError.write(Data("uppercase: \(indication.data.count) bytes for pid \(who.processID) (\(who.processPath))\n".utf8))
     let upper = indication.data.map { (0x61...0x7a).contains($0) ? $0 - 0x20 : $0 }
     // Block the original bytes and inject the edited ones in their place.

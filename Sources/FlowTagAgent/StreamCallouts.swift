@@ -56,28 +56,23 @@ public enum BuiltinStreamCallouts {
     }
 
     /// Blocks the flow and drops the connection when `pattern` appears (split or not);
-    /// bytes before the match are delivered.
+    /// bytes before the match are delivered, a possible start of the pattern at the end
+    /// of what arrived is held back until the next bytes decide (so no part of it leaks).
     public static func blockOnPattern(name: String, weight: UInt16, pattern: [UInt8]) -> StreamCallout {
         precondition(!pattern.isEmpty)
-        let tails = Mutex<[Key: [UInt8]]>([:])
         return StreamCallout(name: name, weight: weight, isTerminating: true) { ind, _ in
-            let key = Key(flow: ind.flow.cookie, direction: ind.direction)
-            if ind.flags.contains(.abort) || ind.flags.contains(.disconnect) {
-                tails.withLock { _ = $0.removeValue(forKey: key) }
-                return .permit
-            }
-            let tail = tails.withLock { $0[key] ?? [] }
-            let window = tail + ind.data
-            if let at = firstIndex(of: pattern, in: window) {
-                let before = max(0, at - tail.count)
-                tails.withLock { _ = $0.removeValue(forKey: key) }
+            let data = ind.data
+            if data.isEmpty || ind.flags.contains(.abort) { return .permit }
+            if let at = firstIndex(of: pattern, in: data) {
                 // The bytes before the match go on; the rest is indicated again at once,
                 // starting with the match, and then blocked with the connection.
-                if before > 0 { return .permit(before) }
+                if at > 0 { return .permit(at) }
                 return StreamDecision(.block, .dropConnection)
             }
-            tails.withLock { $0[key] = Array(window.suffix(pattern.count - 1)) }
-            return .permit
+            let partial = ind.flags.contains(.noMoreData) ? 0 : partialSuffix(data, pattern)
+            if partial == 0 { return .permit }
+            if partial < data.count { return .permit(data.count - partial) }
+            return .needMoreData(pattern.count)
         }
     }
 

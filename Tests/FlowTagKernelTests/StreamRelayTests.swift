@@ -66,13 +66,17 @@ struct StreamRelayTests {
               callouts:
                 - type: pass
             """) { a in
+            var clientPorts: [Int] = []
             for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
                 #expect(r["echo_equal"] as? Bool == true, "\(r)")
                 #expect(r["eof"] as? Bool == true, "\(r)")
+                clientPorts.append(r["local_port"] as? Int ?? -1)
             }
-            // The server saw exactly what the client sent (sha over every byte).
+            // The server saw exactly what the client sent (sha over every byte), from the
+            // client's own address and port: the connection was never re-originated.
             let reports = try await server.waitForLines(3)
+            #expect(Set(reports.compactMap { $0["peer_port"] as? Int }) == Set(clientPorts))
             #expect(reports.allSatisfy { $0["eof"] as? Bool == true })
             #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
             #expect(try relayedFlowCount(a) >= 3)
@@ -158,6 +162,89 @@ struct StreamRelayTests {
             let (_, code, _) = try runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", a.socket,
                                                "http://agent/v1/watch?payload=maybe"])
             #expect(code == "400")
+        }
+    }
+
+    @Test("selection by executable, uid and cgroup: only the matching process's flows are relayed")
+    func selectionByExeUidCgroup() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        let cgroup = try TestCgroup()
+        let child = cgroup.path + "/inner"
+        try #require(mkdir(child, 0o755) == 0)
+        defer { rmdir(child) }
+        let python = try #require(readLink(Paths.python).map { $0.hasPrefix("/") ? $0 : "/usr/bin/" + $0 } ?? Paths.python)
+        let config = tempPath("config") + ".yaml"
+        try """
+            stream:
+              rules:
+                - exe: \(python)
+                  uid: 0
+                  cgroup: \(cgroup.path)
+                  remote_port: \(port)
+              callouts:
+                - type: edit
+                  pattern: rainy
+                  replacement: cloudy
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config], cgroup: cgroup)
+        do {
+            func send(_ argv: [String]) throws -> String {
+                let script = "import socket;s=socket.create_connection(('127.0.0.1',\(port)),timeout=5);s.sendall(b'rainy');g=b''\nwhile len(g)<5:\n g+=s.recv(100)\nprint(g.decode())"
+                let (_, out, _) = try runCommand(argv + [Paths.python, "-c", script])
+                return out.trimmingCharacters(in: .whitespacesAndNewlines)
+            }
+            // python, root, in the cgroup: relayed (and edited; the echo has one more byte).
+            #expect(try send(cgroup.wrap([])).hasPrefix("cloud"))
+            #expect(try relayedFlowCount(a) == 1)
+            // Another uid: direct.
+            #expect(try send(cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])) == "rainy")
+            // A child cgroup (the rule names the exact cgroup): direct.
+            #expect(try send(["/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", child]) == "rainy")
+            // Another executable (curl) to the same port: direct.
+            _ = try runCommand(cgroup.wrap(["/usr/bin/curl", "-s", "--max-time", "2", "http://127.0.0.1:\(port)/"]))
+            #expect(try relayedFlowCount(a) == 1)
+        } catch {
+            await a.stop(); throw error
+        }
+        await a.stop()
+    }
+
+    @Test("block: the connection is dropped at the pattern; the bytes before it were delivered, the pattern never was")
+    func blockDropsTheConnection() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: block
+                  pattern: DROP TABLE
+            """) { a in
+            let script = """
+            import socket, time, json
+            s = socket.create_connection(("127.0.0.1", \(port)), timeout=10)
+            s.sendall(b"hello "); got = b""
+            while len(got) < 6: got += s.recv(100)
+            s.sendall(b"DR"); time.sleep(0.2); s.sendall(b"OP TABLE users")
+            end = "open"
+            try:
+                while True:
+                    d = s.recv(100)
+                    if not d: end = "eof"; break
+                    got += d
+            except ConnectionResetError: end = "reset"
+            except socket.timeout: end = "timeout"
+            print(json.dumps({"got": got.decode(), "end": end}))
+            """
+            let c = try Child(a.cgroup.wrap([Paths.python, "-c", script]))
+            #expect(try await c.wait() == 0, "\(c.stderrText)")
+            let r = c.jsonLines.last ?? [:]
+            #expect(r["got"] as? String == "hello ")
+            #expect(r["end"] as? String == "eof" || r["end"] as? String == "reset", "\(r)")
+            let s = try await server.waitForLines(1)
+            #expect(s.first?["received"] as? Int == 6, "the server never saw the pattern: \(s)")
         }
     }
 
@@ -343,8 +430,11 @@ struct StreamRelayTests {
         let client = try Child(cgroup.wrap([Paths.python, "-c", script]))
         #expect(try await client.wait() == 0, "\(client.stderrText)")
         #expect(client.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "HELLO, RAINY WORLD")
-        // The callout saw the owning process in its indications.
+        // The callout saw the owning process in its indications, FINs included.
         #expect(agent.stderrText.contains("bytes for pid \(client.pid) "), "\(agent.stderrText)")
+        for _ in 0..<100 where !agent.stderrText.contains("FIN (send) for pid \(client.pid)") { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(agent.stderrText.contains("FIN (send) for pid \(client.pid)"), "\(agent.stderrText)")
+        #expect(agent.stderrText.contains("FIN (receive) for pid \(client.pid)"), "\(agent.stderrText)")
         kill(agent.pid, SIGTERM)
         #expect(try await agent.wait(timeout: 20) == 0)
     }

@@ -25,7 +25,7 @@ def server(args):
     l = socket.socket(fam); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     l.bind((args.bind, 0)); l.listen(256)
     write_port(args.portfile, l.getsockname()[1])
-    def serve(c):
+    def serve(c, peer):
         h = hashlib.sha256(); n = 0; acked = False
         try:
             while True:
@@ -45,7 +45,7 @@ def server(args):
                     return
                 c.sendall(d)
             # EOF from the client (half-close): the other direction still works.
-            print(json.dumps({"received": n, "sha": h.hexdigest(), "eof": True}), flush=True)
+            print(json.dumps({"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]}), flush=True)
             if args.mode == "trailer":
                 # Half-closed by the client: this direction still carries data. The FIN
                 # follows a moment later: a FIN sent right behind data can overtake what
@@ -58,8 +58,8 @@ def server(args):
         finally:
             c.close()
     while True:
-        c, _ = l.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
+        c, peer = l.accept()
+        threading.Thread(target=serve, args=(c, peer), daemon=True).start()
 
 def one_client(args, seed, results):
     data = payload(args.size, seed, args.text)
@@ -92,7 +92,7 @@ def one_client(args, seed, results):
         err.append(str(e))
     t.join(60)
     echo_ok = bytes(got) == expect_back
-    r = {"seed": seed, "sent": len(data), "got": len(got), "echo_equal": echo_ok,
+    r = {"seed": seed, "sent": len(data), "got": len(got), "echo_equal": echo_ok, "local_port": s.getsockname()[1],
          "server_sha": hashlib.sha256(expect_at_server).hexdigest(), "seconds": round(time.time() - t0, 3)}
     if args.reset:
         try:
