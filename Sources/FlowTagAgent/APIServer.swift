@@ -93,11 +93,20 @@ public final class APIServer: @unchecked Sendable {
                     try sync.addHandler(APIHandler(table: table, lost: lost, group: group))
                 }
             }
+        // Bound under a temporary name, given its mode and group, then renamed into place:
+        // nobody can reach the socket before its permissions are final.
+        let staging = socketPath + ".\(getpid()).new"
+        unlink(staging)
         let oldMask = umask(0o117)
         defer { umask(oldMask) }
-        channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
-        chmod(socketPath, 0o660)
-        if let group { chown(socketPath, 0, group) }
+        channel = try bootstrap.bind(unixDomainSocketPath: staging).wait()
+        chmod(staging, 0o660)
+        if let group { chown(staging, 0, group) }
+        guard rename(staging, socketPath) == 0 else {
+            let err = errno
+            unlink(staging)
+            throw KernelError.system("publish the API socket at \(socketPath)", err)
+        }
     }
 
     public func stop() {

@@ -104,6 +104,11 @@ public enum AgentRunner {
     /// see docs/stream-relay.md and Examples/).
     public static func run(_ config: AgentConfig, streamCallouts: [StreamCallout] = []) async -> Int32 {
         let format: EventFormat? = config.output == "none" ? nil : EventFormat(rawValue: config.output)
+        // Signals are caught from the first moment, so SIGTERM during start-up still ends in
+        // an orderly shutdown (detach, unpin) once the agent is up, never a half-set-up exit.
+        let shutdown = ShutdownRequest()
+        let signals = SignalWatcher(signals: [SIGINT, SIGTERM]) { shutdown.request() }
+        defer { signals.cancel() }
         let stderr = FileHandle.standardError
         func fail(_ message: String) -> Int32 {
             stderr.write(Data("flowtagd: error: \(message)\n".utf8))
@@ -199,8 +204,8 @@ public enum AgentRunner {
             return fail("\(error)")
         }
 
-        let signals = SignalWatcher(signals: [SIGINT, SIGTERM]) { monitor.stop() }
-        defer { signals.cancel() }
+        // A signal that came during start-up is honoured now (see `shutdown` above).
+        shutdown.whenRequested { monitor.stop() }
         // Batches go to the journal every second; retention is applied every minute.
         let journalTask = journal.map { j in
             Task.detached {
@@ -239,6 +244,22 @@ public enum AgentRunner {
         if lost > 0 { stderr.write(Data("flowtagd: \(lost) kernel events were lost (ring buffer full)\n".utf8)) }
         withExtendedLifetime(lock) {}
         return 0
+    }
+}
+
+/// A stop request that may come before there is anything to stop.
+final class ShutdownRequest: Sendable {
+    private let state = Mutex<(requested: Bool, action: (@Sendable () -> Void)?)>((false, nil))
+
+    func request() {
+        let action = state.withLock { s -> (@Sendable () -> Void)? in s.requested = true; return s.action }
+        action?()
+    }
+
+    /// Runs `action` at the request, or now if it came already.
+    func whenRequested(_ action: @escaping @Sendable () -> Void) {
+        let already = state.withLock { s -> Bool in s.action = action; return s.requested }
+        if already { action() }
     }
 }
 
