@@ -46,8 +46,51 @@ public final class FilterEngine: Sendable {
         var callout: CalloutRecord
     }
 
+    /// A flow's contexts: nearly every flow holds one, kept inline (a dictionary would
+    /// cost a heap allocation per flow); more go to a dictionary.
+    private struct ContextSlots {
+        private var first: (slot: Slot, stored: Stored)?
+        private var more: [Slot: Stored]?
+
+        subscript(slot: Slot) -> Stored? {
+            get {
+                if let f = first, f.slot == slot { return f.stored }
+                return more?[slot]
+            }
+            set {
+                if let f = first, f.slot == slot {
+                    first = newValue.map { (slot, $0) }
+                    return
+                }
+                if let newValue, first == nil, more?[slot] == nil {
+                    first = (slot, newValue)
+                    return
+                }
+                var m = more ?? [:]
+                m[slot] = newValue
+                more = m.isEmpty ? nil : m
+            }
+        }
+
+        mutating func removeValue(forKey slot: Slot) -> Stored? {
+            let old = self[slot]
+            if old != nil { self[slot] = nil }
+            return old
+        }
+
+        var isEmpty: Bool { first == nil && more == nil }
+        var count: Int { (first == nil ? 0 : 1) + (more?.count ?? 0) }
+        var entries: [(Slot, Stored)] {
+            var out: [(Slot, Stored)] = []
+            if let f = first { out.append((f.slot, f.stored)) }
+            if let more { out += more.map { ($0.key, $0.value) } }
+            return out
+        }
+        mutating func removeAll() { first = nil; more = nil }
+    }
+
     private struct FlowState {
-        var contexts: [Slot: Stored] = [:]
+        var contexts = ContextSlots()
         var activeClassifies = 0
         /// Removed while a classify ran: their flowDelete runs when the last classify returns.
         var deferred: [(Slot, Stored)] = []
@@ -271,7 +314,7 @@ public final class FilterEngine: Sendable {
     public func endFlow(_ flow: FlowHandle) -> Int {
         let ended: [(Slot, Stored)] = shard(flow).withLock { flows in
             guard var st = flows[flow] else { return [] }
-            let all = st.contexts.map { ($0.key, $0.value) }
+            let all = st.contexts.entries
             st.contexts.removeAll()
             if st.activeClassifies > 0 {
                 st.deferred.append(contentsOf: all)

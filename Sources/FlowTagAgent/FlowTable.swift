@@ -95,16 +95,15 @@ public final class FlowTable: Sendable {
         let deletes = self.deletes
         let engine = self.engine
         // The built-in process-tagging callout: the owner rides on the flow to later layers.
-        taggerID = try! engine.register(Callout<ProcessOwner>(
+        taggerID = try! engine.register(Callout<OwnerTag>(
             key: UUID(uuidString: "6b8e1c3a-1f0e-4a7e-9a51-000000000001")!, flags: [],
             classify: { _, _ in .continue },
             flowDelete: { _ in deletes.value.add(1, ordering: .relaxed) })).get()
         let tagger = taggerID
+        let tags = self.tags
         let estKey = UUID(uuidString: "6b8e1c3a-1f0e-4a7e-9a51-000000000002")!
-        _ = try! engine.register(Callout<ProcessOwner>(key: estKey, classify: { req, _ in
-            let owner = ProcessOwner(pid: req.metadata.processID, tid: req.metadata.threadID, exe: req.metadata.processPath,
-                                     comm: "", uid: req.metadata.userID, gid: 0, cgroup: req.metadata.cgroupID)
-            engine.associate(flow: req.metadata.flow, layer: .stream(req.layer.version), callout: tagger, context: owner)
+        _ = try! engine.register(Callout<OwnerTag>(key: estKey, classify: { req, _ in
+            engine.associate(flow: req.metadata.flow, layer: .stream(req.layer.version), callout: tagger, context: tags.tag(req.metadata))
             return .continue
         }, flowDelete: { _ in })).get()
         let sub = UUID()
@@ -113,6 +112,8 @@ public final class FlowTable: Sendable {
             _ = engine.addFilter(Filter(layer: .aleFlowEstablished(v), sublayer: sub, action: .calloutInspection(estKey)))
         }
     }
+
+    private let tags = OwnerTags()
 
     /// flowDelete callbacks of the tagging callout so far (one per ended flow).
     public var taggedFlowsEnded: Int { deletes.value.load(ordering: .relaxed) }
@@ -258,5 +259,33 @@ public final class FlowTable: Sendable {
         let ws = state.withLock { s in defer { s.watchers.removeAll() }; return Array(s.watchers.values) }
         ws.forEach { $0.continuation.finish() }
         _ = await engine.unload()
+    }
+}
+
+/// The owner the tagging callout associates with a flow. One instance per process is
+/// shared by all its flows (a class reference: no per-flow copy or boxing).
+public final class OwnerTag: Sendable {
+    public let owner: ProcessOwner
+    init(_ owner: ProcessOwner) { self.owner = owner }
+}
+
+/// Interned owner tags, by process; bounded (emptied when it grows past its limit).
+final class OwnerTags: Sendable {
+    private let byPID = Mutex<[UInt32: OwnerTag]>([:])
+    static let limit = 1 << 16
+
+    func tag(_ m: Metadata) -> OwnerTag {
+        byPID.withLock { tags in
+            // Same process, same executable, uid and cgroup: the same tag (its tid is the
+            // first thread seen; per-flow thread ids are in the flow records).
+            if let t = tags[m.processID], t.owner.exe == m.processPath, t.owner.uid == m.userID, t.owner.cgroup == m.cgroupID {
+                return t
+            }
+            if tags.count >= Self.limit { tags.removeAll(keepingCapacity: true) }
+            let t = OwnerTag(ProcessOwner(pid: m.processID, tid: m.threadID, exe: m.processPath, comm: "",
+                                          uid: m.userID, gid: 0, cgroup: m.cgroupID))
+            tags[m.processID] = t
+            return t
+        }
     }
 }
