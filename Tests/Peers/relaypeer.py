@@ -75,7 +75,7 @@ def one_client(args, seed, results):
                 d = s.recv(65536)
                 if not d: break
                 got.extend(d)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             reset_seen.append(True)
         except OSError as e:
             err.append(str(e))
@@ -86,8 +86,8 @@ def one_client(args, seed, results):
         while i < len(data):
             n = rnd.randint(1, args.max_chunk)
             s.sendall(data[i:i + n]); i += n
-    except ConnectionResetError:
-        reset_seen.append(True)
+    except (ConnectionResetError, BrokenPipeError):
+        reset_seen.append(True)  # the reset surfaced on a write: the error is reported once
     except OSError as e:
         err.append(str(e))
     t.join(60)
@@ -99,7 +99,7 @@ def one_client(args, seed, results):
             if reset_seen: raise ConnectionResetError()
             while s.recv(65536): pass
             r["reset"] = False
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             r["reset"] = True
         except OSError as e:
             r["reset"] = False; r["error"] = str(e)
