@@ -26,9 +26,17 @@ char LICENSE[] SEC("license") = "GPL";
 #define IPPROTO_UDP 17
 #define TCP_CLOSE 7
 
-/* x86_64 syscall numbers of accept and accept4. */
+/* Syscall numbers of accept and accept4, and where sys_exit finds the number. vmlinux.h
+ * comes from the build host, so the pt_regs field exists for the arch being built. */
+#if defined(__TARGET_ARCH_arm64)
+#define FT_NR_ACCEPT 202
+#define FT_NR_ACCEPT4 242
+#define FT_SYSCALL_NR(regs) ((regs)->syscallno)
+#else
 #define FT_NR_ACCEPT 43
 #define FT_NR_ACCEPT4 288
+#define FT_SYSCALL_NR(regs) ((regs)->orig_ax)
+#endif
 
 /* Map sizes are defaults; the agent may resize before load. */
 struct {
@@ -653,7 +661,7 @@ int BPF_PROG(ft_sys_exit, struct pt_regs *regs, long ret)
 {
     if (ret < 0)
         return 0;
-    long nr = regs->orig_ax; /* tp_btf: a trusted pointer, read directly */
+    long nr = FT_SYSCALL_NR(regs); /* tp_btf: a trusted pointer, read directly */
     if (nr != FT_NR_ACCEPT && nr != FT_NR_ACCEPT4)
         return 0;
 
