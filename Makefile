@@ -38,6 +38,9 @@ bpf: $(GEN)/flowtag.skel.h
 
 build: bpf
 	$(SWIFT) build -c $(CONFIG)
+	@# The CLI starts for every question: a release CLI links the Swift runtime statically
+	@# (9 ms instead of 13 ms per run here, B4).
+	[ "$(CONFIG)" != release ] || $(SWIFT) build -c release --static-swift-stdlib --product flowtag
 
 test: deps
 	scripts/test.sh

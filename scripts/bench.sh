@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 make bpf
-swift build -c release
+make build CONFIG=release
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(b1 b2 b3 b4 b5 b7 b8)
 kernel=()
