@@ -15,32 +15,72 @@ public enum EventLine {
     /// JSONEncoder costs more than everything else per event. Same keys and values as the
     /// Codable form (FlowRecord's), checked by the tests.
     public static func json(_ event: FlowEvent) -> String {
-        var prefix = "\"event\":\"\(event.kind.rawValue)\",\"time\":\"\(event.time)\","
+        var w = JSONBytes()
+        write(event, into: &w)
+        return String(decoding: w.bytes, as: UTF8.self)
+    }
+
+    /// Appends one event as a JSON object (no newline) to `buffer`.
+    public static func appendJSON(_ event: FlowEvent, to buffer: inout [UInt8]) {
+        var w = JSONBytes(capacity: 0)
+        swap(&w.bytes, &buffer)
+        write(event, into: &w)
+        swap(&w.bytes, &buffer)
+    }
+
+    static func write(_ event: FlowEvent, into w: inout JSONBytes) {
+        w.raw("{\"event\":\""); w.bytes.append(contentsOf: event.kind.rawValue.utf8)
+        w.raw("\",\"time\":\""); w.time(event.time); w.raw("\",")
         if let p = event.payload {
-            prefix += "\"payload\":{\"direction\":\"\(p.direction)\",\"offset\":\(p.offset),\"length\":\(p.data.count),"
-                + "\"data_base64\":\"\(Data(p.data).base64EncodedString())\"},"
+            w.raw("\"payload\":{\"direction\":"); w.quoted(p.direction)
+            w.raw(",\"offset\":"); w.decimal(p.offset)
+            w.raw(",\"length\":"); w.decimal(p.data.count)
+            w.raw(",\"data_base64\":\""); w.bytes.append(contentsOf: Data(p.data).base64EncodedString().utf8); w.raw("\"},")
         }
-        return recordJSON(event.record, prefix: prefix)
+        writeRecordBody(event.record, into: &w)
     }
 
     /// A flow record as a JSON object; `prefix` holds extra members (with a trailing comma).
     public static func recordJSON(_ r: FlowRecord, prefix: String = "") -> String {
-        var s = "{" + prefix + "\"flow\":\(r.flow),\"netns\":\(r.netns),"
-        s += "\"protocol\":\"\(r.protocol.rawValue)\",\"family\":\"\(r.family.rawValue)\",\"direction\":\"\(r.direction.rawValue)\","
-        s += "\"local\":{\"address\":\"\(r.local.address)\",\"port\":\(r.local.port)},"
-        s += "\"remote\":{\"address\":\"\(r.remote.address)\",\"port\":\(r.remote.port)},"
+        var w = JSONBytes()
+        w.byte(123)
+        w.bytes.append(contentsOf: prefix.utf8)
+        writeRecordBody(r, into: &w)
+        return String(decoding: w.bytes, as: UTF8.self)
+    }
+
+    /// The record's members and the closing brace (the opening one is the caller's).
+    static func writeRecordBody(_ r: FlowRecord, into w: inout JSONBytes) {
+        w.raw("\"flow\":"); w.decimal(r.flow)
+        w.raw(",\"netns\":"); w.decimal(r.netns)
+        w.raw(",\"protocol\":\""); w.bytes.append(contentsOf: r.protocol.rawValue.utf8)
+        w.raw("\",\"family\":\""); w.bytes.append(contentsOf: r.family.rawValue.utf8)
+        w.raw("\",\"direction\":\""); w.bytes.append(contentsOf: r.direction.rawValue.utf8)
+        w.raw("\",\"local\":{\"address\":\""); w.address(r.local.address)
+        w.raw("\",\"port\":"); w.decimal(r.local.port)
+        w.raw("},\"remote\":{\"address\":\""); w.address(r.remote.address)
+        w.raw("\",\"port\":"); w.decimal(r.remote.port)
         let p = r.process
-        s += "\"process\":{\"pid\":\(p.pid),\"tid\":\(p.tid),\"exe\":\(quoted(p.exe)),\"comm\":\(quoted(p.comm)),"
-        s += "\"uid\":\(p.uid),\"gid\":\(p.gid),\"cgroup\":\(p.cgroup)},"
-        s += "\"attribution\":\"\(r.attribution.rawValue)\",\"bytes_sent\":\(r.bytesSent),\"bytes_received\":\(r.bytesReceived),"
-        s += "\"opened_at\":\"\(r.openedAt)\""
-        if let c = r.closedAt { s += ",\"closed_at\":\"\(c)\"" }
-        if let reason = r.closeReason { s += ",\"close_reason\":\(quoted(reason))" }
+        w.raw("},\"process\":{\"pid\":"); w.decimal(p.pid)
+        w.raw(",\"tid\":"); w.decimal(p.tid)
+        w.raw(",\"exe\":"); w.quoted(p.exe)
+        w.raw(",\"comm\":"); w.quoted(p.comm)
+        w.raw(",\"uid\":"); w.decimal(p.uid)
+        w.raw(",\"gid\":"); w.decimal(p.gid)
+        w.raw(",\"cgroup\":"); w.decimal(p.cgroup)
+        w.raw("},\"attribution\":\""); w.bytes.append(contentsOf: r.attribution.rawValue.utf8)
+        w.raw("\",\"bytes_sent\":"); w.decimal(r.bytesSent)
+        w.raw(",\"bytes_received\":"); w.decimal(r.bytesReceived)
+        w.raw(",\"opened_at\":\""); w.time(r.openedAt); w.byte(34)
+        if let c = r.closedAt { w.raw(",\"closed_at\":\""); w.time(c); w.byte(34) }
+        if let reason = r.closeReason { w.raw(",\"close_reason\":"); w.quoted(reason) }
         if let st = r.stats {
-            s += ",\"stats\":{\"segments_out\":\(st.segmentsOut),\"segments_in\":\(st.segmentsIn),"
-            s += "\"retransmits\":\(st.retransmits),\"srtt_us\":\(st.smoothedRTTMicroseconds)}"
+            w.raw(",\"stats\":{\"segments_out\":"); w.decimal(st.segmentsOut)
+            w.raw(",\"segments_in\":"); w.decimal(st.segmentsIn)
+            w.raw(",\"retransmits\":"); w.decimal(st.retransmits)
+            w.raw(",\"srtt_us\":"); w.decimal(st.smoothedRTTMicroseconds); w.byte(125)
         }
-        return s + "}"
+        w.byte(125)
     }
 
     /// A JSON string literal (RFC 8259 escaping).
@@ -225,7 +265,11 @@ public enum AgentRunner {
         while let event = await iterator.next() {
             table.apply(event)
             guard let format else { continue }
-            buffer.append(contentsOf: EventLine.render(event, as: format).utf8)
+            if format == .json {
+                EventLine.appendJSON(event, to: &buffer)
+            } else {
+                buffer.append(contentsOf: EventLine.render(event, as: format).utf8)
+            }
             buffer.append(10)
             if buffer.count >= 1 << 16 || monitor.pendingEvents == 0 {
                 writeAll(1, buffer)
