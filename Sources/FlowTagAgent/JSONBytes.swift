@@ -21,28 +21,29 @@ struct JSONBytes {
 
     mutating func byte(_ b: UInt8) { bytes.append(b) }
 
-    mutating func decimal<T: BinaryInteger>(_ value: T) {
-        if value < 0 {
-            bytes.append(UInt8(ascii: "-"))
-            decimal(UInt64(-Int64(value)))
-            return
-        }
-        var v = UInt64(value)
+    mutating func decimal(_ value: UInt64) {
+        var v = value
         if v < 10 { bytes.append(48 + UInt8(v)); return }
-        var tmp: (UInt64, UInt64, UInt64) = (0, 0, 0) // 24 bytes of scratch, more than 20 digits
-        withUnsafeMutableBytes(of: &tmp) { buf in
-            var i = buf.count
-            while v > 0 { i -= 1; buf[i] = 48 + UInt8(v % 10); v /= 10 }
-            bytes.append(contentsOf: buf[i...])
-        }
+        // Digits written backwards into room made at the end (no temporary buffer).
+        var n = 0, t = v
+        while t > 0 { n += 1; t /= 10 }
+        let end = bytes.count + n
+        bytes.append(contentsOf: repeatElement(48, count: n))
+        var i = end
+        while v > 0 { i -= 1; bytes[i] = 48 + UInt8(v % 10); v /= 10 }
+    }
+    mutating func decimal(_ value: UInt32) { decimal(UInt64(value)) }
+    mutating func decimal(_ value: UInt16) { decimal(UInt64(value)) }
+    mutating func decimal(_ value: Int) {
+        if value < 0 { bytes.append(UInt8(ascii: "-")); decimal(UInt64(value.magnitude)) } else { decimal(UInt64(value)) }
     }
 
     /// Zero-padded decimal of a fixed width.
     mutating func padded(_ value: Int, width: Int) {
-        var digits = [UInt8](repeating: 48, count: width)
-        var v = value, i = width
-        while v > 0 && i > 0 { i -= 1; digits[i] = 48 + UInt8(v % 10); v /= 10 }
-        bytes.append(contentsOf: digits)
+        let end = bytes.count + width
+        bytes.append(contentsOf: repeatElement(48, count: width))
+        var v = value, i = end
+        while v > 0 && i > end - width { i -= 1; bytes[i] = 48 + UInt8(v % 10); v /= 10 }
     }
 
     /// A JSON string literal (RFC 8259 escaping).
@@ -57,18 +58,20 @@ struct JSONBytes {
             case 9: bytes.append(92); bytes.append(116)
             case 0..<0x20:
                 raw("\\u00")
-                let hex: [UInt8] = Array("0123456789abcdef".utf8)
-                bytes.append(hex[Int(b >> 4)]); bytes.append(hex[Int(b & 15)])
+                bytes.append(Self.hex(b >> 4)); bytes.append(Self.hex(b & 15))
             default: bytes.append(b)
             }
         }
         bytes.append(34)
     }
 
+    static func hex(_ nibble: UInt8) -> UInt8 { nibble < 10 ? 48 + nibble : 87 + nibble }
+
     mutating func address(_ a: IPAddress) {
         switch a {
         case .v4(let v):
-            decimal(v >> 24); byte(46); decimal(v >> 16 & 0xff); byte(46); decimal(v >> 8 & 0xff); byte(46); decimal(v & 0xff)
+            decimal(UInt64(v >> 24)); byte(46); decimal(UInt64(v >> 16 & 0xff)); byte(46)
+            decimal(UInt64(v >> 8 & 0xff)); byte(46); decimal(UInt64(v & 0xff))
         case .v6:
             bytes.append(contentsOf: a.description.utf8)
         }
