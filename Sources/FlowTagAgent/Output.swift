@@ -69,6 +69,10 @@ public enum FlowTableRenderer {
             ("watchers", "\(s.watchers)"),
         ]
         for (k, v) in s.attribution.sorted(by: { $0.key < $1.key }) { lines.append(("attribution \(k)", "\(v)")) }
+        if s.relayedFlows > 0 || s.relayPoolEmpty > 0 {
+            lines += [("relayed flows", "\(s.relayedFlows)"), ("relayed now", "\(s.activeRelayedFlows)"),
+                      ("relay pool empty", "\(s.relayPoolEmpty)"), ("relay bytes undeliverable", "\(s.relayBytesUndeliverable)")]
+        }
         let w = lines.map(\.0.count).max() ?? 0
         return lines.map { $0.0.padding(toLength: w + 2, withPad: " ", startingAt: 0) + $0.1 }.joined(separator: "\n") + "\n"
     }

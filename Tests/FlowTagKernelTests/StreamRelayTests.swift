@@ -89,6 +89,8 @@ struct StreamRelayTests {
                 #expect(line.flatMap { Double($0.split(separator: " ").last ?? "") }.map { Int($0) } == total, "\(hop): \(String(describing: line))")
             }
             #expect(text.contains("flowtag_relay_flows_total 3"))
+            let (_, table, _) = try a.cli(["stats"])
+            #expect(table.split(separator: "\n").contains { $0.hasPrefix("relayed flows") && $0.hasSuffix(" 3") }, "\(table)")
             #expect(text.contains("flowtag_relay_undeliverable_bytes_total 0"))
         }
     }
