@@ -120,7 +120,7 @@ struct {
  * own sendmsg, which would loop back into the relay). */
 struct {
     __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, FT_RELAY_SLOTS_MAX);
+    __uint(max_entries, 2 * FT_RELAY_SLOTS_MAX);
     __type(key, __u64);
     __type(value, __u64);
 } ft_relay_writers SEC(".maps");
@@ -466,14 +466,15 @@ int ft_relay_writer(struct sk_msg_md *msg)
     if (!sk)
         return SK_DROP;
     struct ft_relay_route *r = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
-    if (!r || r->role != FT_RELAY_WRITER)
+    if (!r || (r->role != FT_RELAY_WRITER && r->role != FT_RELAY_WRITER_IN))
         return SK_DROP;
     __u32 slot = r->slot;
     struct ft_relay_slot *s = bpf_map_lookup_elem(&ft_relay_slots, &slot);
     if (!s || s->mode != FT_RELAY_ACTIVE)
         return SK_DROP;
     __u64 key = s->app_cookie;
-    return bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, 0) == SK_PASS ? SK_PASS : SK_DROP;
+    __u64 flags = r->role == FT_RELAY_WRITER_IN ? BPF_F_INGRESS : 0;
+    return bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, flags) == SK_PASS ? SK_PASS : SK_DROP;
 }
 
 SEC("sk_skb")

@@ -136,6 +136,9 @@ public final class StreamRelay: @unchecked Sendable {
             // Also slots whose input is paused: their output may have drained meanwhile
             // (sessions deliver, and write, from inside indicate).
             for s in slots.values where s.hasPendingOutput || s.isPaused { flush(s) }
+            for s in slots.values where s.session != nil && (s.awaitingDrain || s.injectedSinceCheck >= Self.unreadCheckBytes) {
+                boundUnread(s)
+            }
             replenish()
         }
         shutdownAll()
@@ -155,6 +158,7 @@ public final class StreamRelay: @unchecked Sendable {
                 if let session = s.session {
                     if session.flow.cookie == record.flow {
                         session.metadata = Self.metadata(record)
+                        s.ownerPID = record.process.pid // the accepting process, once known
                         records.withLock { $0[record.flow] = record }
                     }
                 } else {
@@ -234,9 +238,34 @@ public final class StreamRelay: @unchecked Sendable {
     private func flush(_ s: RelaySlot) {
         for d in [StreamDirection.send, .receive] {
             _ = s.flush(d)
-            if !s.readingEnabled(d) && s.pendingCount(d) < Self.pendingLimit / 2 { s.setReadingEnabled(d, true) }
+            if !s.readingEnabled(d) && s.pendingCount(d) < Self.pendingLimit / 2 && !(d == .receive && s.awaitingDrain) {
+                s.setReadingEnabled(d, true)
+            }
         }
         updateInterest(s)
+    }
+
+    /// The receive direction's last hop puts bytes straight into the process's receive
+    /// queue, which has no limit of its own: past `unreadLimit` bytes the process has not
+    /// read (FIONREAD through its own fd, pidfd_getfd), the relay stops reading that
+    /// direction, so TCP holds the peer back, until the process has read most of it.
+    static let unreadCheckBytes = 1 << 20
+    static let unreadLimit = 4 << 20
+
+    private func boundUnread(_ s: RelaySlot) {
+        guard let c = s.session?.flow.cookie, s.ownerPID != 0,
+              let unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint) else {
+            s.resetInjected() // unreachable owner: unbounded (documented); look again later
+            if s.awaitingDrain { s.awaitingDrain = false; setReading(s, .receive, true) }
+            return
+        }
+        if unread > Self.unreadLimit {
+            if !s.awaitingDrain { s.awaitingDrain = true; setReading(s, .receive, false) }
+        } else if s.awaitingDrain {
+            if unread < Self.unreadCheckBytes { s.awaitingDrain = false; s.resetInjected(); setReading(s, .receive, true) }
+        } else {
+            s.resetInjected()
+        }
     }
 
     /// epoll interest per agent socket: input unless paused, output while bytes wait.
@@ -384,6 +413,11 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     var finIndicated = [false, false]
     /// The kernel reported the flow closed: nothing to shut any more.
     var flowEnded = false
+    /// Relay-thread state of the unread bound (see StreamRelay.boundUnread).
+    var awaitingDrain = false
+    var appFDHint: Int32?
+    var injectedSinceCheck: Int { output.withLock { $0.injected } }
+    func resetInjected() { output.withLock { $0.injected = 0 } }
     private let output = Mutex<Output>(Output())
 
     struct Output {
@@ -392,6 +426,8 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
         var closed = false
         /// A writer thread owns the send direction's output.
         var writerActive = false
+        /// Receive-direction bytes written since the unread bound last looked.
+        var injected = 0
     }
 
     let counters: RelayCounters
@@ -457,6 +493,7 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
                 total += n
             }
             o.pending[i].removeFirst(total)
+            if d == .receive { o.injected += total }
             if total > 0 { if d == .send { counters.bytesToPeer.add(UInt64(total), ordering: .relaxed) } else { counters.bytesToProcess.add(UInt64(total), ordering: .relaxed) } }
             if d == .send && !o.pending[i].isEmpty {
                 o.writerActive = true

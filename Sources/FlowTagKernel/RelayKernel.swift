@@ -155,6 +155,13 @@ public final class RelayKernel: @unchecked Sendable {
             var writerKey = UInt64(slot)
             var writerFD = UInt64(sendAgent)
             try check("add a relay writer", ftbpf_map_update(programs.mapFD(.relayWriters), &writerKey, &writerFD, 0))
+            // The agent's RECV end writes into the app socket's receive queue through sk_msg
+            // (synchronous: no kworker hop). That queue has no limit of its own; the relay
+            // bounds it by reading the process's unread bytes (StreamRelay).
+            try markRole(recvAgent, FT_RELAY_WRITER_IN, slot: slot)
+            var inKey = UInt64(slot) | (1 << 32)
+            var inFD = UInt64(recvAgent)
+            try check("add a relay writer", ftbpf_map_update(programs.mapFD(.relayWriters), &inKey, &inFD, 0))
             return RelaySlotSockets(slot: slot, sendFD: sendAgent, receiveFD: recvAgent, kernelFDs: [sendKernel, recvKernel], tuples: tuples)
         } catch {
             made.forEach { close($0) }
@@ -314,8 +321,38 @@ public enum AppSocket {
         return Glibc.shutdown(fd, Int32(SHUT_RDWR)) == 0
     }
 
+    /// Bytes the process has not read yet from its socket (FIONREAD, which on a relayed
+    /// socket counts what was delivered into its receive queue), through the owner's fd
+    /// number `hint` when it still names the socket, else found again. nil: unreachable.
+    public static func unreadBytes(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> Int? {
+        var fd: Int32 = -1
+        if let h = hint {
+            let d = ftbpf_pidfd_getfd(Int32(bitPattern: pid), h)
+            if d >= 0, cookieOf(d) == cookie { fd = d } else if d >= 0 { close(d) }
+        }
+        if fd < 0 {
+            guard let (d, target) = findWithNumber(pid: pid, cookie: cookie) else { hint = nil; return nil }
+            fd = d
+            hint = target
+        }
+        defer { close(fd) }
+        var n: Int32 = 0
+        guard ioctl(fd, UInt(FIONREAD), &n) == 0 else { return nil }
+        return Int(n)
+    }
+
+    static func cookieOf(_ fd: Int32) -> UInt64? {
+        var value: UInt64 = 0
+        var len = socklen_t(MemoryLayout<UInt64>.size)
+        return getsockopt(fd, SOL_SOCKET, 57 /* SO_COOKIE */, &value, &len) == 0 ? value : nil
+    }
+
     /// A duplicate of the owner's fd for the socket with this cookie (close it after use).
     public static func find(pid: UInt32, cookie: UInt64) -> Int32? {
+        findWithNumber(pid: pid, cookie: cookie)?.0
+    }
+
+    static func findWithNumber(pid: UInt32, cookie: UInt64) -> (Int32, Int32)? {
         guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
         defer { closedir(dir) }
         while let entry = readdir(dir) {
@@ -323,9 +360,7 @@ public enum AppSocket {
             guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), link.hasPrefix("socket:") else { continue }
             let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
             guard fd >= 0 else { continue }
-            var value: UInt64 = 0
-            var len = socklen_t(MemoryLayout<UInt64>.size)
-            if getsockopt(fd, SOL_SOCKET, 57 /* SO_COOKIE */, &value, &len) == 0, value == cookie { return fd }
+            if cookieOf(fd) == cookie { return (fd, target) }
             close(fd)
         }
         return nil

@@ -299,6 +299,29 @@ struct StreamRelayTests {
         }
     }
 
+    @Test("a process that does not read holds its peer back: the relay bounds what waits unread, and every byte arrives")
+    func nonReadingProcessIsBounded() async throws {
+        let total = 200 << 20
+        let (server, port) = try await startEchoServer(mode: "push", expect: total)
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)"]))
+            #expect(try await c.wait(timeout: 120) == 0, "\(c.stderrText)")
+            let lines = try await server.waitForLines(2)
+            let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
+            // Unread at most 4 MiB in the process, 4 MiB held by the agent, and the TCP
+            // buffers of the hops: far from all 200 MiB.
+            #expect(early < 80 << 20, "the peer pushed \(early) bytes while the process read nothing")
+            let done = try #require(lines.first { $0["sha"] != nil })
+            let got = try #require(c.jsonLines.last)
+            #expect(got["got"] as? Int == total)
+            #expect(got["sha"] as? String == done["sha"] as? String)
+        }
+    }
+
     @Test("100 concurrent relayed flows")
     func hundredConcurrentFlows() async throws {
         let (server, port) = try await startEchoServer()

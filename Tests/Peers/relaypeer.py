@@ -25,7 +25,27 @@ def server(args):
     l = socket.socket(fam); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     l.bind((args.bind, 0)); l.listen(256)
     write_port(args.portfile, l.getsockname()[1])
+    def push(c):
+        """Sends --expect bytes as fast as the socket takes them; says how far it got
+        after 3 s (the client is not reading then)."""
+        data = payload(1 << 20, 9, False)
+        sent = [0]; h = hashlib.sha256()
+        threading.Timer(3.0, lambda: print(json.dumps({"pushed_after_3s": sent[0]}), flush=True)).start()
+        try:
+            while sent[0] < args.expect:
+                chunk = data[:min(65536, args.expect - sent[0])]
+                c.sendall(chunk); h.update(chunk); sent[0] += len(chunk)
+            # The client acks once it has everything, so this FIN cannot race the relay.
+            c.settimeout(120); c.recv(2)
+            c.shutdown(socket.SHUT_WR)
+            print(json.dumps({"pushed": sent[0], "sha": h.hexdigest()}), flush=True)
+        except OSError as e:
+            print(json.dumps({"pushed": sent[0], "error": str(e)}), flush=True)
+        c.close()
+
     def serve(c, peer):
+        if args.mode == "push":
+            return push(c)
         h = hashlib.sha256(); n = 0; acked = False
         try:
             while True:
@@ -181,10 +201,23 @@ def flood(args):
     except OSError as e:
         print(json.dumps({"sent": n, "error": str(e)}), flush=True)
 
+def slowread(args):
+    """Connects, reads nothing for 3.5 s, then everything until EOF."""
+    s = socket.create_connection((args.host, args.port), timeout=60)
+    time.sleep(3.5)
+    h = hashlib.sha256(); n = 0
+    while n < args.size:
+        d = s.recv(1 << 16)
+        if not d: break
+        h.update(d); n += len(d)
+    s.sendall(b"ok")
+    while s.recv(1 << 16): pass
+    print(json.dumps({"got": n, "sha": h.hexdigest()}), flush=True)
+
 p = argparse.ArgumentParser()
 sub = p.add_subparsers(dest="cmd", required=True)
 a = sub.add_parser("server"); a.add_argument("portfile"); a.add_argument("--bind", default="127.0.0.1")
-a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "sink"])
+a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "sink", "push"])
 a.add_argument("--expect", type=int, default=0)
 a = sub.add_parser("client"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100000); a.add_argument("--seed", type=int, default=1)
@@ -192,8 +225,10 @@ a.add_argument("--flows", type=int, default=1); a.add_argument("--max-chunk", ty
 a.add_argument("--text", action="store_true"); a.add_argument("--edit", action="store_true")
 a.add_argument("--trailer", action="store_true"); a.add_argument("--reset", action="store_true")
 a = sub.add_parser("stream"); a.add_argument("host"); a.add_argument("port", type=int); a.add_argument("--seed", type=int, default=7)
+a = sub.add_parser("slowread"); a.add_argument("host"); a.add_argument("port", type=int)
+a.add_argument("--size", type=int, required=True)
 a = sub.add_parser("flood"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100 << 20); a.add_argument("--seed", type=int, default=3)
 a.add_argument("--blocking", action="store_true")
 args = p.parse_args()
-{"server": server, "client": client, "stream": stream, "flood": flood}[args.cmd](args)
+{"server": server, "client": client, "stream": stream, "flood": flood, "slowread": slowread}[args.cmd](args)

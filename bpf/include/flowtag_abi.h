@@ -225,6 +225,7 @@ enum ft_relay_role {
     FT_RELAY_RECV = 3,  /* slot socket carrying what the app receives */
     FT_RELAY_AGENT = 4, /* other agent relay plumbing (the listener): never selected */
     FT_RELAY_WRITER = 5, /* agent's end of SEND: its writes leave by the app socket */
+    FT_RELAY_WRITER_IN = 6, /* agent's end of RECV: its writes land in the app socket's receive queue */
 };
 
 /* Socket-local storage on every socket the relay touches. 16 bytes. */
