@@ -16,7 +16,11 @@ if [ -n "$cg" ]; then
         [ -d "$d" ] || continue
         pid=$(owner "$d"); [ -n "$pid" ] && alive "$pid" && continue
         echo 1 > "$d/cgroup.kill" 2>/dev/null || true
-        for _ in $(seq 50); do rmdir "$d" 2>/dev/null && break; sleep 0.1; done
+        for _ in $(seq 50); do
+            for child in "$d"/*/; do [ -d "$child" ] && rmdir "$child" 2>/dev/null; done
+            rmdir "$d" 2>/dev/null && break
+            sleep 0.1
+        done
     done
 fi
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^flowtag-test-' || true); do

@@ -52,6 +52,12 @@ final class TestCgroup: @unchecked Sendable {
             _ = write(fd, "1", 1)
             close(fd)
         }
+        // Child cgroups a test made go first (a cgroup with children cannot be removed).
+        let children = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        for c in children {
+            var isDir: ObjCBool = false
+            if FileManager.default.fileExists(atPath: path + "/" + c, isDirectory: &isDir), isDir.boolValue { rmdir(path + "/" + c) }
+        }
         for _ in 0..<100 {
             if rmdir(path) == 0 || errno == ENOENT { return }
             usleep(20_000)
