@@ -50,6 +50,9 @@ public final class StreamRelay: @unchecked Sendable {
     private var offered = 0
     private var buffer = [UInt8](repeating: 0, count: 1 << 16)
 
+    /// How long the relay thread keeps polling after an event before it sleeps in epoll.
+    static let busyPoll: Duration = .microseconds(50)
+
     /// Output held for one direction before the relay stops reading that direction's input.
     static let pendingLimit = 4 << 20
 
@@ -117,9 +120,14 @@ public final class StreamRelay: @unchecked Sendable {
     private func run() {
         var fds = [Int32](repeating: 0, count: 64)
         var events = [UInt32](repeating: 0, count: 64)
+        var lastBusy = ContinuousClock.now
         while !stopping.load(ordering: .relaxed) {
             let waiting = slots.values.contains { $0.hasPendingOutput || $0.isPaused }
-            let n = ftbpf_epoll_wait(epfd, &fds, &events, 64, waiting ? 1 : 100)
+            // Busy-poll briefly after activity: the answer to what was just relayed often
+            // comes within tens of µs, and a sleeping thread's wake-up costs about that.
+            let spinning = ContinuousClock.now - lastBusy < Self.busyPoll
+            let n = ftbpf_epoll_wait(epfd, &fds, &events, 64, spinning ? 0 : waiting ? 1 : 100)
+            if n > 0 { lastBusy = ContinuousClock.now }
             if n > 0 {
                 for i in 0..<Int(n) {
                     let fd = fds[i]
