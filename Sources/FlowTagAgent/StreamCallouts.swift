@@ -31,7 +31,7 @@ public enum BuiltinStreamCallouts {
         if !outOfBand {
             return StreamCallout(name: name, weight: weight) { ind, inj in
                 guard directions.contains(ind.direction) else { return .permit }
-                return inlineEdit(ind, inj, pattern: pattern, replacement: replacement)
+                return StreamEdits.inline(ind, inj, pattern: pattern, replacement: replacement)
             }
         }
         let held = Mutex<[Key: [UInt8]]>([:])
@@ -46,9 +46,9 @@ public enum BuiltinStreamCallouts {
             let out: [UInt8] = held.withLock { h in
                 var buf = h[key] ?? []
                 buf.append(contentsOf: ind.data)
-                let keep = final ? 0 : partialSuffix(buf, pattern)
+                let keep = final ? 0 : StreamEdits.partialSuffix(buf, pattern)
                 if final { h.removeValue(forKey: key) } else { h[key] = Array(buf.suffix(keep)) }
-                return replaceAll(Array(buf.dropLast(keep)), pattern, replacement)
+                return StreamEdits.replaceAll(Array(buf.dropLast(keep)), pattern, replacement)
             }
             if !out.isEmpty { _ = inj.inject(flags: .direction(ind.direction), data: out, completion: { _ in }) }
             return final ? .permit : .block
@@ -63,16 +63,13 @@ public enum BuiltinStreamCallouts {
         return StreamCallout(name: name, weight: weight, isTerminating: true) { ind, _ in
             let data = ind.data
             if data.isEmpty || ind.flags.contains(.abort) { return .permit }
-            if let at = firstIndex(of: pattern, in: data) {
+            if let at = StreamEdits.firstIndex(of: pattern, in: data) {
                 // The bytes before the match go on; the rest is indicated again at once,
                 // starting with the match, and then blocked with the connection.
                 if at > 0 { return .permit(at) }
                 return StreamDecision(.block, .dropConnection)
             }
-            let partial = ind.flags.contains(.noMoreData) ? 0 : partialSuffix(data, pattern)
-            if partial == 0 { return .permit }
-            if partial < data.count { return .permit(data.count - partial) }
-            return .needMoreData(pattern.count)
+            return StreamEdits.permitHoldingPartial(ind, pattern: pattern)
         }
     }
 
@@ -98,42 +95,6 @@ public enum BuiltinStreamCallouts {
     }
 
     struct Key: Hashable { var flow: UInt64; var direction: StreamDirection }
-
-    static func inlineEdit(_ ind: StreamIndication, _ inj: StreamInjector, pattern: [UInt8], replacement: [UInt8]) -> StreamDecision {
-        let data = ind.data
-        if data.isEmpty { return .permit }
-        if let at = firstIndex(of: pattern, in: data) {
-            if at > 0 { return .permit(at) }
-            _ = inj.inject(flags: .direction(ind.direction), data: replacement, completion: { _ in })
-            return .block(pattern.count)
-        }
-        let partial = ind.flags.contains(.noMoreData) ? 0 : partialSuffix(data, pattern)
-        if partial == 0 { return .permit }
-        if partial < data.count { return .permit(data.count - partial) }
-        return .needMoreData(pattern.count)
-    }
-
-    static func firstIndex(of p: [UInt8], in d: [UInt8]) -> Int? {
-        guard d.count >= p.count else { return nil }
-        for i in 0...(d.count - p.count) where d[i] == p[0] && d[i..<i + p.count].elementsEqual(p) { return i }
-        return nil
-    }
-
-    /// Length of the longest proper prefix of `p` that ends `d`.
-    static func partialSuffix(_ d: [UInt8], _ p: [UInt8]) -> Int {
-        for n in stride(from: min(p.count - 1, d.count), to: 0, by: -1) where d.suffix(n).elementsEqual(p.prefix(n)) { return n }
-        return 0
-    }
-
-    static func replaceAll(_ d: [UInt8], _ p: [UInt8], _ r: [UInt8]) -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(d.count)
-        var i = 0
-        while i < d.count {
-            if i + p.count <= d.count && d[i] == p[0] && d[i..<i + p.count].elementsEqual(p) { out += r; i += p.count } else { out.append(d[i]); i += 1 }
-        }
-        return out
-    }
 }
 
 extension StreamConfig {

@@ -64,7 +64,7 @@ final class StmeditPort: @unchecked Sendable {
         }
         let inline = StreamCallout(name: "cloudy->sunny", weight: 10,
                                    appliesTo: { engine.context(flow: $0, layer: .stream(.v4), callout: inlineID, as: InlineContext.self) != nil }) { ind, inj in
-            StmeditPort.inlineEdit(ind, inj, pattern: Array("cloudy".utf8), replacement: Array("sunny".utf8))
+            StreamEdits.inline(ind, inj, pattern: Array("cloudy".utf8), replacement: Array("sunny".utf8))
         }
         session = StreamSession(flow: flow, metadata: meta, callouts: [inline, oob], sink: sink)
     }
@@ -74,9 +74,9 @@ final class StmeditPort: @unchecked Sendable {
     static func flush(_ ctx: OOBContext, _ inj: StreamInjector, _ d: StreamDirection, final: Bool) {
         let out: [UInt8] = ctx.pending.withLock { p in
             let buf = p[d] ?? []
-            let keep = final ? 0 : partialSuffix(buf, Array("rainy".utf8))
+            let keep = final ? 0 : StreamEdits.partialSuffix(buf, Array("rainy".utf8))
             p[d] = Array(buf.suffix(keep))
-            return replaceAll(Array(buf.dropLast(keep)), Array("rainy".utf8), Array("cloudy".utf8))
+            return StreamEdits.replaceAll(Array(buf.dropLast(keep)), Array("rainy".utf8), Array("cloudy".utf8))
         }
         if !out.isEmpty { inj.inject(flags: .direction(d), data: out, completion: noCompletion) }
     }
@@ -85,41 +85,6 @@ final class StmeditPort: @unchecked Sendable {
         let ctx = engine.context(flow: flow, layer: .stream(.v4), callout: oobID, as: OOBContext.self)!
         let inj = session.injector(for: "rainy->cloudy")!
         for d in StreamDirection.allCases { Self.flush(ctx, inj, d, final: false) }
-    }
-
-    /// Inline editing: permit up to a match, replace the match, hold back a partial match.
-    static func inlineEdit(_ ind: StreamIndication, _ inj: StreamInjector, pattern: [UInt8], replacement: [UInt8]) -> StreamDecision {
-        let data = ind.data
-        if data.isEmpty { return .permit }
-        if let at = firstIndex(of: pattern, in: data) {
-            if at > 0 { return .permit(at) }
-            inj.inject(flags: .direction(ind.direction), data: replacement, completion: noCompletion)
-            return .block(pattern.count)
-        }
-        let partial = ind.flags.contains(.noMoreData) ? 0 : partialSuffix(data, pattern)
-        if partial == 0 { return .permit }
-        if partial < data.count { return .permit(data.count - partial) }
-        return .needMoreData(pattern.count)
-    }
-
-    static func firstIndex(of p: [UInt8], in d: [UInt8]) -> Int? {
-        guard d.count >= p.count else { return nil }
-        for i in 0...(d.count - p.count) where d[i] == p[0] && Array(d[i..<i + p.count]) == p { return i }
-        return nil
-    }
-
-    /// Length of the longest proper prefix of `p` that ends `d`.
-    static func partialSuffix(_ d: [UInt8], _ p: [UInt8]) -> Int {
-        for n in stride(from: min(p.count - 1, d.count), to: 0, by: -1) where Array(d.suffix(n)) == Array(p.prefix(n)) { return n }
-        return 0
-    }
-
-    static func replaceAll(_ d: [UInt8], _ p: [UInt8], _ r: [UInt8]) -> [UInt8] {
-        var out: [UInt8] = [], i = 0
-        while i < d.count {
-            if i + p.count <= d.count && d[i] == p[0] && Array(d[i..<i + p.count]) == p { out += r; i += p.count } else { out.append(d[i]); i += 1 }
-        }
-        return out
     }
 
     func send(_ s: String, _ d: StreamDirection = .send) {
