@@ -414,32 +414,25 @@ static __always_inline void relay_take(struct bpf_sock_ops *skops, struct bpf_so
     count(FT_CNT_RELAY_ASSIGNED);
 }
 
-/* Where a relayed socket's bytes go (sending: sk_msg on its own writes; otherwise sk_skb
- * on data that arrived on it). Into the agent, every hop is an egress redirect into a slot
- * socket, so TCP between the slot's two ends carries it with flow control: a process
- * that outruns the agent waits (or gets EAGAIN) like on any full socket.
- * App sockets fail open (a missing relay socket, e.g. after an agent crash, leaves the
- * flow direct); slot sockets fail closed so no agent byte reaches the wrong stream. */
-static __always_inline int relay_target(const struct ft_relay_route *r, int sending, __u64 *key, __u64 *flags)
+/* Where an app socket's bytes go: out of the slot's SEND (what the process writes,
+ * sk_msg) or RECV (what arrived for it, sk_skb) socket, so TCP between the slot's two ends
+ * carries them to the agent with flow control: a process that outruns the agent waits (or
+ * gets EAGAIN) like on any full socket. The way back is the agent's own ends
+ * (ft_relay_writers). App sockets fail open (a missing relay socket, e.g. after an agent
+ * crash, leaves the flow direct). A slot socket only transmits what was redirected out of
+ * it (pass) and never receives data (the agent's ends write through ft_relay_writers), so
+ * anything arriving on one is dropped. */
+static __always_inline int relay_target(const struct ft_relay_route *r, int sending, __u64 *key)
 {
     if (!r || r->role == FT_RELAY_NONE)
         return SK_PASS;
+    if (r->role != FT_RELAY_APP)
+        return sending ? SK_PASS : SK_DROP;
     __u32 slot = r->slot;
     struct ft_relay_slot *s = bpf_map_lookup_elem(&ft_relay_slots, &slot);
-    if (r->role == FT_RELAY_APP) {
-        if (!s || s->mode != FT_RELAY_ACTIVE || s->app_cookie != r->app_cookie)
-            return SK_PASS;
-        *key = FT_RELAY_KEY(slot, sending ? FT_RELAY_SEND : FT_RELAY_RECV);
-        *flags = 0;
-        return -1;
-    }
-    if (sending)
-        return SK_PASS; /* a slot socket transmitting what was redirected out of it */
-    /* Arriving at RECV: what the agent wrote back for the process. */
-    if (r->role != FT_RELAY_RECV || !s || s->mode != FT_RELAY_ACTIVE)
-        return SK_DROP;
-    *key = s->app_cookie;
-    *flags = BPF_F_INGRESS;
+    if (!s || s->mode != FT_RELAY_ACTIVE || s->app_cookie != r->app_cookie)
+        return SK_PASS;
+    *key = FT_RELAY_KEY(slot, sending ? FT_RELAY_SEND : FT_RELAY_RECV);
     return -1;
 }
 
@@ -450,11 +443,11 @@ int ft_relay_msg(struct sk_msg_md *msg)
     if (!sk)
         return SK_PASS;
     struct ft_relay_route *r = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
-    __u64 key = 0, flags = 0;
-    int verdict = relay_target(r, 1, &key, &flags);
+    __u64 key = 0;
+    int verdict = relay_target(r, 1, &key);
     if (verdict >= 0)
         return verdict;
-    bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, flags);
+    bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, 0);
     return SK_PASS; /* redirected, or direct when the relay socket is gone */
 }
 
@@ -503,15 +496,12 @@ int ft_relay_skb(struct __sk_buff *skb)
     struct ft_relay_route *route = bpf_map_lookup_elem(&ft_relay_tuples, &t);
     if (!route)
         return SK_DROP;
-    __u64 key = 0, flags = 0;
-    int verdict = relay_target(route, 0, &key, &flags);
+    __u64 key = 0;
+    int verdict = relay_target(route, 0, &key);
     if (verdict >= 0)
         return verdict;
-    if (bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, flags) == SK_PASS)
-        return SK_PASS;
-    /* Target gone: an app socket's data goes to the process directly; a slot socket's
-     * is dropped (its flow has ended). */
-    return route->role == FT_RELAY_APP ? SK_PASS : SK_DROP;
+    bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, 0);
+    return SK_PASS; /* redirected, or direct when the relay socket is gone */
 }
 
 /* ---------------------------------------------------------------- TCP */

@@ -185,8 +185,8 @@ enum ft_counter {
  *   process writes → sk_msg on app → out of SEND → agent reads its SEND peer
  *   agent writes on its SEND peer (in ft_relay_writers) → sk_msg → out of the app socket
  *   peer's data → sk_skb on app → out of RECV → agent reads its RECV peer
- *   agent writes on its RECV peer → arrives at RECV → sk_skb → app socket's receive queue
- * Every hop is TCP or a redirect with back-pressure. */
+ *   agent writes on its RECV peer (in ft_relay_writers) → sk_msg → app's receive queue
+ * Every hop is TCP or a redirect; the last one is bounded by the agent (unread bytes). */
 #define FT_STREAM_RULES_MAX 16
 #define FT_RELAY_SLOTS_MAX 4096
 
@@ -221,8 +221,8 @@ struct ft_stream_rule {
 enum ft_relay_role {
     FT_RELAY_NONE = 0,
     FT_RELAY_APP = 1,   /* the selected flow's own socket */
-    FT_RELAY_SEND = 2,  /* slot socket carrying what the app sends */
-    FT_RELAY_RECV = 3,  /* slot socket carrying what the app receives */
+    FT_RELAY_SEND = 2,  /* slot socket carrying what the app sends, to the agent */
+    FT_RELAY_RECV = 3,  /* slot socket carrying what the app receives, to the agent */
     FT_RELAY_AGENT = 4, /* other agent relay plumbing (the listener): never selected */
     FT_RELAY_WRITER = 5, /* agent's end of SEND: its writes leave by the app socket */
     FT_RELAY_WRITER_IN = 6, /* agent's end of RECV: its writes land in the app socket's receive queue */
