@@ -83,23 +83,11 @@ public enum EventLine {
         w.byte(125)
     }
 
-    /// A JSON string literal (RFC 8259 escaping).
+    /// A JSON string literal (RFC 8259 escaping), as `JSONBytes.quoted` writes it.
     static func quoted(_ text: String) -> String {
-        var out = "\""
-        for u in text.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where u.value < 0x20:
-                let hex = String(u.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(u)
-            }
-        }
-        return out + "\""
+        var w = JSONBytes(capacity: text.utf8.count + 2)
+        w.quoted(text)
+        return String(decoding: w.bytes, as: UTF8.self)
     }
 
     /// A capture callout's report: the flow, direction, offset and bytes (base64 in JSON).
