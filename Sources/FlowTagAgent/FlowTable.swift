@@ -3,20 +3,6 @@ import FlowTagKernel
 import Foundation
 import Synchronization
 
-/// Identity of a live flow for lookups: the 5-tuple within a network namespace.
-public struct FlowTuple: Hashable, Sendable {
-    public var netns: UInt64
-    public var proto: FlowProtocol
-    public var local: Endpoint
-    public var remote: Endpoint
-
-    public init(netns: UInt64, proto: FlowProtocol, local: Endpoint, remote: Endpoint) {
-        self.netns = netns; self.proto = proto; self.local = local; self.remote = remote
-    }
-
-    init(_ r: FlowRecord) { self.init(netns: r.netns, proto: r.protocol, local: r.local, remote: r.remote) }
-}
-
 /// A flow with its state, as the API returns it.
 public struct FlowEntry: Sendable, Hashable {
     public var record: FlowRecord
@@ -57,7 +43,7 @@ public struct AgentStats: Sendable, Codable, Hashable {
 /// removed (flowDelete fires) when the kernel reports the flow gone.
 public final class FlowTable: Sendable {
     private struct State {
-        var live: [FlowTuple: FlowRecord] = [:]
+        var live = LiveFlows()
         /// Network namespaces seen: a lookup without netns tries each (a handful), never a scan.
         var namespaces: Set<UInt64> = []
         var closed: [FlowRecord] = []
@@ -133,9 +119,7 @@ public final class FlowTable: Sendable {
     /// A flow found in the kernel's maps at start (resynchronisation): live, not re-announced.
     public func adopt(_ r: FlowRecord) {
         let inserted: Bool = state.withLock { s in
-            let key = FlowTuple(r)
-            guard s.live[key] == nil else { return false }
-            s.live[key] = r
+            guard s.live.upsert(r) else { return false }
             s.namespaces.insert(r.netns)
             s.stats.resynchronisedFlows += 1
             s.stats.activeFlows = s.live.count
@@ -163,16 +147,15 @@ public final class FlowTable: Sendable {
             journal?.append(r)
         }
         let watchers: [Watcher] = state.withLock { s in
-            let key = FlowTuple(r)
             switch event.kind {
             case .open:
-                if s.live.updateValue(r, forKey: key) == nil { s.stats.flowsOpened += 1 }
+                if s.live.upsert(r) { s.stats.flowsOpened += 1 }
                 s.namespaces.insert(r.netns)
                 s.stats.attribution[r.attribution.rawValue, default: 0] += 1
             case .payload:
                 break
             case .close:
-                s.live.removeValue(forKey: key)
+                s.live.remove(r)
                 s.stats.flowsClosed += 1
                 s.stats.bytesSent += r.bytesSent
                 s.stats.bytesReceived += r.bytesReceived
@@ -201,14 +184,12 @@ public final class FlowTable: Sendable {
 
     /// Flows matching a filter; `uid` restricts to one user's flows (access control).
     public func flows(_ filter: FlowFilter, uid: UInt32? = nil) -> [FlowEntry] {
-        let (live, closed) = state.withLock { s in (Array(s.live.values), s.closed) }
+        let (live, closed) = state.withLock { s in
+            (filter.state == .closed ? [] : s.live.records(), filter.state == .open ? [] : s.closed)
+        }
         var out: [FlowEntry] = []
-        if filter.state != .closed {
-            out += live.filter { filter.matches($0, state: .open) }.map { FlowEntry(record: $0, state: .open) }
-        }
-        if filter.state != .open {
-            out += closed.filter { filter.matches($0, state: .closed) }.map { FlowEntry(record: $0, state: .closed) }
-        }
+        out += live.filter { filter.matches($0, state: .open) }.map { FlowEntry(record: $0, state: .open) }
+        out += closed.filter { filter.matches($0, state: .closed) }.map { FlowEntry(record: $0, state: .closed) }
         if let uid { out = out.filter { $0.record.process.uid == uid } }
         return out.sorted { ($0.record.openedAt, $0.record.flow) < ($1.record.openedAt, $1.record.flow) }
     }
@@ -216,8 +197,8 @@ public final class FlowTable: Sendable {
     /// The live flow with this 5-tuple; without a netns, the only one there is.
     public func lookup(proto: FlowProtocol, local: Endpoint, remote: Endpoint, netns: UInt64?) -> [FlowRecord] {
         state.withLock { s in
-            if let netns { return s.live[FlowTuple(netns: netns, proto: proto, local: local, remote: remote)].map { [$0] } ?? [] }
-            return s.namespaces.compactMap { s.live[FlowTuple(netns: $0, proto: proto, local: local, remote: remote)] }
+            if let netns { return s.live.find(netns: netns, proto: proto, local: local, remote: remote).map { [$0] } ?? [] }
+            return s.namespaces.compactMap { s.live.find(netns: $0, proto: proto, local: local, remote: remote) }
         }
     }
 

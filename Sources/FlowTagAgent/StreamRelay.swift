@@ -263,10 +263,15 @@ public final class StreamRelay: @unchecked Sendable {
     private func boundUnread(_ s: RelaySlot) {
         guard let c = s.session?.flow.cookie, s.ownerPID != 0,
               let unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint) else {
+            if !s.reportedUnbounded {
+                s.reportedUnbounded = true
+                FileHandle.standardError.write(Data("flowtagd: relay: flow \(s.session?.flow.cookie ?? 0): the owner's socket is not reachable (pid \(s.ownerPID)); what it has not read is not bounded\n".utf8))
+            }
             s.resetInjected() // unreachable owner: unbounded (documented); look again later
             if s.awaitingDrain { s.awaitingDrain = false; setReading(s, .receive, true) }
             return
         }
+        log("slot \(s.number) unread \(unread) injected \(s.injectedSinceCheck) awaiting \(s.awaitingDrain)")
         if unread > Self.unreadLimit {
             if !s.awaitingDrain { s.awaitingDrain = true; setReading(s, .receive, false) }
         } else if s.awaitingDrain {
@@ -424,6 +429,7 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     /// Relay-thread state of the unread bound (see StreamRelay.boundUnread).
     var awaitingDrain = false
     var appFDHint: Int32?
+    var reportedUnbounded = false
     var injectedSinceCheck: Int { output.withLock { $0.injected } }
     func resetInjected() { output.withLock { $0.injected = 0 } }
     private let output = Mutex<Output>(Output())

@@ -38,9 +38,22 @@ func relayClient(_ a: RunningAgent, _ args: [String], timeout: Double = 90) asyn
     let status = try await c.wait(timeout: timeout)
     let lines = c.jsonLines
     guard status == 0, let report = lines.last else {
-        throw TestFailure("client \(args) exited \(status): \(c.stdout) \(c.stderrText)")
+        throw TestFailure("client \(args) exited \(status): \(c.stdout) \(c.stderrText) hops \(relayHops(a))")
     }
     return report
+}
+
+/// The relay's byte counters per hop (metrics), for failure messages that say which hop
+/// lost or added bytes.
+func relayHops(_ a: RunningAgent) -> [String: Int] {
+    guard let url = a.process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on ") })?.split(separator: " ").last,
+          let (_, text, _) = try? runCommand(["/usr/bin/curl", "-s", String(url)]) else { return [:] }
+    var hops: [String: Int] = [:]
+    for line in text.split(separator: "\n") where line.hasPrefix("flowtag_relay_bytes_total{direction=\"") {
+        let name = line.split(separator: "\"")[1]
+        hops[String(name)] = line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
+    }
+    return hops
 }
 
 func firstResult(_ report: [String: Any]) -> [String: Any] {
@@ -69,7 +82,7 @@ struct StreamRelayTests {
             var clientPorts: [Int] = []
             for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
-                #expect(r["echo_equal"] as? Bool == true, "\(r)")
+                #expect(r["echo_equal"] as? Bool == true, "\(r) hops \(relayHops(a))")
                 #expect(r["eof"] as? Bool == true, "\(r)")
                 clientPorts.append(r["local_port"] as? Int ?? -1)
             }
@@ -314,10 +327,10 @@ struct StreamRelayTests {
             let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
             // Unread at most 4 MiB in the process, 4 MiB held by the agent, and the TCP
             // buffers of the hops: far from all 200 MiB.
-            #expect(early < 80 << 20, "the peer pushed \(early) bytes while the process read nothing")
+            #expect(early < 80 << 20, "the peer pushed \(early) bytes while the process read nothing; agent: \(a.process.stderrText.suffix(3000))")
             let done = try #require(lines.first { $0["sha"] != nil })
             let got = try #require(c.jsonLines.last)
-            #expect(got["got"] as? Int == total)
+            #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
             #expect(got["sha"] as? String == done["sha"] as? String)
         }
     }
