@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <pthread.h>
 #include <dirent.h>
+#include <malloc.h>
 #include <sys/syscall.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -461,6 +462,8 @@ int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags)
 int ftbpf_map_delete(int fd, const void *key) { return neg_errno(bpf_map_delete_elem(fd, key)); }
 int ftbpf_queue_push(int fd, const void *value) { return neg_errno(bpf_map_update_elem(fd, NULL, value, 0)); }
 int ftbpf_queue_pop(int fd, void *value) { return neg_errno(bpf_map_lookup_and_delete_elem(fd, NULL, value)); }
+
+void ftbpf_heap_trim(void) { malloc_trim(0); }
 
 int ftbpf_num_cpus(void) { return libbpf_num_possible_cpus(); }
 

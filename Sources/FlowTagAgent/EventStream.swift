@@ -2,6 +2,7 @@ import FlowContext
 import FlowTagKernel
 import Foundation
 import FlowTagCore
+import CFlowTagBPF
 import Synchronization
 
 /// Output formats for a stream of flow events.
@@ -250,8 +251,10 @@ public enum AgentRunner {
         // cost more than the event), and flushed as soon as no more are waiting.
         var buffer = [UInt8]()
         var iterator = monitor.events.makeAsyncIterator()
+        var heap = HeapTrimmer()
         while let event = await iterator.next() {
             table.apply(event)
+            heap.handled(pending: monitor.pendingEvents)
             guard let format else { continue }
             if format == .json {
                 EventLine.appendJSON(event, to: &buffer)
@@ -276,6 +279,22 @@ public enum AgentRunner {
         if lost > 0 { stderr.write(Data("flowtagd: \(lost) kernel events were lost (ring buffer full)\n".utf8)) }
         withExtendedLifetime(lock) {}
         return 0
+    }
+}
+
+/// Gives the heap back after a burst of events: a burst leaves megabytes of freed
+/// batches, records and strings that malloc keeps (and RSS counts) for good otherwise.
+struct HeapTrimmer {
+    private var sinceTrim = 0
+    private var lastTrim = ContinuousClock.now - .seconds(60)
+    static let burst = 4096
+
+    mutating func handled(pending: Int) {
+        sinceTrim += 1
+        guard pending == 0, sinceTrim >= Self.burst, ContinuousClock.now - lastTrim > .seconds(5) else { return }
+        ftbpf_heap_trim()
+        sinceTrim = 0
+        lastTrim = ContinuousClock.now
     }
 }
 

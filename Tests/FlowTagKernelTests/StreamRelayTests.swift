@@ -470,7 +470,10 @@ struct StreamRelayTests {
         #expect(client.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "HELLO, RAINY WORLD")
         // The callout saw the owning process in its indications, FINs included.
         #expect(agent.stderrText.contains("bytes for pid \(client.pid) "), "\(agent.stderrText)")
-        for _ in 0..<100 where !agent.stderrText.contains("FIN (send) for pid \(client.pid)") { try await Task.sleep(for: .milliseconds(50)) }
+        // The peer's FIN follows the client's: wait for both.
+        for _ in 0..<100 where !(agent.stderrText.contains("FIN (send) for pid \(client.pid)") && agent.stderrText.contains("FIN (receive) for pid \(client.pid)")) {
+            try await Task.sleep(for: .milliseconds(50))
+        }
         #expect(agent.stderrText.contains("FIN (send) for pid \(client.pid)"), "\(agent.stderrText)")
         #expect(agent.stderrText.contains("FIN (receive) for pid \(client.pid)"), "\(agent.stderrText)")
         kill(agent.pid, SIGTERM)

@@ -126,6 +126,9 @@ int ftbpf_probe(char *missing, size_t missing_len);
 /* statfs(2) f_type of a path (bpffs and cgroup2 checks); Swift's Glibc lacks statfs. */
 int ftbpf_statfs_type(const char *path, int64_t *type);
 
+/* Returns freed heap memory to the kernel (malloc_trim; Swift's Glibc lacks it). */
+void ftbpf_heap_trim(void);
+
 /* Number of possible CPUs (per-CPU map value counts). */
 int ftbpf_num_cpus(void);
 
