@@ -545,6 +545,17 @@ int ftbpf_pidfd_getfd(int pid, int target)
     return rc;
 }
 
+int ftbpf_tcp_progress(int fd, uint8_t *state, uint64_t *bytes_received)
+{
+    struct tcp_info info = {0};
+    socklen_t len = sizeof(info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0)
+        return -errno;
+    *state = info.tcpi_state;
+    *bytes_received = info.tcpi_bytes_received;
+    return 0;
+}
+
 int ftbpf_epoll_create(void)
 {
     int fd = epoll_create1(EPOLL_CLOEXEC);

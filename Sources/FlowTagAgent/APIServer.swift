@@ -8,8 +8,6 @@ import NIOPosix
 import Glibc
 #endif
 
-public let flowtagVersion = "0.1.0"
-
 /// Who is asking: from SO_PEERCRED on the connection.
 public struct PeerCredentials: Sendable, Equatable {
     public var pid: Int32
@@ -28,22 +26,6 @@ public struct PeerCredentials: Sendable, Equatable {
         }
         return false
     }
-}
-
-/// `ip:port` or `[ipv6]:port`.
-public func parseEndpoint(_ text: String) -> Endpoint? {
-    var host = Substring(text), port: Substring
-    if host.hasPrefix("[") {
-        guard let close = host.firstIndex(of: "]"), host[host.index(after: close)...].hasPrefix(":") else { return nil }
-        port = host[host.index(close, offsetBy: 2)...]
-        host = host[host.index(after: host.startIndex)..<close]
-    } else {
-        guard let colon = host.lastIndex(of: ":") else { return nil }
-        port = host[host.index(after: colon)...]
-        host = host[..<colon]
-    }
-    guard let a = IPAddress(String(host)), let p = UInt16(port) else { return nil }
-    return Endpoint(address: a, port: p)
 }
 
 /// The query API: HTTP/1.1 with JSON bodies on a unix socket (`curl --unix-socket` works).

@@ -196,18 +196,3 @@ public final class Journal: Sendable {
                           closeReason: row["close_reason"])
     }
 }
-
-/// `--since`/`--until`: RFC 3339, or a duration back from now (`90s`, `15m`, `2h`, `7d`).
-public func parseTimeBound(_ text: String, now: WallTime = .now()) -> WallTime? {
-    if let t = WallTime(rfc3339: text) { return t }
-    guard let unit = text.last, let n = Int64(text.dropLast()), n >= 0 else { return nil }
-    let seconds: Int64
-    switch unit {
-    case "s": seconds = n
-    case "m": seconds = n * 60
-    case "h": seconds = n * 3600
-    case "d": seconds = n * 86400
-    default: return nil
-    }
-    return WallTime(nanoseconds: now.nanoseconds - seconds * 1_000_000_000)
-}

@@ -230,7 +230,7 @@ public final class StreamRelay: @unchecked Sendable {
             log("slot \(s.number) \(direction) read \(n) errno \(errno)")
             if n > 0 {
                 if direction == .send { counters.bytesFromProcess.add(UInt64(n), ordering: .relaxed) }
-                else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed) }
+                else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed); s.bytesFromPeer += UInt64(n) }
                 s.session?.indicate(Array(buffer[0..<n]), direction: direction)
             } else {
                 return // EAGAIN, or nothing more
@@ -381,35 +381,56 @@ public final class StreamRelay: @unchecked Sendable {
         updateInterest(s)
     }
 
-    /// Orderly stop: no new selections, then each relayed flow is drained, flushed and
-    /// closed; free slots are withdrawn from the kernel.
+    /// Orderly stop: no new selections; then each relayed flow is closed the way TCP
+    /// closes. First the process's side: what it sent is delivered, then the peer gets a
+    /// FIN (shutdown(SHUT_WR) through the process's fd). Then the peer's side: what it
+    /// still sends is relayed until its FIN came and every byte before the FIN reached
+    /// the process, which then reads EOF. Shutting the read side at once instead made
+    /// the process's socket answer the peer's last bytes with a reset. Both phases
+    /// together are bounded by 2 s; flows still open then are shut for reading too.
     private func shutdownAll() {
         try? kernel.setRules([])
         kernel.withdrawPool()
         processInbox()
-        for s in Array(slots.values) {
-            if let c = s.session?.flow.cookie {
-                // Still relayed while it drains, so no byte of the process overtakes
-                // what the agent holds; then FIN after the last delivered byte.
-                drainAndFlush(s)
-                if s.ownerPID != 0, AppSocket.shutdown(pid: s.ownerPID, cookie: c) {
-                    counters.closedOnStop.add(1, ordering: .relaxed)
-                } else {
-                    kernel.setSlot(s.number, .direct) // no owner to close it through: direct mode
-                }
-                s.flowEnded = true
-            }
-            retire(s)
-        }
-    }
-
-    private func drainAndFlush(_ s: RelaySlot) {
-        drain(s, .send)
-        drain(s, .receive)
         let deadline = ContinuousClock.now.advanced(by: .seconds(2))
-        while s.hasPendingOutput && ContinuousClock.now < deadline {
-            flush(s)
-            if s.hasPendingOutput { usleep(1000) }
+        var closing: [RelaySlot] = []
+        for s in Array(slots.values) {
+            guard let c = s.session?.flow.cookie, !s.flowEnded else { retire(s); continue }
+            // Still relayed while it drains, so no byte of the process overtakes what the
+            // agent holds; then FIN after the last delivered byte.
+            drain(s, .send)
+            while s.pendingCount(.send) > 0 && ContinuousClock.now < deadline {
+                flush(s)
+                if s.pendingCount(.send) > 0 { usleep(1000) }
+            }
+            if s.ownerPID != 0, AppSocket.shutdown(pid: s.ownerPID, cookie: c, how: Int32(SHUT_WR)) {
+                counters.closedOnStop.add(1, ordering: .relaxed)
+                closing.append(s)
+            } else {
+                kernel.setSlot(s.number, .direct) // no owner to close it through: direct mode
+                s.flowEnded = true
+                retire(s)
+            }
+        }
+        var open = closing
+        while !open.isEmpty && ContinuousClock.now < deadline {
+            open.removeAll { s in
+                drain(s, .receive)
+                flush(s)
+                guard !s.hasPendingOutput, let c = s.session?.flow.cookie else { return false }
+                guard let p = AppSocket.peerProgress(pid: s.ownerPID, cookie: c, hint: &s.appFDHint) else {
+                    return true // the socket is gone: nothing left to deliver to
+                }
+                return p.peerFinished && s.bytesFromPeer >= p.bytesReceived
+            }
+            if !open.isEmpty { usleep(1000) }
+        }
+        for s in closing {
+            if open.contains(where: { $0 === s }), let c = s.session?.flow.cookie {
+                AppSocket.shutdown(pid: s.ownerPID, cookie: c, how: Int32(SHUT_RDWR))
+            }
+            s.flowEnded = true
+            retire(s)
         }
     }
 }
@@ -430,6 +451,9 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     var awaitingDrain = false
     var appFDHint: Int32?
     var reportedUnbounded = false
+    /// Bytes read from the peer's direction (relay thread), compared with what the
+    /// process's socket received when the agent stops.
+    var bytesFromPeer: UInt64 = 0
     var injectedSinceCheck: Int { output.withLock { $0.injected } }
     func resetInjected() { output.withLock { $0.injected = 0 } }
     private let output = Mutex<Output>(Output())

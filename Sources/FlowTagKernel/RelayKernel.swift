@@ -312,33 +312,50 @@ public struct RelaySlotSockets: Sendable {
 /// Acting on a process's own socket from the agent: pidfd_getfd(2) on the owner's fd
 /// that carries the flow's cookie (needs CAP_SYS_PTRACE over the owner).
 public enum AppSocket {
-    /// shutdown(SHUT_RDWR) on the socket with this cookie held by `pid`: FIN to the peer,
-    /// EOF/EPIPE to the process. Returns false when no such socket was found.
+    /// shutdown(2) on the socket with this cookie held by `pid` (SHUT_WR: FIN to the
+    /// peer, EPIPE to the process's next write; SHUT_RDWR also EOF to its reads).
+    /// Returns false when no such socket was found.
     @discardableResult
-    public static func shutdown(pid: UInt32, cookie: UInt64) -> Bool {
+    public static func shutdown(pid: UInt32, cookie: UInt64, how: Int32 = Int32(SHUT_RDWR)) -> Bool {
         guard let fd = find(pid: pid, cookie: cookie) else { return false }
         defer { close(fd) }
-        return Glibc.shutdown(fd, Int32(SHUT_RDWR)) == 0
+        return Glibc.shutdown(fd, how) == 0
+    }
+
+    /// Whether the peer has finished sending (its FIN arrived) and how many payload
+    /// bytes the socket received from it in all; nil when the socket is unreachable.
+    public static func peerProgress(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> (peerFinished: Bool, bytesReceived: UInt64)? {
+        guard let fd = duplicate(pid: pid, cookie: cookie, hint: &hint) else { return nil }
+        defer { close(fd) }
+        var state: UInt8 = 0
+        var received: UInt64 = 0
+        guard ftbpf_tcp_progress(fd, &state, &received) == 0 else { return nil }
+        // TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING: the peer's FIN came.
+        return ([6, 7, 8, 9, 11].contains(state), received)
     }
 
     /// Bytes the process has not read yet from its socket (FIONREAD, which on a relayed
     /// socket counts what was delivered into its receive queue), through the owner's fd
     /// number `hint` when it still names the socket, else found again. nil: unreachable.
     public static func unreadBytes(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> Int? {
-        var fd: Int32 = -1
-        if let h = hint {
-            let d = ftbpf_pidfd_getfd(Int32(bitPattern: pid), h)
-            if d >= 0, cookieOf(d) == cookie { fd = d } else if d >= 0 { close(d) }
-        }
-        if fd < 0 {
-            guard let (d, target) = findWithNumber(pid: pid, cookie: cookie) else { hint = nil; return nil }
-            fd = d
-            hint = target
-        }
+        guard let fd = duplicate(pid: pid, cookie: cookie, hint: &hint) else { return nil }
         defer { close(fd) }
         var n: Int32 = 0
         guard ioctl(fd, UInt(FIONREAD), &n) == 0 else { return nil }
         return Int(n)
+    }
+
+    /// A duplicate of the owner's fd for this socket, through fd number `hint` when it
+    /// still names the socket, else found again (and `hint` updated). Close it after use.
+    static func duplicate(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> Int32? {
+        if let h = hint {
+            let d = ftbpf_pidfd_getfd(Int32(bitPattern: pid), h)
+            if d >= 0, cookieOf(d) == cookie { return d }
+            if d >= 0 { close(d) }
+        }
+        guard let (d, target) = findWithNumber(pid: pid, cookie: cookie) else { hint = nil; return nil }
+        hint = target
+        return d
     }
 
     static func cookieOf(_ fd: Int32) -> UInt64? {

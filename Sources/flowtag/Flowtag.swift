@@ -1,7 +1,9 @@
 import ArgumentParser
-import FlowTagAgent
-import FlowTagKernel
-import Foundation
+import FlowTagClient
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Options every command shares.
 struct Common: ParsableArguments {
@@ -46,9 +48,7 @@ struct Filters: ParsableArguments {
 }
 
 func encode(_ items: [(String, String)]) -> String {
-    var allowed = CharacterSet.alphanumerics
-    allowed.insert(charactersIn: "-._~/:")
-    return items.map { "\($0)=\($1.addingPercentEncoding(withAllowedCharacters: allowed) ?? $1)" }.joined(separator: "&")
+    items.map { "\($0)=\(percentEncoded($1))" }.joined(separator: "&")
 }
 
 /// Runs a request and maps failures to exit statuses with a clear message.
@@ -72,12 +72,12 @@ func request(_ common: Common, _ path: String) throws -> APIResponse {
 }
 
 func errorText(_ r: APIResponse) -> String {
-    if let obj = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any], let e = obj["error"] as? String { return e }
-    return r.text
+    struct APIError: Decodable { var error: String }
+    return (try? JSONDecoder().decode(APIError.self, from: Data(r.body)))?.error ?? r.text
 }
 
 func fail(_ status: ExitStatus, _ message: String) -> Never {
-    FileHandle.standardError.write(Data("flowtag: \(message)\n".utf8))
+    writeAll(2, "flowtag: \(message)\n")
     exit(status.rawValue)
 }
 
@@ -169,10 +169,10 @@ struct FlowtagCommand: ParsableCommand {
             do {
                 let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + encode(query)) { line in
                     // One write per line: a pipe reader sees each event as it happens.
-                    if json { FileHandle.standardOutput.write(Data((line + "\n").utf8)); return }
+                    if json { writeAll(1, line + "\n"); return }
                     guard let e = try? JSONDecoder().decode(WatchEvent.self, from: Data(line.utf8)) else { return }
                     let text = EventLine.text(FlowEvent(kind: e.event, time: e.time, record: e.record, payload: e.payload))
-                    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+                    writeAll(1, text + "\n")
                 }
                 if r.status == 400 { fail(.usage, errorText(r)) }
                 if r.status != 200 { fail(.protocolError, "HTTP \(r.status): \(errorText(r))") }
@@ -198,7 +198,7 @@ struct FlowtagCommand: ParsableCommand {
         func run() {
             print("flowtag \(flowtagVersion)")
             if let r = try? APIClient(socketPath: socket).get("/v1/version"), r.status == 200 {
-                print("agent: " + r.text.trimmingCharacters(in: .whitespacesAndNewlines))
+                print("agent: " + r.text.trimmed)
             } else {
                 print("agent: not running on \(socket)")
             }

@@ -85,6 +85,9 @@ int ftbpf_map_delete(int fd, const void *key);
 /* A duplicate of fd `target` of process `pid` (pidfd_open + pidfd_getfd), or -errno. */
 int ftbpf_pidfd_getfd(int pid, int target);
 
+/* A TCP socket's state and the payload bytes it has received (TCP_INFO), or -errno. */
+int ftbpf_tcp_progress(int fd, uint8_t *state, uint64_t *bytes_received);
+
 /* epoll and eventfd for the stream relay, without epoll_event's packed layout. */
 int ftbpf_epoll_create(void);
 int ftbpf_epoll_ctl(int epfd, int op, int fd, uint32_t events); /* op: 1 add, 2 del, 3 mod */

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 /// Transport protocol of a flow.
 public enum FlowProtocol: String, Codable, Sendable, CaseIterable {
     case tcp, udp

@@ -2,7 +2,6 @@
 import Glibc
 #endif
 import FlowTagCore
-import FlowTagKernel
 
 /// Appends JSON text straight into a byte buffer: the agent writes tens of thousands of
 /// events a second, and building Strings by interpolation cost it more than everything

@@ -1,4 +1,5 @@
-import Foundation
+import FlowTagCore
+import FoundationEssentials
 
 #if canImport(Glibc)
 import Glibc
@@ -114,7 +115,7 @@ public struct APIClient: Sendable {
         var out = [UInt8](), i = 0
         while let lineEnd = find(b, [13, 10], from: i) {
             let sizeText = String(decoding: b[i..<lineEnd], as: UTF8.self).split(separator: ";").first ?? ""
-            guard let size = Int(sizeText.trimmingCharacters(in: .whitespaces), radix: 16) else { break }
+            guard let size = Int(sizeText.trimmed, radix: 16) else { break }
             let start = lineEnd + 2
             if size == 0 { return (out, b.count) }
             guard start + size + 2 <= b.count else { break }

@@ -1,5 +1,5 @@
-import FlowTagKernel
-import Foundation
+import FlowTagCore
+import FoundationEssentials
 
 /// CLI output formats, kubectl-style.
 public enum OutputFormat: String, Sendable, CaseIterable {
@@ -56,7 +56,7 @@ public enum FlowTableRenderer {
         var widths = Array(repeating: 0, count: first.count)
         for row in rows { for (i, c) in row.enumerated() { widths[i] = max(widths[i], c.count) } }
         return rows.map { row in
-            row.enumerated().map { i, c in i == row.count - 1 ? c : c.padding(toLength: widths[i] + 2, withPad: " ", startingAt: 0) }
+            row.enumerated().map { i, c in i == row.count - 1 ? c : c.padded(to: widths[i] + 2) }
                 .joined()
         }.joined(separator: "\n") + "\n"
     }
@@ -74,6 +74,6 @@ public enum FlowTableRenderer {
                       ("relay pool empty", "\(s.relayPoolEmpty)"), ("relay bytes undeliverable", "\(s.relayBytesUndeliverable)")]
         }
         let w = lines.map(\.0.count).max() ?? 0
-        return lines.map { $0.0.padding(toLength: w + 2, withPad: " ", startingAt: 0) + $0.1 }.joined(separator: "\n") + "\n"
+        return lines.map { $0.0.padded(to: w + 2) + $0.1 }.joined(separator: "\n") + "\n"
     }
 }

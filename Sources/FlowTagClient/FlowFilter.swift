@@ -1,4 +1,4 @@
-import FlowTagKernel
+import FlowTagCore
 
 /// Whether a flow is live or has ended.
 public enum FlowState: String, Codable, Sendable, CaseIterable {

@@ -1,0 +1,2 @@
+// The agent speaks the client's types (records, filters, stats, event lines).
+@_exported import FlowTagClient
