@@ -447,7 +447,13 @@ def b4_b6(total_sockets=100_000, per_process_pairs=9_000):
         _, probe = holders[-1]
         (lip, lport), (rip, rport) = probe["local"], probe["remote"]
         path = f"/v1/lookup?proto=tcp&local={lip}:{lport}&remote={rip}:{rport}"
-        assert b"\"flows\":[{" in api_get(sock, path)
+        answer = api_get(sock, path)
+        if b"\"flows\":[{" not in answer:
+            near = api_get(sock, f"/v1/flows?port={lport}").split(b"\r\n\r\n", 1)[1]
+            mine = [f for f in json.loads(near)["flows"] if f["remote"]["port"] == rport or f["local"]["port"] == rport]
+            stats = api_get(sock, "/v1/stats").split(b"\r\n\r\n", 1)[1]
+            raise AssertionError(f"{path}: {answer[-120:]!r}; flows with port {lport} and {rport}: {mine}; "
+                                 f"stats {stats!r}; holder {probe}")
         api_ns = []
         for _ in range(1000):
             t0 = time.perf_counter_ns(); api_get(sock, path); api_ns.append(time.perf_counter_ns() - t0)

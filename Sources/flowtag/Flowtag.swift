@@ -53,8 +53,12 @@ func encode(_ items: [(String, String)]) -> String {
 
 /// Runs a request and maps failures to exit statuses with a clear message.
 func request(_ common: Common, _ path: String) throws -> APIResponse {
+    try request(socket: common.socket, path)
+}
+
+func request(socket: String, _ path: String) throws -> APIResponse {
     do {
-        let r = try APIClient(socketPath: common.socket).get(path)
+        let r = try APIClient(socketPath: socket).get(path)
         switch r.status {
         case 200: return r
         case 400: fail(.usage, errorText(r))
@@ -82,14 +86,21 @@ func fail(_ status: ExitStatus, _ message: String) -> Never {
 }
 
 func printFlows(_ r: APIResponse, _ common: Common) throws {
-    if common.format == .json {
-        print(r.text, terminator: r.text.hasSuffix("\n") ? "" : "\n")
+    try printFlows(r, format: common.format, noHeaders: common.noHeaders)
+}
+
+func printFlows(_ r: APIResponse, format: OutputFormat, noHeaders: Bool) throws {
+    if format == .json {
+        writeAll(1, r.text.hasSuffix("\n") ? r.text : r.text + "\n")
         return
     }
     let list = try JSONDecoder().decode(APIFlowList.self, from: Data(r.body))
     if list.flows.isEmpty { fail(.nothingFound, "no flows found") }
-    print(FlowTableRenderer.render(list.flows.map { ($0.record, $0.state) }, wide: common.format == .wide, headers: !common.noHeaders),
-          terminator: "")
+    writeAll(1, FlowTableRenderer.render(list.flows.map { ($0.record, $0.state) }, wide: format == .wide, headers: !noHeaders))
+}
+
+func lookup(_ l: LookupArguments) throws {
+    try printFlows(request(socket: l.socket, l.path), format: l.format, noHeaders: l.noHeaders)
 }
 
 @main
@@ -102,6 +113,16 @@ struct FlowtagCommand: ParsableCommand {
         76 unexpected answer, 77 permission denied.
         """,
         subcommands: [Flows.self, Lookup.self, Watch.self, History.self, Stats.self, Version.self])
+
+    /// A well-formed `flowtag lookup` is answered without building the command tree
+    /// (reflection over every command and option costs more than the lookup: B4).
+    static func main() {
+        if let l = LookupArguments(fastPath: Array(CommandLine.arguments.dropFirst())) {
+            do { try lookup(l) } catch { fail(.protocolError, "\(error)") }
+            Glibc.exit(0)
+        }
+        main(nil)
+    }
 
     struct History: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Closed flows from the agent's journal.")
@@ -149,9 +170,8 @@ struct FlowtagCommand: ParsableCommand {
         }
 
         func run() throws {
-            var q = [("proto", proto), ("local", localEnd), ("remote", remoteEnd)]
-            if let netns { q.append(("netns", "\(netns)")) }
-            try printFlows(request(common, "/v1/lookup?" + encode(q)), common)
+            try lookup(LookupArguments(socket: common.socket, format: common.format, noHeaders: common.noHeaders,
+                                       local: localEnd, remote: remoteEnd, proto: FlowProtocol(rawValue: proto) ?? .tcp, netns: netns))
         }
     }
 

@@ -85,3 +85,68 @@ struct LiveFlowsTests {
         #expect(live.count == 0 && live.records().isEmpty && live.distinctOwners == 0)
     }
 }
+
+extension LiveFlowsTests {
+    @Test("churn then growth: 20k flows opened and closed, then 100k live, each found")
+    func churnThenGrowth() {
+        var live = LiveFlows()
+        for n in 0..<20_000 { live.upsert(Self.record(n)) }
+        for n in 0..<20_000 { live.remove(Self.record(n)) }
+        #expect(live.count == 0)
+        for n in 20_000..<120_000 { live.upsert(Self.record(n, pid: UInt32(n % 6))) }
+        var missing = 0
+        for n in 20_000..<120_000 {
+            let r = Self.record(n, pid: UInt32(n % 6))
+            if live.find(netns: r.netns, proto: r.protocol, local: r.local, remote: r.remote) != r { missing += 1 }
+        }
+        #expect(missing == 0)
+    }
+}
+
+extension LiveFlowsTests {
+    static func loopback(_ localPort: Int, _ remotePort: Int, cookie: Int, inbound: Bool) -> FlowRecord {
+        FlowRecord(flow: UInt64(cookie), netns: 3, protocol: .tcp, family: .ipv4, direction: inbound ? .inbound : .outbound,
+                   local: Endpoint(address: .v4(0x7f00_0001), port: UInt16(localPort)),
+                   remote: Endpoint(address: .v4(0x7f00_0001), port: UInt16(remotePort)),
+                   process: ProcessOwner(pid: 7, tid: 7, exe: "/usr/bin/python3.11", comm: "python3", uid: 0, gid: 0, cgroup: 1),
+                   attribution: .kernel, openedAt: WallTime(nanoseconds: Int64(cookie)))
+    }
+
+    @Test("loopback pairs as a machine makes them: ports reused across listeners, churn, then 100k live")
+    func loopbackPairs() {
+        var live = LiveFlows()
+        var reference: [String: FlowRecord] = [:] // by 5-tuple: a later flow with the same one replaces
+        var rng = SystemRandomNumberGenerator()
+        var cookie = 1
+        func pair(listener: Int, used: inout Set<Int>) -> [FlowRecord] {
+            var port: Int
+            repeat { port = Int.random(in: 32768...60999, using: &rng) } while !used.insert(port).inserted
+            defer { cookie += 2 }
+            return [Self.loopback(port, listener, cookie: cookie, inbound: false), Self.loopback(listener, port, cookie: cookie + 1, inbound: true)]
+        }
+        // Churn: 20k pairs to one listener, each closed at once.
+        var used: Set<Int> = []
+        for _ in 0..<20_000 {
+            if used.count > 28_000 { used.removeAll() }
+            for r in pair(listener: 40000, used: &used) { live.upsert(r) }
+        }
+        for r in live.records() { live.remove(r) }
+        #expect(live.count == 0)
+        // Holders: 11 listeners, 4,500 pairs each, ports reused across listeners.
+        for h in 0..<11 {
+            var mine: Set<Int> = []
+            let listener = Int.random(in: 32768...60999, using: &rng)
+            for _ in 0..<4_500 {
+                for r in pair(listener: listener, used: &mine) {
+                    live.upsert(r)
+                    reference["\(r.local)-\(r.remote)"] = r
+                }
+            }
+            _ = h
+        }
+        #expect(live.count == reference.count)
+        var missing = 0
+        for r in reference.values where live.find(netns: r.netns, proto: r.protocol, local: r.local, remote: r.remote) != r { missing += 1 }
+        #expect(missing == 0)
+    }
+}

@@ -1,0 +1,31 @@
+import Testing
+import FlowTagClient
+
+@Suite("flowtag lookup's fast path: only well-formed command lines")
+struct LookupArgumentsTests {
+    @Test("accepted forms and what they mean")
+    func accepted() throws {
+        let plain = try #require(LookupArguments(fastPath: ["lookup", "10.0.0.1:80", "[fd00::2]:5555"]))
+        #expect(plain == LookupArguments(socket: "/run/flowtag/flowtag.sock", format: .table, noHeaders: false,
+                                         local: "10.0.0.1:80", remote: "[fd00::2]:5555", proto: .tcp, netns: nil))
+        #expect(plain.path == "/v1/lookup?proto=tcp&local=10.0.0.1:80&remote=%5Bfd00::2%5D:5555")
+        let all = try #require(LookupArguments(fastPath: ["lookup", "--socket", "/tmp/s", "1.2.3.4:1", "-o", "json", "5.6.7.8:2",
+                                                          "--proto=udp", "--netns=4026531840", "--no-headers"]))
+        #expect(all == LookupArguments(socket: "/tmp/s", format: .json, noHeaders: true, local: "1.2.3.4:1", remote: "5.6.7.8:2",
+                                       proto: .udp, netns: 4026531840))
+        #expect(LookupArguments(fastPath: ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--output=wide"])?.format == .wide)
+    }
+
+    @Test("anything else goes to the full parser (help, errors, other commands)", arguments: [
+        [], ["flows"], ["lookup"], ["lookup", "1.2.3.4:1"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "9.9.9.9:3"],
+        ["lookup", "--help"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "-h"], ["lookup", "1.2.3.4", "5.6.7.8:2"],
+        ["lookup", "1.2.3.4:1", "5.6.7.8:2", "-o", "yaml"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--proto", "sctp"],
+        ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--netns", "-1"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--socket"],
+        ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--socket", "a", "--socket", "b"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "-o", "json", "--output", "wide"],
+        ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--no-headers=1"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--pid", "1"],
+        ["lookup", "1.2.3.4:1", "5.6.7.8:70000"], ["lookup", "1.2.3.4:1", "5.6.7.8:2", "--socket="],
+    ])
+    func refused(_ arguments: [String]) {
+        #expect(LookupArguments(fastPath: arguments) == nil)
+    }
+}
