@@ -38,9 +38,10 @@ bpf: $(GEN)/flowtag.skel.h
 
 build: bpf
 	$(SWIFT) build -c $(CONFIG)
-	@# The CLI starts for every question: a release CLI links the Swift runtime statically
-	@# (9 ms instead of 13 ms per run here, B4).
-	[ "$(CONFIG)" != release ] || $(SWIFT) build -c release --static-swift-stdlib --product flowtag
+	@# The CLI starts for every question (B4): a release CLI links the Swift runtime
+	@# statically and is not position-independent, so nothing is relocated at start
+	@# (2.2 ms instead of 2.9 ms per run here; the trade-off: its code is not randomised).
+	[ "$(CONFIG)" != release ] || $(SWIFT) build -c release --static-swift-stdlib --product flowtag -Xlinker -no-pie
 
 test: deps
 	scripts/test.sh
