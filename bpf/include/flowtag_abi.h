@@ -179,10 +179,9 @@ enum ft_counter {
 
 /* ---------------------------------------------------------------- stream relay
  *
- * A selected TCP flow's socket (the "app" socket) sits in the ft_relay_socks sockhash;
- * two sockets of a slot the agent made in advance, SEND and RECV, sit in ft_relay_ends
- * (no program), each the kernel end of a loopback TCP connection whose other end the
- * agent holds.
+ * A selected TCP flow's socket (the "app" socket) sits in the ft_relay_socks sockhash
+ * with two sockets of a slot the agent made in advance, SEND and RECV, each the kernel
+ * end of a loopback TCP connection whose other end the agent holds.
  *   process writes → sk_msg on app → out of SEND → agent reads its SEND peer
  *   agent writes on its SEND peer (in ft_relay_writers) → sk_msg → out of the app socket
  *   peer's data → sk_skb on app → out of RECV → agent reads its RECV peer
