@@ -142,30 +142,19 @@ struct {
     __type(value, struct ft_relay_slot);
 } ft_relay_slots SEC(".maps");
 
-/* Free slots, pushed by the agent once both relay sockets are in ft_relay_ends. */
+/* Free slots, pushed by the agent once both relay sockets are in ft_relay_socks. */
 struct {
     __uint(type, BPF_MAP_TYPE_QUEUE);
     __uint(max_entries, FT_RELAY_SLOTS_MAX);
     __type(value, __u32);
 } ft_relay_pool SEC(".maps");
 
-/* App sockets being relayed: sk_msg and sk_skb run on them. */
 struct {
     __uint(type, BPF_MAP_TYPE_SOCKHASH);
     __uint(max_entries, 3 * FT_RELAY_SLOTS_MAX);
     __type(key, __u64);
     __type(value, __u64);
 } ft_relay_socks SEC(".maps");
-
-/* The slots' kernel ends (SEND, RECV), by FT_RELAY_KEY: only redirect targets, so no
- * program runs on them. Their own sends are then plain tcp_sendmsg (zero-copy from the
- * redirected skb) instead of a second pass through tcp_bpf_sendmsg. */
-struct {
-    __uint(type, BPF_MAP_TYPE_SOCKHASH);
-    __uint(max_entries, 2 * FT_RELAY_SLOTS_MAX);
-    __type(key, __u64);
-    __type(value, __u64);
-} ft_relay_ends SEC(".maps");
 
 static __always_inline void count(__u32 idx)
 {
@@ -430,8 +419,9 @@ static __always_inline void relay_take(struct bpf_sock_ops *skops, struct bpf_so
  * carries them to the agent with flow control: a process that outruns the agent waits (or
  * gets EAGAIN) like on any full socket. The way back is the agent's own ends
  * (ft_relay_writers). App sockets fail open (a missing relay socket, e.g. after an agent
- * crash, leaves the flow direct). Slot sockets run no program (ft_relay_ends); should one
- * ever carry a route, it passes what it sends and drops what arrives. */
+ * crash, leaves the flow direct). A slot socket only transmits what was redirected out of
+ * it (pass) and never receives data (the agent's ends write through ft_relay_writers), so
+ * anything arriving on one is dropped. */
 static __always_inline int relay_target(const struct ft_relay_route *r, int sending, __u64 *key)
 {
     if (!r || r->role == FT_RELAY_NONE)
@@ -457,7 +447,7 @@ int ft_relay_msg(struct sk_msg_md *msg)
     int verdict = relay_target(r, 1, &key);
     if (verdict >= 0)
         return verdict;
-    bpf_msg_redirect_hash(msg, &ft_relay_ends, &key, 0);
+    bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, 0);
     return SK_PASS; /* redirected, or direct when the relay socket is gone */
 }
 
@@ -502,7 +492,7 @@ int ft_relay_skb(struct __sk_buff *skb)
         __builtin_memcpy(t.local, l, 16);
         __builtin_memcpy(t.remote, r, 16);
     }
-    /* App sockets are indexed by tuple (sockops). */
+    /* App sockets (sockops) and slot sockets (the agent) are indexed by tuple. */
     struct ft_relay_route *route = bpf_map_lookup_elem(&ft_relay_tuples, &t);
     if (!route)
         return SK_DROP;
@@ -510,7 +500,7 @@ int ft_relay_skb(struct __sk_buff *skb)
     int verdict = relay_target(route, 0, &key);
     if (verdict >= 0)
         return verdict;
-    bpf_sk_redirect_hash(skb, &ft_relay_ends, &key, 0);
+    bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, 0);
     return SK_PASS; /* redirected, or direct when the relay socket is gone */
 }
 

@@ -27,7 +27,7 @@
 
 #include "generated/flowtag.skel.h"
 
-_Static_assert(FTBPF_MAP_COUNT == 15, "map table");
+_Static_assert(FTBPF_MAP_COUNT == 14, "map table");
 
 #define FTBPF_MAX_LINKS 32
 
@@ -39,7 +39,6 @@ static const char *const map_names[FTBPF_MAP_COUNT] = {
     [FTBPF_MAP_RELAY_ROUTES] = "ft_relay_routes", [FTBPF_MAP_RELAY_SLOTS] = "ft_relay_slots",
     [FTBPF_MAP_RELAY_POOL] = "ft_relay_pool", [FTBPF_MAP_RELAY_SOCKS] = "ft_relay_socks",
     [FTBPF_MAP_RELAY_TUPLES] = "ft_relay_tuples", [FTBPF_MAP_RELAY_WRITERS] = "ft_relay_writers",
-    [FTBPF_MAP_RELAY_ENDS] = "ft_relay_ends",
 };
 
 struct ftbpf {
@@ -361,7 +360,6 @@ int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
     case FTBPF_MAP_RELAY_SOCKS: m = obj->skel->maps.ft_relay_socks; break;
     case FTBPF_MAP_RELAY_TUPLES: m = obj->skel->maps.ft_relay_tuples; break;
     case FTBPF_MAP_RELAY_WRITERS: m = obj->skel->maps.ft_relay_writers; break;
-    case FTBPF_MAP_RELAY_ENDS: m = obj->skel->maps.ft_relay_ends; break;
     default: return -EINVAL;
     }
     return bpf_map__fd(m);

@@ -20,7 +20,7 @@ public struct KernelLimits: Sendable, Equatable {
 /// Which kernel map.
 public enum KernelMap: Sendable {
     case tcpFlows, udpFlows, processes, counters, events, socketState
-    case streamRules, streamRuleCount, relayRoutes, relaySlots, relayPool, relaySockets, relayTuples, relayWriters, relayEnds
+    case streamRules, streamRuleCount, relayRoutes, relaySlots, relayPool, relaySockets, relayTuples, relayWriters
 
     var shim: ftbpf_map {
         switch self {
@@ -38,7 +38,6 @@ public enum KernelMap: Sendable {
         case .relaySockets: return FTBPF_MAP_RELAY_SOCKS
         case .relayTuples: return FTBPF_MAP_RELAY_TUPLES
         case .relayWriters: return FTBPF_MAP_RELAY_WRITERS
-        case .relayEnds: return FTBPF_MAP_RELAY_ENDS
         }
     }
 }

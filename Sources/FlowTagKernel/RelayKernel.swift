@@ -140,10 +140,15 @@ public final class RelayKernel: @unchecked Sendable {
             var entry = ft_relay_slot()
             var key = slot
             try check("reset relay slot \(slot)", ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0))
+            var tuples: [ft_tuple] = []
             for (fd, role) in [(sendKernel, FT_RELAY_SEND), (recvKernel, FT_RELAY_RECV)] {
-                var k = Self.sockhashKey(slot: slot, role: role)
-                var value = UInt64(fd)
-                try check("add a relay socket to the sockhash", ftbpf_map_update(programs.mapFD(.relayEnds), &k, &value, 0))
+                var tuple = try Self.loopbackTuple(fd)
+                var route = ft_relay_route()
+                route.slot = slot
+                route.role = role.rawValue
+                try check("index a relay socket", ftbpf_map_update(programs.mapFD(.relayTuples), &tuple, &route, 0))
+                tuples.append(tuple)
+                try addToSockhash(fd, key: Self.sockhashKey(slot: slot, role: role))
             }
             // The agent's SEND end writes out of the app socket through sk_msg.
             try markRole(sendAgent, FT_RELAY_WRITER, slot: slot)
@@ -157,7 +162,7 @@ public final class RelayKernel: @unchecked Sendable {
             var inKey = UInt64(slot) | (1 << 32)
             var inFD = UInt64(recvAgent)
             try check("add a relay writer", ftbpf_map_update(programs.mapFD(.relayWriters), &inKey, &inFD, 0))
-            return RelaySlotSockets(slot: slot, sendFD: sendAgent, receiveFD: recvAgent, kernelFDs: [sendKernel, recvKernel])
+            return RelaySlotSockets(slot: slot, sendFD: sendAgent, receiveFD: recvAgent, kernelFDs: [sendKernel, recvKernel], tuples: tuples)
         } catch {
             made.forEach { close($0) }
             throw error
@@ -166,6 +171,7 @@ public final class RelayKernel: @unchecked Sendable {
 
     /// Closes a slot's sockets (which takes them out of the sockhash) and its index entries.
     public func destroy(_ sockets: RelaySlotSockets) {
+        for var t in sockets.tuples { _ = ftbpf_map_delete(programs.mapFD(.relayTuples), &t) }
         for fd in [sockets.sendFD, sockets.receiveFD] + sockets.kernelFDs { close(fd) }
     }
 
@@ -207,6 +213,28 @@ public final class RelayKernel: @unchecked Sendable {
             close(client)
             throw error
         }
+    }
+
+    /// The tuple sk_skb sees on a loopback socket (addresses network order, ports host).
+    static func loopbackTuple(_ fd: Int32) throws -> ft_tuple {
+        var local = sockaddr_in(), remote = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let a = withUnsafeMutablePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let b = withUnsafeMutablePointer(to: &remote) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+        guard a == 0, b == 0 else { throw KernelError.system("relay socket address", errno) }
+        var t = ft_tuple()
+        t.family = UInt8(AF_INET)
+        t.protocol = UInt8(IPPROTO_TCP)
+        t.local_port = UInt16(bigEndian: local.sin_port)
+        t.remote_port = UInt16(bigEndian: remote.sin_port)
+        withUnsafeMutableBytes(of: &t.local) { buf in
+            withUnsafeBytes(of: local.sin_addr.s_addr) { for i in 0..<4 { buf[i] = $0[i] } }
+        }
+        withUnsafeMutableBytes(of: &t.remote) { buf in
+            withUnsafeBytes(of: remote.sin_addr.s_addr) { for i in 0..<4 { buf[i] = $0[i] } }
+        }
+        return t
     }
 
     /// Takes every offered slot back: no flow can be selected into one any more.
@@ -259,6 +287,12 @@ public final class RelayKernel: @unchecked Sendable {
         try check("mark a relay socket", ftbpf_map_update(programs.mapFD(.relayRoutes), &key, &route, 0))
     }
 
+    private func addToSockhash(_ fd: Int32, key: UInt64) throws {
+        var k = key
+        var value = UInt64(fd)
+        try check("add a relay socket to the sockhash", ftbpf_map_update(programs.mapFD(.relaySockets), &k, &value, 0))
+    }
+
     private func check(_ what: String, _ rc: Int32) throws {
         if rc < 0 { throw KernelError.system(what, -rc) }
     }
@@ -272,6 +306,7 @@ public struct RelaySlotSockets: Sendable {
     public let receiveFD: Int32
     /// The ends in the sockhash (kept open, never read or written by the agent).
     let kernelFDs: [Int32]
+    let tuples: [ft_tuple]
 }
 
 /// Acting on a process's own socket from the agent: pidfd_getfd(2) on the owner's fd

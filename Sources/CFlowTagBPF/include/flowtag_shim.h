@@ -33,8 +33,7 @@ enum ftbpf_map {
     FTBPF_MAP_RELAY_SOCKS = 11,
     FTBPF_MAP_RELAY_TUPLES = 12,
     FTBPF_MAP_RELAY_WRITERS = 13,
-    FTBPF_MAP_RELAY_ENDS = 14,
-    FTBPF_MAP_COUNT = 15,
+    FTBPF_MAP_COUNT = 14,
 };
 
 struct ftbpf_config {
