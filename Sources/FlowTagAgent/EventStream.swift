@@ -131,10 +131,16 @@ public enum AgentRunner {
         // cost more than the event), and flushed as soon as no more are waiting.
         var buffer = [UInt8]()
         var iterator = monitor.events.makeAsyncIterator()
-        var heap = HeapTrimmer()
+        let heap = HeapTrimmer()
+        let heapTask = Task.detached {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                heap.tick()
+            }
+        }
         while let event = await iterator.next() {
             table.apply(event)
-            heap.handled(pending: monitor.pendingEvents)
+            heap.handled()
             guard let format else { continue }
             if format == .json {
                 EventLine.appendJSON(event, to: &buffer)
@@ -152,6 +158,7 @@ public enum AgentRunner {
         server?.stop()
         metricsServer?.stop()
         journalTask?.cancel()
+        heapTask.cancel()
         journal?.flush()
         await table.shutdown()
         let lost = programs.lostEvents
@@ -164,17 +171,25 @@ public enum AgentRunner {
 
 /// Gives the heap back after a burst of events: a burst leaves megabytes of freed
 /// batches, records and strings that malloc keeps (and RSS counts) for good otherwise.
-struct HeapTrimmer {
-    private var sinceTrim = 0
-    private var lastTrim = ContinuousClock.now - .seconds(60)
+/// Trimming walks every malloc arena under its lock, so it waits for a quiet second:
+/// never in the middle of a burst, or of the answers the API gives right after one.
+final class HeapTrimmer: Sendable {
+    private let events = Atomic<Int>(0)
+    private let state = Mutex<(seen: Int, trimmedAt: Int)>((0, 0))
     static let burst = 4096
 
-    mutating func handled(pending: Int) {
-        sinceTrim += 1
-        guard pending == 0, sinceTrim >= Self.burst, ContinuousClock.now - lastTrim > .seconds(5) else { return }
-        ftbpf_heap_trim()
-        sinceTrim = 0
-        lastTrim = ContinuousClock.now
+    func handled() { events.add(1, ordering: .relaxed) }
+
+    /// Called once a second.
+    func tick() {
+        let now = events.load(ordering: .relaxed)
+        let trim = state.withLock { s -> Bool in
+            defer { s.seen = now }
+            guard now == s.seen, now - s.trimmedAt >= Self.burst else { return false }
+            s.trimmedAt = now
+            return true
+        }
+        if trim { ftbpf_heap_trim() }
     }
 }
 
