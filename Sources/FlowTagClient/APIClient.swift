@@ -84,8 +84,22 @@ public struct APIClient: Sendable {
             if n < 0 { if errno == EINTR { continue }; throw ClientError.protocolError("read timed out or failed") }
             if n == 0 { break }
             data += buf[0..<n]
+            // The agent closes after the answer; with its length known, no need to wait for that.
+            if Self.isComplete(data) { break }
         }
         return try Self.parse(data)
+    }
+
+    /// Whether `data` holds a whole response with a Content-Length body.
+    static func isComplete(_ data: [UInt8]) -> Bool {
+        guard let end = find(data, [13, 10, 13, 10]) else { return false }
+        for line in String(decoding: data[0..<end], as: UTF8.self).split(separator: "\r\n") {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2, parts[0].lowercased() == "content-length" else { continue }
+            guard let length = Int(parts[1].trimmed) else { return false }
+            return data.count >= end + 4 + length
+        }
+        return false
     }
 
     static func parse(_ data: [UInt8]) throws -> APIResponse {

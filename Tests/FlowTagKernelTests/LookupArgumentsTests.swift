@@ -1,5 +1,5 @@
 import Testing
-import FlowTagClient
+@testable import FlowTagClient
 
 @Suite("flowtag lookup's fast path: only well-formed command lines")
 struct LookupArgumentsTests {
@@ -27,5 +27,15 @@ struct LookupArgumentsTests {
     ])
     func refused(_ arguments: [String]) {
         #expect(LookupArguments(fastPath: arguments) == nil)
+    }
+
+    @Test("the client stops reading once a Content-Length answer is whole")
+    func responseCompleteness() throws {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n"
+        #expect(!APIClient.isComplete(Array(head.utf8)))
+        #expect(!APIClient.isComplete(Array((head + "{\"flows\":").utf8)))
+        #expect(APIClient.isComplete(Array((head + "{\"flows\":[]").utf8)))
+        #expect(!APIClient.isComplete(Array("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello".utf8)))
+        #expect(try APIClient.parse(Array((head + "{\"flows\":[]").utf8)).text == "{\"flows\":[]")
     }
 }
