@@ -281,14 +281,16 @@ public final class StreamRelay: @unchecked Sendable {
         }
     }
 
-    /// epoll interest per agent socket: input unless paused, output while bytes wait.
+    /// epoll interest per agent socket: input unless paused.
     private var interest: [Int32: UInt32] = [:]
     private func updateInterest(_ s: RelaySlot) {
         for d in [StreamDirection.send, .receive] {
             let fd = d == .send ? s.sendFD : s.receiveFD
-            // Send-direction writes go out of the app socket, whose room epoll cannot
-            // watch from here: they are retried on the loop's 1 ms tick instead.
-            let want: UInt32 = (s.readingEnabled(d) ? 1 : 0) | (d == .receive && s.pendingCount(d) > 0 ? 4 : 0)
+            // Writes of both directions land in the app socket (its send buffer, or its
+            // receive queue through R'), whose room epoll cannot watch through the
+            // agent's own socket: that one is always writable, and waiting for EPOLLOUT
+            // on it spun. What could not be written is retried on the loop's 1 ms tick.
+            let want: UInt32 = s.readingEnabled(d) ? 1 : 0
             if interest[fd] != want {
                 _ = ftbpf_epoll_ctl(epfd, 3, fd, want)
                 interest[fd] = want
