@@ -11,7 +11,7 @@ BPF_SRC := $(wildcard bpf/*.bpf.c)
 BPF_HDR := $(wildcard bpf/include/*.h)
 PREFIX ?= /usr/local
 
-.PHONY: all build bpf test test-unit test-kernel bench clean deps run install uninstall
+.PHONY: all build bpf test test-unit test-kernel bench clean deps run install uninstall image
 
 all: build
 
@@ -46,6 +46,10 @@ build: bpf
 
 test: deps
 	scripts/test.sh
+
+# The DaemonSet's container image (buildah, from scratch): .build/flowtagd-image.tar.
+image: deps
+	scripts/build-image.sh
 
 bench:
 	scripts/bench.sh $(BENCH)

@@ -106,4 +106,61 @@ struct DeployTests {
         }
         #expect(access(root + "/etc/flowtag/flowtagd.yaml", F_OK) == 0, "the operator's config is kept")
     }
+
+    /// The image `make image` builds (OCI archive), unpacked by buildah and entered with
+    /// chroot: the same root filesystem a container runtime would give the agent.
+    @Test("the container image runs the agent and the CLI: a flow in a private cgroup is named")
+    func containerImage() async throws {
+        try ensureBPFFS()
+        let archive = Paths.repo + "/.build/flowtagd-image.tar"
+        try #require(access(archive, R_OK) == 0, "no image at \(archive): `make image` builds it (scripts/test.sh does)")
+        let (rc, out, err) = try runCommand(["/usr/bin/buildah", "from", "--quiet", "oci-archive:" + archive], timeout: 120)
+        try #require(rc == 0, "buildah from: \(err)")
+        let container = out.trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? runCommand(["/usr/bin/buildah", "rm", container]) }
+        let (rc2, mountOut, err2) = try runCommand(["/usr/bin/buildah", "mount", container])
+        try #require(rc2 == 0, "buildah mount: \(err2)")
+        let root = mountOut.trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? runCommand(["/usr/bin/buildah", "umount", container]) }
+        // What the DaemonSet mounts from the host: /proc (hostPID) and /sys (bpffs, cgroup).
+        #expect(try runCommand(["/bin/mount", "-t", "proc", "proc", root + "/proc"]).0 == 0)
+        defer { _ = try? runCommand(["/bin/umount", "-l", root + "/proc"]) }
+        #expect(try runCommand(["/bin/mount", "--rbind", "/sys", root + "/sys"]).0 == 0)
+        defer { _ = try? runCommand(["/bin/umount", "-l", root + "/sys"]) }
+
+        let cg = try TestCgroup()
+        defer { cg.remove() }
+        let socket = "/tmp/" + uniqueName("image") + ".sock"
+        let pins = "/sys/fs/bpf/" + uniqueName("image")
+        defer { _ = try? runCommand(["/bin/rm", "-rf", pins]) }
+        let agent = try Child(["/usr/sbin/chroot", root, "/usr/local/bin/flowtagd", "--cgroup", cg.path, "--pin-dir", pins,
+                               "--socket", socket, "--journal", "/var/lib/flowtag/flows.db", "--metrics-address", "", "--output", "none"])
+        defer { agent.kill() }
+        for _ in 0..<500 where access(root + socket, F_OK) != 0 && agent.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        try #require(access(root + socket, F_OK) == 0, "the image's agent did not start: \(agent.stderrText)")
+
+        let (sink, port) = try await startSink()
+        defer { sink.kill() }
+        let client = try Child(cg.wrap([Paths.python, "-c", """
+            import socket, time
+            s = socket.create_connection(("127.0.0.1", \(port)))
+            print(s.getsockname()[1], flush=True)
+            time.sleep(30)
+            """]))
+        defer { client.kill() }
+        for _ in 0..<500 where client.stdout.isEmpty && client.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        let localPort = client.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        var exe: String?
+        for _ in 0..<100 where exe == nil {
+            let (_, json, _) = try runCommand(["/usr/sbin/chroot", root, "/usr/local/bin/flowtag", "flows", "--socket", socket,
+                                               "--port", localPort, "--proto", "tcp", "-o", "json"])
+            let flows = (try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
+            exe = flows.first { ($0["direction"] as? String) == "outbound" }.flatMap { ($0["process"] as? [String: Any])?["exe"] as? String }
+            if exe == nil { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        #expect(exe == KernelFlowTests.pythonExe)
+        kill(agent.pid, SIGTERM)
+        #expect(try await agent.wait(timeout: 30) == 0, "\(agent.stderrText)")
+        #expect(access(pins, F_OK) != 0, "the agent left its pins")
+    }
 }
