@@ -50,7 +50,8 @@ public final class APIServer: @unchecked Sendable {
         self.table = table
         self.socketPath = socketPath
         self.lost = lostEvents
-        group = getgrnam(groupName).map { $0.pointee.gr_gid }
+        // A name, or a numeric gid (a container's /etc/group may not know the host's group).
+        group = getgrnam(groupName).map { $0.pointee.gr_gid } ?? gid_t(groupName)
     }
 
     /// Binds the socket: owned by root and group `flowtag` (when it exists), mode 0660.

@@ -244,6 +244,22 @@ struct AgentCLITests {
         }
     }
 
+    @Test("the socket's group: by name (flowtag, mode 0660) or by numeric gid (a container's view of the host's group)")
+    func socketGroup() async throws {
+        let gid = try #require(getgrnam("flowtag")).pointee.gr_gid
+        try await withAgent { a in
+            var st = stat()
+            #expect(stat(a.socket, &st) == 0 && st.st_gid == gid && st.st_mode & 0o777 == 0o660)
+        }
+        let config = tempPath("config") + ".yaml"
+        try "socket_group: \"54321\"\n".write(toFile: config, atomically: true, encoding: .utf8)
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config])
+        var st = stat()
+        #expect(stat(a.socket, &st) == 0 && st.st_gid == 54321, "gid \(st.st_gid)")
+        await a.stop()
+    }
+
     @Test("kill -9 and restart: the programs are adopted, not attached twice; no flow lost or duplicated")
     func killNineRecovery() async throws {
         let a = try await RunningAgent()
