@@ -261,23 +261,51 @@ public final class StreamRelay: @unchecked Sendable {
     static let unreadLimit = 4 << 20
 
     private func boundUnread(_ s: RelaySlot) {
-        guard let c = s.session?.flow.cookie, s.ownerPID != 0,
-              let unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint) else {
+        guard let c = s.session?.flow.cookie else { return }
+        var unread = s.ownerPID == 0 ? nil : AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
+        if unread == nil, let (_, record) = monitor.liveRelayedFlow(cookie: c), record.process.pid != 0, record.process.pid != s.ownerPID {
+            // The socket changed hands (fd passing, the process that accepted): follow it.
+            s.ownerPID = record.process.pid
+            s.appFDHint = nil
+            unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
+        }
+        guard let unread else {
             if !s.reportedUnbounded {
                 s.reportedUnbounded = true
-                FileHandle.standardError.write(Data("flowtagd: relay: flow \(s.session?.flow.cookie ?? 0): the owner's socket is not reachable (pid \(s.ownerPID)); what it has not read is not bounded\n".utf8))
+                let gone = access("/proc/\(s.ownerPID)", F_OK) != 0
+                FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the owner's socket is not reachable (pid \(s.ownerPID)\(gone ? ", exited" : "")); delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it\n".utf8))
             }
-            s.resetInjected() // unreachable owner: unbounded (documented); look again later
-            if s.awaitingDrain { s.awaitingDrain = false; setReading(s, .receive, true) }
+            boundBlind(s)
             return
         }
         log("slot \(s.number) unread \(unread) injected \(s.injectedSinceCheck) awaiting \(s.awaitingDrain)")
+        s.blindSince = nil
         if unread > Self.unreadLimit {
             if !s.awaitingDrain { s.awaitingDrain = true; setReading(s, .receive, false) }
         } else if s.awaitingDrain {
             if unread < Self.unreadCheckBytes { s.awaitingDrain = false; s.resetInjected(); setReading(s, .receive, true) }
         } else {
             s.resetInjected()
+        }
+    }
+
+    /// When the process's unread bytes cannot be read, delivery is paced instead of
+    /// unbounded: an unbounded receive queue grew until the kernel's socket memory ran
+    /// short, and the relay's own kernel hop then lost bytes (a stalled flow).
+    static let blindPause = Duration.milliseconds(100)
+
+    private func boundBlind(_ s: RelaySlot) {
+        let now = ContinuousClock.now
+        if s.awaitingDrain {
+            if let since = s.blindSince, now - since < Self.blindPause { return }
+            s.awaitingDrain = false
+            s.blindSince = nil
+            s.resetInjected()
+            setReading(s, .receive, true)
+        } else if s.injectedSinceCheck >= Self.unreadLimit {
+            s.awaitingDrain = true
+            s.blindSince = now
+            setReading(s, .receive, false)
         }
     }
 
@@ -453,6 +481,8 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     var awaitingDrain = false
     var appFDHint: Int32?
     var reportedUnbounded = false
+    /// Since when delivery waits because the owner's unread bytes could not be read.
+    var blindSince: ContinuousClock.Instant?
     /// Bytes read from the peer's direction (relay thread), compared with what the
     /// process's socket received when the agent stops.
     var bytesFromPeer: UInt64 = 0
