@@ -310,7 +310,10 @@ struct StreamRelayTests {
                 if i % 2 == 0 { argv.append("--blocking") }
                 clients.append(try Child(a.cgroup.wrap(argv)))
             }
-            for c in clients { #expect(try await c.wait(timeout: 120) == 0, "\(c.stderrText)") }
+            for c in clients {
+                let rc = try await c.wait(timeout: 120)
+                #expect(rc == 0, "\(c.stdout)\(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))")
+            }
             let sent = clients.compactMap { $0.jsonLines.last }
             #expect(sent.allSatisfy { $0["error"] == nil && $0["sent"] as? Int == 200 << 20 }, "\(sent)")
             let received = try await server.waitForLines(4)

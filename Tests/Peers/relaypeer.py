@@ -200,6 +200,10 @@ def flood(args):
             d = s.recv(2 - len(ack))
             if not d: break
             ack += d
+        if ack != b"ok":
+            # The sink acks only once it has every byte: EOF before that is a failure.
+            print(json.dumps({"sent": n, "error": f"EOF before the sink's ack (got {ack!r})"}), flush=True)
+            sys.exit(1)
         s.shutdown(socket.SHUT_WR)
         while s.recv(65536): pass
         print(json.dumps({"sent": n, "sha": h.hexdigest(), "seconds": round(time.time() - t0, 3)}), flush=True)
