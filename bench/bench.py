@@ -424,8 +424,11 @@ def b4_b6(total_sockets=100_000, per_process_pairs=9_000):
             if count() <= 10: break
             time.sleep(0.05)
         time.sleep(1)
-        rss = {0: rss_bytes(agent.pid)}
-        anon = {0: rss_bytes(agent.pid, "RssAnon:")}
+        rss, anon = {}, {}
+        def measure(flows):
+            rss[flows] = rss_bytes(agent.pid)
+            anon[flows] = rss_bytes(agent.pid, "RssAnon:")
+        measure(0)
         def add(pairs):
             p = subprocess.Popen(cg.wrap([PY, "-c", HOLDER, str(pairs)]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             holders.append((p, json.loads(p.stdout.readline())))
@@ -433,8 +436,7 @@ def b4_b6(total_sockets=100_000, per_process_pairs=9_000):
         for _ in range(200):
             if count() >= 10_000: break
             time.sleep(0.05)
-        rss[10_000] = rss_bytes(agent.pid)
-        anon[10_000] = rss_bytes(agent.pid, "RssAnon:")
+        measure(10_000)
         while count() < total_sockets - 2 * per_process_pairs + 1:
             add(per_process_pairs)
         before = count()
@@ -448,8 +450,7 @@ def b4_b6(total_sockets=100_000, per_process_pairs=9_000):
             if count() >= total_sockets - 10 and b"\"flows\":[{" in api_get(sock, path): break
             time.sleep(0.05)
         flows = count()
-        rss[flows] = rss_bytes(agent.pid)
-        anon[flows] = rss_bytes(agent.pid, "RssAnon:")
+        measure(flows)
         answer = api_get(sock, path)
         if b"\"flows\":[{" not in answer:
             near = api_get(sock, f"/v1/flows?port={lport}").split(b"\r\n\r\n", 1)[1]

@@ -120,10 +120,6 @@ struct LiveFlows {
         probe(Self.key(netns: netns, proto: proto, local: local, remote: remote)).row.map { record(rows[Int($0)]) }
     }
 
-    func contains(_ r: FlowRecord) -> Bool {
-        probe(Self.key(netns: r.netns, proto: r.protocol, local: r.local, remote: r.remote)).row != nil
-    }
-
     /// Inserts or replaces the flow with this record's 5-tuple; true when it was new.
     @discardableResult
     mutating func upsert(_ r: FlowRecord) -> Bool {

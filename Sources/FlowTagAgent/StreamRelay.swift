@@ -270,8 +270,8 @@ public final class StreamRelay: @unchecked Sendable {
             unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
         }
         guard let unread else {
-            if !s.reportedUnbounded {
-                s.reportedUnbounded = true
+            if !s.reportedUnreachable {
+                s.reportedUnreachable = true
                 let gone = access("/proc/\(s.ownerPID)", F_OK) != 0
                 FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the owner's socket is not reachable (pid \(s.ownerPID)\(gone ? ", exited" : "")); delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it\n".utf8))
             }
@@ -480,7 +480,7 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     /// Relay-thread state of the unread bound (see StreamRelay.boundUnread).
     var awaitingDrain = false
     var appFDHint: Int32?
-    var reportedUnbounded = false
+    var reportedUnreachable = false
     /// Since when delivery waits because the owner's unread bytes could not be read.
     var blindSince: ContinuousClock.Instant?
     /// Bytes read from the peer's direction (relay thread), compared with what the

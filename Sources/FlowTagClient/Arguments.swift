@@ -52,6 +52,11 @@ extension StringProtocol {
     }
 }
 
+/// `k=v&k=v` with each value percent-encoded.
+public func queryString(_ items: [(String, String)]) -> String {
+    items.map { "\($0)=\(percentEncoded($1))" }.joined(separator: "&")
+}
+
 /// A query parameter value percent-encoded (RFC 3986: unreserved characters, `/` and `:` stay).
 public func percentEncoded(_ text: String) -> String {
     var out = ""

@@ -16,7 +16,7 @@ public struct LookupArguments: Equatable, Sendable {
     public var path: String {
         var q = [("proto", proto.rawValue), ("local", local), ("remote", remote)]
         if let netns { q.append(("netns", "\(netns)")) }
-        return "/v1/lookup?" + q.map { "\($0)=\(percentEncoded($1))" }.joined(separator: "&")
+        return "/v1/lookup?" + queryString(q)
     }
 
     /// `arguments` without the program name, e.g. `["lookup", "10.0.0.1:80", "10.0.0.2:5555", "-o", "json"]`.

@@ -47,10 +47,6 @@ struct Filters: ParsableArguments {
     }
 }
 
-func encode(_ items: [(String, String)]) -> String {
-    items.map { "\($0)=\(percentEncoded($1))" }.joined(separator: "&")
-}
-
 /// Runs a request and maps failures to exit statuses with a clear message.
 func request(_ common: Common, _ path: String) throws -> APIResponse {
     try request(socket: common.socket, path)
@@ -144,7 +140,7 @@ struct FlowtagCommand: ParsableCommand {
             if let since { q.append(("since", since)) }
             if let until { q.append(("until", until)) }
             q.append(("limit", "\(limit)"))
-            try printFlows(request(common, "/v1/history?" + encode(q)), common)
+            try printFlows(request(common, "/v1/history?" + queryString(q)), common)
         }
     }
 
@@ -152,7 +148,7 @@ struct FlowtagCommand: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List flows with their owners (live, and recently closed).")
         @OptionGroup var common: Common
         @OptionGroup var filters: Filters
-        func run() throws { try printFlows(request(common, "/v1/flows?" + encode(filters.query)), common) }
+        func run() throws { try printFlows(request(common, "/v1/flows?" + queryString(filters.query)), common) }
     }
 
     struct Lookup: ParsableCommand {
@@ -187,7 +183,7 @@ struct FlowtagCommand: ParsableCommand {
             var query = filters.query
             if payload { query.append(("payload", "1")) }
             do {
-                let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + encode(query)) { line in
+                let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + queryString(query)) { line in
                     // One write per line: a pipe reader sees each event as it happens.
                     if json { writeAll(1, line + "\n"); return }
                     guard let e = try? JSONDecoder().decode(WatchEvent.self, from: Data(line.utf8)) else { return }

@@ -46,14 +46,20 @@ func relayClient(_ a: RunningAgent, _ args: [String], timeout: Double = 90) asyn
 /// The relay's byte counters per hop (metrics), for failure messages that say which hop
 /// lost or added bytes.
 func relayHops(_ a: RunningAgent) -> [String: Int] {
-    guard let url = a.process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on ") })?.split(separator: " ").last,
-          let (_, text, _) = try? runCommand(["/usr/bin/curl", "-s", String(url)]) else { return [:] }
+    guard let text = metricsText(a) else { return [:] }
     var hops: [String: Int] = [:]
     for line in text.split(separator: "\n") where line.hasPrefix("flowtag_relay_bytes_total{direction=\"") {
         let name = line.split(separator: "\"")[1]
         hops[String(name)] = line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
     }
     return hops
+}
+
+/// The agent's Prometheus text (its address is in the agent's start-up line).
+func metricsText(_ a: RunningAgent) -> String? {
+    guard let url = a.process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on ") })?.split(separator: " ").last,
+          let (_, text, _) = try? runCommand(["/usr/bin/curl", "-s", String(url)]) else { return nil }
+    return text
 }
 
 /// `ss` on both ends of the connections to `port` (queues, memory, TCP info), for
@@ -67,7 +73,7 @@ func firstResult(_ report: [String: Any]) -> [String: Any] {
     (report["results"] as? [[String: Any]])?.first ?? [:]
 }
 
-/// The relay's counters, read from the agent's metrics.
+/// Flows the relay has taken, from `flowtag stats -o json`.
 func relayedFlowCount(_ a: RunningAgent) throws -> Int {
     let (_, out, _) = try a.cli(["stats", "-o", "json"])
     let obj = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]
@@ -101,12 +107,11 @@ struct StreamRelayTests {
             #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
             #expect(try relayedFlowCount(a) >= 3)
             // The relay's metrics count what went through, with no per-flow labels.
-            let url = try #require(a.process.stderrText.split(separator: "\n").first { $0.contains("metrics on ") }?.split(separator: " ").last)
-            let (_, text, _) = try runCommand(["/usr/bin/curl", "-s", String(url)])
+            let text = try #require(metricsText(a))
             let total = 10_000_000 + 300_000 + 50_000
+            let hops = relayHops(a)
             for hop in ["from_process", "to_peer", "from_peer", "to_process"] {
-                let line = text.split(separator: "\n").first { $0.hasPrefix("flowtag_relay_bytes_total{direction=\"\(hop)\"}") }
-                #expect(line.flatMap { Double($0.split(separator: " ").last ?? "") }.map { Int($0) } == total, "\(hop): \(String(describing: line))")
+                #expect(hops[hop] == total, "\(hop): \(hops)")
             }
             #expect(text.contains("flowtag_relay_flows_total 3"))
             let (_, table, _) = try a.cli(["stats"])
