@@ -115,32 +115,28 @@ public enum AgentRunner {
 
         // A signal that came during start-up is honoured now (see `shutdown` above).
         shutdown.whenRequested { monitor.stop() }
-        // Batches go to the journal every second; retention is applied every minute.
-        let journalTask = journal.map { j in
-            Task.detached {
-                var tick = 0
-                while !Task.isCancelled {
-                    try? await Task.sleep(for: .seconds(1))
-                    j.flush()
-                    tick += 1
-                    if tick % 60 == 1 { _ = try? j.enforceRetention() }
+        // One housekeeping tick a second: journal batches are written, retention is applied
+        // every minute, and the heap is trimmed after flows were let go (see HeapTrimmer).
+        let heap = HeapTrimmer()
+        let tickTask = Task.detached { [journal] in
+            var tick = 0
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                if let journal {
+                    journal.flush()
+                    if tick % 60 == 0 { _ = try? journal.enforceRetention() }
                 }
+                heap.tick()
+                tick += 1
             }
         }
         // Lines are batched into one write per burst of events (a write per event would
         // cost more than the event), and flushed as soon as no more are waiting.
         var buffer = [UInt8]()
         var iterator = monitor.events.makeAsyncIterator()
-        let heap = HeapTrimmer()
-        let heapTask = Task.detached {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(1))
-                heap.tick()
-            }
-        }
         while let event = await iterator.next() {
             table.apply(event)
-            heap.handled()
+            if event.kind == .close { heap.released() }
             guard let format else { continue }
             if format == .json {
                 EventLine.appendJSON(event, to: &buffer)
@@ -157,8 +153,7 @@ public enum AgentRunner {
         relay?.stop()
         server?.stop()
         metricsServer?.stop()
-        journalTask?.cancel()
-        heapTask.cancel()
+        tickTask.cancel()
         journal?.flush()
         await table.shutdown()
         let lost = programs.lostEvents
@@ -169,20 +164,22 @@ public enum AgentRunner {
     }
 }
 
-/// Gives the heap back after a burst of events: a burst leaves megabytes of freed
-/// batches, records and strings that malloc keeps (and RSS counts) for good otherwise.
+/// Gives the heap back after a burst of flows ended: their freed rows, batches, records and
+/// strings would otherwise stay with malloc (and in RSS) for good.
 /// Trimming walks every malloc arena under its lock, so it waits for a quiet second:
 /// never in the middle of a burst, or of the answers the API gives right after one.
 final class HeapTrimmer: Sendable {
-    private let events = Atomic<Int>(0)
+    private let closed = Atomic<Int>(0)
     private let state = Mutex<(seen: Int, trimmedAt: Int)>((0, 0))
     static let burst = 4096
 
-    func handled() { events.add(1, ordering: .relaxed) }
+    /// A flow was let go. Only closes count: after a burst of opens there is nothing to
+    /// give back, and a trim walks the whole heap holding malloc's lock (API answers wait).
+    func released() { closed.add(1, ordering: .relaxed) }
 
     /// Called once a second.
     func tick() {
-        let now = events.load(ordering: .relaxed)
+        let now = closed.load(ordering: .relaxed)
         let trim = state.withLock { s -> Bool in
             defer { s.seen = now }
             guard now == s.seen, now - s.trimmedAt >= Self.burst else { return false }

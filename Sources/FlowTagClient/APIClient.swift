@@ -83,7 +83,7 @@ public struct APIClient: Sendable {
             let n = read(fd, &buf, buf.count)
             if n < 0 { if errno == EINTR { continue }; throw ClientError.protocolError("read timed out or failed") }
             if n == 0 { break }
-            data += buf[0..<n]
+            data.append(contentsOf: buf[0..<n])
             // The agent closes after the answer; with its length known, no need to wait for that.
             if Self.isComplete(data) { break }
         }
@@ -92,25 +92,54 @@ public struct APIClient: Sendable {
 
     /// Whether `data` holds a whole response with a Content-Length body.
     static func isComplete(_ data: [UInt8]) -> Bool {
-        guard let end = find(data, [13, 10, 13, 10]) else { return false }
-        for line in String(decoding: data[0..<end], as: UTF8.self).split(separator: "\r\n") {
-            let parts = line.split(separator: ":", maxSplits: 1)
-            guard parts.count == 2, parts[0].lowercased() == "content-length" else { continue }
-            guard let length = Int(parts[1].trimmed) else { return false }
-            return data.count >= end + 4 + length
+        guard let end = find(data, [13, 10, 13, 10]), let value = headerValue(data, headEnd: end, name: "content-length") else { return false }
+        guard let length = Int(String(decoding: value, as: UTF8.self).trimmed) else { return false }
+        return data.count >= end + 4 + length
+    }
+
+    /// The value of header `name` (lowercase) in the head `data[0..<headEnd]`, matched
+    /// without building strings: the CLI reads every answer through here (B4).
+    static func headerValue(_ data: [UInt8], headEnd: Int, name: StaticString) -> ArraySlice<UInt8>? {
+        let n = name.utf8CodeUnitCount
+        var line = 0
+        while line < headEnd {
+            var next = line
+            while next < headEnd && data[next] != 10 { next += 1 }
+            if next - line > n && data[line + n] == UInt8(ascii: ":") {
+                var same = true
+                for k in 0..<n where data[line + k] | 0x20 != name.utf8Start[k] { same = false; break }
+                if same {
+                    var stop = next
+                    if stop > line && data[stop - 1] == 13 { stop -= 1 }
+                    return data[(line + n + 1)..<stop]
+                }
+            }
+            line = next + 1
         }
-        return false
+        return nil
+    }
+
+    static func isChunked(_ data: [UInt8], headEnd: Int) -> Bool {
+        guard let te = headerValue(data, headEnd: headEnd, name: "transfer-encoding") else { return false }
+        return String(decoding: te, as: UTF8.self).lowercased().contains("chunked")
     }
 
     static func parse(_ data: [UInt8]) throws -> APIResponse {
         guard let end = find(data, [13, 10, 13, 10]) else { throw ClientError.protocolError("no HTTP header") }
-        let head = String(decoding: data[0..<end], as: UTF8.self)
-        let lines = head.components(separatedBy: "\r\n")
-        let statusParts = lines[0].split(separator: " ")
-        guard statusParts.count >= 2, let status = Int(statusParts[1]) else { throw ClientError.protocolError(lines[0]) }
-        let chunked = lines.contains { $0.lowercased().hasPrefix("transfer-encoding:") && $0.lowercased().contains("chunked") }
+        // "HTTP/1.1 200 ...": the status is the three digits after the first space.
+        var status = 0, i = 0
+        while i < end && data[i] != UInt8(ascii: " ") { i += 1 }
+        i += 1
+        var digits = 0
+        while i < end, data[i] >= UInt8(ascii: "0"), data[i] <= UInt8(ascii: "9") {
+            status = status * 10 + Int(data[i] - UInt8(ascii: "0")); i += 1; digits += 1
+        }
+        guard digits == 3 else {
+            let firstLine = data[0..<end].firstIndex(of: 13) ?? end
+            throw ClientError.protocolError(String(decoding: data[0..<firstLine], as: UTF8.self))
+        }
         var body = Array(data[(end + 4)...])
-        if chunked { body = dechunk(body).0 }
+        if isChunked(data, headEnd: end) { body = dechunk(body).0 }
         return APIResponse(status: status, body: body)
     }
 
@@ -118,7 +147,7 @@ public struct APIClient: Sendable {
         guard hay.count >= needle.count else { return nil }
         var i = from
         while i + needle.count <= hay.count {
-            if hay[i] == needle[0] && Array(hay[i..<i + needle.count]) == needle { return i }
+            if hay[i] == needle[0] && hay[i..<i + needle.count].elementsEqual(needle) { return i }
             i += 1
         }
         return nil
@@ -156,7 +185,7 @@ public struct APIClient: Sendable {
                 guard let end = Self.find(pending, [13, 10, 13, 10]) else { continue }
                 let r = try Self.parse(Array(pending[0..<(end + 4)]))
                 status = r.status
-                chunked = String(decoding: pending[0..<end], as: UTF8.self).lowercased().contains("transfer-encoding: chunked")
+                chunked = Self.isChunked(pending, headEnd: end)
                 pending.removeFirst(end + 4)
                 headerDone = true
             }

@@ -66,19 +66,25 @@ public func percentEncoded(_ text: String) -> String {
              UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "/"), UInt8(ascii: ":"):
             out.unicodeScalars.append(Unicode.Scalar(b))
         default:
-            let hex = Array("0123456789ABCDEF".utf8)
-            out += "%" + String(decoding: [hex[Int(b >> 4)], hex[Int(b & 15)]], as: UTF8.self)
+            out.unicodeScalars.append("%")
+            out.unicodeScalars.append(Unicode.Scalar(hexDigit(b >> 4)))
+            out.unicodeScalars.append(Unicode.Scalar(hexDigit(b & 15)))
         }
     }
     return out
 }
 
+private func hexDigit(_ v: UInt8) -> UInt8 { v < 10 ? UInt8(ascii: "0") + v : UInt8(ascii: "A") + v - 10 }
+
 /// Writes all of a string to a file descriptor (stdout/stderr) in as few writes as it takes.
 public func writeAll(_ fd: Int32, _ text: String) {
-    var bytes = Array(text.utf8)
+    writeAll(fd, bytes: Array(text.utf8))
+}
+
+public func writeAll(_ fd: Int32, bytes: [UInt8]) {
     var done = 0
     while done < bytes.count {
-        let n = bytes.withUnsafeMutableBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
+        let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, $0.count - done) }
         if n < 0 && errno == EINTR { continue }
         if n <= 0 { return }
         done += n

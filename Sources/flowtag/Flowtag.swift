@@ -87,7 +87,7 @@ func printFlows(_ r: APIResponse, _ common: Common) throws {
 
 func printFlows(_ r: APIResponse, format: OutputFormat, noHeaders: Bool) throws {
     if format == .json {
-        writeAll(1, r.text.hasSuffix("\n") ? r.text : r.text + "\n")
+        writeAll(1, bytes: r.body.last == 10 ? r.body : r.body + [10])
         return
     }
     let list = try JSONDecoder().decode(APIFlowList.self, from: Data(r.body))
@@ -113,7 +113,7 @@ struct FlowtagCommand: ParsableCommand {
     /// A well-formed `flowtag lookup` is answered without building the command tree
     /// (reflection over every command and option costs more than the lookup: B4).
     static func main() {
-        if let l = LookupArguments(fastPath: Array(CommandLine.arguments.dropFirst())) {
+        if let l = LookupArguments(commandLine: CommandLine.argc, CommandLine.unsafeArgv) {
             do { try lookup(l) } catch { fail(.protocolError, "\(error)") }
             Glibc.exit(0)
         }

@@ -38,4 +38,19 @@ struct LookupArgumentsTests {
         #expect(!APIClient.isComplete(Array("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello".utf8)))
         #expect(try APIClient.parse(Array((head + "{\"flows\":[]").utf8)).text == "{\"flows\":[]")
     }
+
+    @Test("headers are read byte by byte: any case, with or without CR; bad status lines refused")
+    func headerParsing() throws {
+        let mixed = Array("HTTP/1.1 404 Not Found\r\ncontent-LENGTH:  3 \r\nX-Content-Length: 9\nTRANSFER-encoding: Chunked\r\n\r\n".utf8)
+        let end = try #require(APIClient.find(mixed, [13, 10, 13, 10]))
+        #expect(APIClient.headerValue(mixed, headEnd: end, name: "content-length").map { String(decoding: $0, as: UTF8.self) } == "  3 ")
+        #expect(APIClient.headerValue(mixed, headEnd: end, name: "connection") == nil)
+        #expect(APIClient.isChunked(mixed, headEnd: end))
+        let chunked = try APIClient.parse(Array("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n".utf8))
+        #expect(chunked.status == 200 && chunked.text == "hello!")
+        #expect(try APIClient.parse(mixed).status == 404)
+        for bad in ["HTTP/1.1 20 OK\r\n\r\n", "HTTP/1.1\r\n\r\n", "garbage\r\n\r\n"] {
+            #expect(throws: ClientError.self) { try APIClient.parse(Array(bad.utf8)) }
+        }
+    }
 }
