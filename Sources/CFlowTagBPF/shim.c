@@ -591,6 +591,59 @@ int ftbpf_eventfd(void)
 
 int ftbpf_gettid(void) { return (int)syscall(SYS_gettid); }
 
+int ftbpf_tcp_lookup(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                     uint16_t remote_port, uint64_t cookie, uint32_t *unread, uint32_t *inode)
+{
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0)
+        return -errno;
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 req;
+    } msg = {0};
+    msg.nlh.nlmsg_len = sizeof(msg);
+    msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    msg.nlh.nlmsg_flags = NLM_F_REQUEST; /* one socket, not a dump */
+    msg.req.sdiag_family = (uint8_t)family;
+    msg.req.sdiag_protocol = IPPROTO_TCP;
+    msg.req.idiag_states = ~0u;
+    msg.req.id.idiag_sport = htons(local_port);
+    msg.req.id.idiag_dport = htons(remote_port);
+    memcpy(msg.req.id.idiag_src, local, family == AF_INET ? 4 : 16);
+    memcpy(msg.req.id.idiag_dst, remote, family == AF_INET ? 4 : 16);
+    msg.req.id.idiag_cookie[0] = (uint32_t)cookie;
+    msg.req.id.idiag_cookie[1] = (uint32_t)(cookie >> 32);
+    struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
+    int rc = -EIO;
+    if (sendto(fd, &msg, sizeof(msg), 0, (struct sockaddr *)&nl, sizeof(nl)) < 0) {
+        rc = -errno;
+    } else {
+        char buf[4096];
+        ssize_t n;
+        do { n = recv(fd, buf, sizeof(buf), 0); } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            rc = -errno;
+        } else {
+            for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+                if (h->nlmsg_type == NLMSG_ERROR) {
+                    struct nlmsgerr *e = NLMSG_DATA(h);
+                    rc = e->error < 0 ? e->error : -EIO;
+                    break;
+                }
+                if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
+                    struct inet_diag_msg *m = NLMSG_DATA(h);
+                    *unread = m->idiag_rqueue;
+                    *inode = m->idiag_inode;
+                    rc = 0;
+                    break;
+                }
+            }
+        }
+    }
+    close(fd);
+    return rc;
+}
+
 int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx)
 {
     int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);

@@ -269,6 +269,19 @@ public final class StreamRelay: @unchecked Sendable {
             s.appFDHint = nil
             unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
         }
+        if unread == nil, let record = records.withLock({ $0[c] }), let entry = AppSocket.tableEntry(record) {
+            // Handed to a process the kernel's stamp does not name (the one that connected
+            // passed its fd on, and may have exited): the socket table still counts what
+            // waits unread. Whoever holds it now is looked for too (stopping the agent
+            // shuts the socket through its holder).
+            unread = entry.unread
+            if mayScanForHolders(), let (pid, fd) = AppSocket.holder(inode: entry.inode, cookie: c) {
+                FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the socket moved from pid \(s.ownerPID) to pid \(pid)\n".utf8))
+                s.reportedUnreachable = false
+                s.ownerPID = pid
+                s.appFDHint = fd
+            }
+        }
         guard let unread else {
             if !s.reportedUnreachable {
                 s.reportedUnreachable = true
@@ -287,6 +300,16 @@ public final class StreamRelay: @unchecked Sendable {
         } else {
             s.resetInjected()
         }
+    }
+
+    /// A search of every process's fds (see AppSocket.holder) at most once a second, for
+    /// all flows together: it runs on the relay thread.
+    private var lastHolderScan: ContinuousClock.Instant?
+    private func mayScanForHolders() -> Bool {
+        let now = ContinuousClock.now
+        if let last = lastHolderScan, now - last < .seconds(1) { return false }
+        lastHolderScan = now
+        return true
     }
 
     /// When the process's unread bytes cannot be read, delivery is paced instead of

@@ -345,6 +345,45 @@ public enum AppSocket {
         return Int(n)
     }
 
+    /// The process's socket as the kernel's socket table shows it (sock_diag, exact
+    /// 4-tuple and cookie): its unread bytes and inode, whoever holds it now. nil when it
+    /// is not in the agent's network namespace, or gone.
+    public static func tableEntry(_ r: FlowRecord) -> (unread: Int, inode: UInt64)? {
+        guard r.protocol == .tcp else { return nil }
+        let family = r.family == .ipv4 ? AF_INET : AF_INET6
+        var unread: UInt32 = 0, inode: UInt32 = 0
+        let rc = ftbpf_tcp_lookup(Int32(family), r.local.address.bytes, r.local.port, r.remote.address.bytes, r.remote.port,
+                                  r.flow, &unread, &inode)
+        return rc == 0 ? (Int(unread), UInt64(inode)) : nil
+    }
+
+    /// A process that holds the socket now, and its fd number there, found by the inode in
+    /// every process's fd table: a socket passed to another process (SCM_RIGHTS, fork,
+    /// pidfd_getfd) keeps the stamp of the process that connected, which may be gone.
+    /// Costs a readlink per open fd on the machine: call it rarely.
+    public static func holder(inode: UInt64, cookie: UInt64) -> (pid: UInt32, fd: Int32)? {
+        guard let proc = opendir("/proc") else { return nil }
+        defer { closedir(proc) }
+        let link = "socket:[\(inode)]"
+        while let entry = readdir(proc) {
+            guard let pid = UInt32(direntName(entry)), pid != UInt32(getpid()), let dir = opendir("/proc/\(pid)/fd") else { continue }
+            defer { closedir(dir) }
+            while let e = readdir(dir) {
+                let name = direntName(e)
+                guard let target = Int32(name), readLink("/proc/\(pid)/fd/\(name)") == link else { continue }
+                let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
+                guard fd >= 0 else { continue }
+                defer { close(fd) }
+                if cookieOf(fd) == cookie { return (pid, target) }
+            }
+        }
+        return nil
+    }
+
+    private static func direntName(_ entry: UnsafeMutablePointer<dirent>) -> String {
+        withUnsafePointer(to: entry.pointee.d_name) { String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self)) }
+    }
+
     /// A duplicate of the owner's fd for this socket, through fd number `hint` when it
     /// still names the socket, else found again (and `hint` updated). Close it after use.
     static func duplicate(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> Int32? {
@@ -373,7 +412,7 @@ public enum AppSocket {
         guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
         defer { closedir(dir) }
         while let entry = readdir(dir) {
-            let name = withUnsafePointer(to: entry.pointee.d_name) { String(cString: UnsafeRawPointer($0).assumingMemoryBound(to: CChar.self)) }
+            let name = direntName(entry)
             guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), link.hasPrefix("socket:") else { continue }
             let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
             guard fd >= 0 else { continue }

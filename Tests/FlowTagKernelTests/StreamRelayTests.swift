@@ -345,11 +345,40 @@ struct StreamRelayTests {
             if c.isRunning { stalled = "stalled after 45 s: hops \(relayHops(a))\n\(socketState(port: port))" }
             let rc = try await c.wait(timeout: 75)
             #expect(rc == 0, "\(c.stderrText)\n\(stalled)\nagent: \(a.process.stderrText.suffix(2000))")
-            let lines = try await server.waitForLines(2)
+            let lines = try await server.waitForLines(3)
             let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
             // Unread at most 4 MiB in the process, 4 MiB held by the agent, and the TCP
             // buffers of the hops: far from all 200 MiB.
             #expect(early < 80 << 20, "the peer pushed \(early) bytes while the process read nothing; agent: \(a.process.stderrText.suffix(3000))")
+            let done = try #require(lines.first { $0["sha"] != nil })
+            let got = try #require(c.jsonLines.last)
+            #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
+            #expect(got["sha"] as? String == done["sha"] as? String)
+        }
+    }
+
+    @Test("an owner that hands its socket to another process and exits: the relay finds the new holder and keeps the bound")
+    func socketHandedOverAndOwnerGone() async throws {
+        let total = 96 << 20
+        let (server, port) = try await startEchoServer(mode: "push", expect: total)
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)", "--handoff"]))
+            let rc = try await c.wait(timeout: 75)
+            #expect(rc == 0, "\(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))\nagent: \(a.process.stderrText.suffix(2000))")
+            let who = try #require(c.jsonLines.first)
+            let connector = try #require(who["connected_by"] as? Int), reader = try #require(who["reader"] as? Int)
+            // The kernel's stamp names the process that connected, whose fds are gone.
+            #expect(a.process.stderrText.contains("the socket moved from pid \(connector) to pid \(reader)"),
+                    "agent: \(a.process.stderrText.suffix(2000))")
+            let lines = try await server.waitForLines(3)
+            // Bounded as for the owner itself: 4 MiB unread in the process, what the agent
+            // holds, and the hops' buffers; not all 96 MiB while the reader sleeps.
+            let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
+            #expect(early < 48 << 20, "the peer pushed \(early) bytes while the process read nothing; agent: \(a.process.stderrText.suffix(2000))")
             let done = try #require(lines.first { $0["sha"] != nil })
             let got = try #require(c.jsonLines.last)
             #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
@@ -528,6 +557,52 @@ struct StreamRelayTests {
                                                "--metrics-address", "127.0.0.1:0", "--journal", tempPath("j")])
             #expect(rc == 78, "\(yaml): \(err)")
             #expect(err.contains(key), "\(yaml): \(err)")
+        }
+    }
+}
+
+@Suite("A relayed process's socket found from the agent")
+struct AppSocketTests {
+    @Test("the socket table gives a socket's unread bytes by 4-tuple and cookie (IPv4, IPv6, v4-mapped); a wrong cookie finds nothing")
+    func unreadFromTheSocketTable() async throws {
+        // Three connections whose client ends have 1000, 2000 and 3000 bytes waiting unread.
+        let script = """
+        import json, socket, time
+        out = []
+        for i, (fam, listen, connect) in enumerate([(socket.AF_INET, "127.0.0.1", "127.0.0.1"), (socket.AF_INET6, "::1", "::1"),
+                                                    (socket.AF_INET6, "::", "::ffff:127.0.0.1")]):
+            l = socket.socket(fam); l.bind((listen, 0)); l.listen()
+            c = socket.socket(fam); c.connect((connect, l.getsockname()[1])); a, _ = l.accept()
+            a.sendall(b"x" * (1000 * (i + 1)))
+            out.append({"local": c.getsockname()[:2], "remote": c.getpeername()[:2], "unread": 1000 * (i + 1),
+                        "cookie": int.from_bytes(c.getsockopt(socket.SOL_SOCKET, 57, 8), "little")})
+            globals()["keep%d" % i] = (l, c, a)
+        time.sleep(0.2)
+        for entry in out:
+            print(json.dumps(entry), flush=True)
+        time.sleep(30)
+        """
+        let p = try Child([Paths.python, "-c", script])
+        defer { p.kill() }
+        let list = try await p.waitForLines(3)
+        for entry in list {
+            func endpoint(_ key: String) throws -> Endpoint {
+                let pair = try #require(entry[key] as? [Any])
+                var text = try #require(pair[0] as? String)
+                if text.hasPrefix("::ffff:") { text.removeFirst(7) } // on the wire: IPv4
+                return Endpoint(address: try #require(IPAddress(text)), port: UInt16(try #require(pair[1] as? Int)))
+            }
+            let local = try endpoint("local"), remote = try endpoint("remote")
+            let cookie = try #require((entry["cookie"] as? NSNumber)?.uint64Value)
+            var record = FlowRecord(flow: cookie, netns: 0, protocol: .tcp, family: local.address.isIPv4 ? .ipv4 : .ipv6,
+                                    direction: .outbound, local: local, remote: remote,
+                                    process: ProcessOwner(pid: 1, tid: 1, exe: "", comm: "", uid: 0, gid: 0, cgroup: 0),
+                                    attribution: .kernel, openedAt: WallTime(nanoseconds: 0))
+            let found = AppSocket.tableEntry(record)
+            #expect(found?.unread == entry["unread"] as? Int, "\(entry)")
+            #expect((found?.inode ?? 0) > 0)
+            record.flow = cookie ^ 1
+            #expect(AppSocket.tableEntry(record) == nil, "a wrong cookie must not match: \(entry)")
         }
     }
 }

@@ -27,19 +27,22 @@ def server(args):
     write_port(args.portfile, l.getsockname()[1])
     def push(c):
         """Sends --expect bytes as fast as the socket takes them; says how far it got
-        after 3 s (the client is not reading then). Measured by the sending loop itself
+        after 0.5 s and 3 s (the client is not reading then). Measured by the sending loop itself
         (a timer thread can be late on a loaded machine, after the client began to read)."""
         data = payload(1 << 20, 9, False)
         sent = [0]; h = hashlib.sha256()
-        start = time.monotonic(); reported = False
+        start = time.monotonic(); marks = [0.5, 3.0]
+        def report(mark):
+            key = "pushed_after_3s" if mark == 3.0 else "pushed_after_half_s"
+            print(json.dumps({key: sent[0]}), flush=True)
         try:
             while sent[0] < args.expect:
-                if not reported and time.monotonic() - start >= 3.0:
-                    print(json.dumps({"pushed_after_3s": sent[0]}), flush=True); reported = True
+                while marks and time.monotonic() - start >= marks[0]:
+                    report(marks.pop(0))
                 chunk = data[:min(65536, args.expect - sent[0])]
                 c.sendall(chunk); h.update(chunk); sent[0] += len(chunk)
-            if not reported:
-                print(json.dumps({"pushed_after_3s": sent[0]}), flush=True)
+            while marks:
+                report(marks.pop(0))
             # The client acks once it has everything, so this FIN cannot race the relay.
             c.settimeout(120); c.recv(2)
             c.shutdown(socket.SHUT_WR)
@@ -210,9 +213,28 @@ def flood(args):
     except OSError as e:
         print(json.dumps({"sent": n, "error": str(e)}), flush=True)
 
+def handed_over_connection(host, port):
+    """A connection made by a child process that passes the fd here and exits: the
+    flow's owner in the kernel's stamp is then a process that no longer exists."""
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        c = socket.create_connection((host, port), timeout=60)
+        socket.send_fds(there, [b"fd"], [c.fileno()])
+        os._exit(0)
+    _, fds, _, _ = socket.recv_fds(here, 16, 1)
+    os.waitpid(pid, 0)  # reaped: /proc/PID is gone too
+    s = socket.socket(fileno=fds[0])
+    s.settimeout(60)
+    print(json.dumps({"connected_by": pid, "reader": os.getpid()}), flush=True)
+    return s
+
 def slowread(args):
     """Connects, reads nothing for 3.5 s, then everything until EOF."""
-    s = socket.create_connection((args.host, args.port), timeout=60)
+    if args.handoff:
+        s = handed_over_connection(args.host, args.port)
+    else:
+        s = socket.create_connection((args.host, args.port), timeout=60)
     time.sleep(3.5)
     h = hashlib.sha256(); n = 0
     while n < args.size:
@@ -235,7 +257,7 @@ a.add_argument("--text", action="store_true"); a.add_argument("--edit", action="
 a.add_argument("--trailer", action="store_true"); a.add_argument("--reset", action="store_true")
 a = sub.add_parser("stream"); a.add_argument("host"); a.add_argument("port", type=int); a.add_argument("--seed", type=int, default=7)
 a = sub.add_parser("slowread"); a.add_argument("host"); a.add_argument("port", type=int)
-a.add_argument("--size", type=int, required=True)
+a.add_argument("--size", type=int, required=True); a.add_argument("--handoff", action="store_true")
 a = sub.add_parser("flood"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100 << 20); a.add_argument("--seed", type=int, default=3)
 a.add_argument("--blocking", action="store_true")
