@@ -36,6 +36,11 @@ $(GEN)/flowtag.skel.h: $(BPF_BUILD)/flowtag.bpf.o
 
 bpf: $(GEN)/flowtag.skel.h
 
+# B1's floor (bench.py b1floor): the cheapest per-socket stamps, measured alone.
+$(BPF_BUILD)/floor.bpf.o: bench/floor.bpf.c $(BPF_BUILD)/vmlinux.h
+	$(CLANG) -target bpf -g -O2 -Wall -D__TARGET_ARCH_$(ARCH) -I$(BPF_BUILD) -c $< -o $(BPF_BUILD)/floor.tmp.o
+	$(BPFTOOL) gen object $@ $(BPF_BUILD)/floor.tmp.o
+
 build: bpf
 	$(SWIFT) build -c $(CONFIG)
 	@# The CLI starts for every question (B4): a release CLI is one static executable

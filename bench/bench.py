@@ -6,7 +6,7 @@ real traffic over loopback, compares with a baseline measured in the same run
 (interleaved A B A B, medians), prints a table and writes JSON to .bench/.
 Everything is bounded in count and time and cleaned up, also on failure.
 """
-import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
+import json, os, shutil, signal, socket, sqlite3, statistics, subprocess, sys, tempfile, threading, time, urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOWTAGD = os.path.join(REPO, ".build", os.environ.get("CONFIG", "release"), "flowtagd")
@@ -59,12 +59,12 @@ class Cgroup:
 
 
 class Agent:
-    """flowtagd --json attached to a cgroup; its output goes to a file."""
-    def __init__(self, cgroup, tag, extra=()):
+    """flowtagd attached to a cgroup; its event lines (`--output`, JSON unless told) go to a file."""
+    def __init__(self, cgroup, tag, extra=(), output="json"):
         self.pins = f"/sys/fs/bpf/{RUN}-{tag}"
         self.out = f"/tmp/{RUN}-{tag}.jsonl"
         self.err = open(f"/tmp/{RUN}-{tag}.err", "w")
-        self.proc = subprocess.Popen([FLOWTAGD, "--cgroup", cgroup.path, "--json", "--pin-dir", self.pins,
+        self.proc = subprocess.Popen([FLOWTAGD, "--cgroup", cgroup.path, "--output", output, "--pin-dir", self.pins,
                                       "--socket", f"/tmp/{RUN}-{tag}.sock", "--metrics-address", "127.0.0.1:0",
                                       "--journal", os.environ.get("FLOWTAG_BENCH_JOURNAL", f"/tmp/{RUN}-{tag}.db")] + list(extra),
                                      stdout=open(self.out, "w"), stderr=self.err)
@@ -96,6 +96,20 @@ class Agent:
                 self.proc.kill(); self.proc.wait()
         subprocess.call(["rm", "-rf", self.pins])
 
+    @property
+    def journal(self):
+        return self.proc.args[self.proc.args.index("--journal") + 1]
+
+    def metric(self, name):
+        """One sample of the agent's Prometheus text, by its full name with labels."""
+        err = open(self.err.name).read()
+        url = [w for w in err.split() if w.startswith("http://") and w.endswith("/metrics")][0]
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[-1])
+        return None
+
     def events(self):
         out = []
         for line in open(self.out):
@@ -107,7 +121,7 @@ class Agent:
 
     def cleanup(self):
         self.stop()
-        db = self.proc.args[self.proc.args.index("--journal") + 1]
+        db = self.journal
         for p in (self.out, self.err.name) + ((db, db + "-wal", db + "-shm") if db else ()):
             try: os.unlink(p)
             except OSError: pass
@@ -215,6 +229,66 @@ def b1(rounds=5, n=4000):
     return res
 
 
+# B1's floor: the cheapest per-socket stamps, each program alone (bench/floor.bpf.c).
+FLOOR_OBJ = os.path.join(REPO, ".build-bpf", "floor.bpf.o")
+FLOOR_PROGS = [("floor_empty", "sock_create"), ("floor_sk_storage_8", "sock_create"),
+               ("floor_sk_storage_96", "sock_create"), ("floor_lru_insert", "connect4"),
+               ("floor_hash_insert", "connect4"), ("floor_sockops_empty", "sock_ops")]
+
+
+def b1floor(rounds=5, n=4000):
+    """What one stamp per socket costs at the least here: each program of
+    bench/floor.bpf.c attached alone to a private cgroup, kernel run time per run."""
+    cg = Cgroup("b1floor")
+    pins = f"/sys/fs/bpf/{RUN}-floor"
+    l, stop = listener()
+    port = l.getsockname()[1]
+    per_run = {name: [] for name, _ in FLOOR_PROGS}
+    try:
+        subprocess.run(["bpftool", "prog", "loadall", FLOOR_OBJ, pins], check=True)
+        ids = {}
+        for name, _ in FLOOR_PROGS:
+            info = json.loads(subprocess.check_output(["bpftool", "prog", "show", "pinned", f"{pins}/{name}", "--json"]))
+            ids[name] = info["id"]
+        leave = cg.enter()
+        connect_loop(port, 500)  # warm up
+        leave()
+        for _ in range(rounds):  # interleaved: every program once per round
+            for name, hook in FLOOR_PROGS:
+                subprocess.run(["bpftool", "cgroup", "attach", cg.path, hook, "pinned", f"{pins}/{name}"], check=True)
+                set_stats(True)
+                before = prog_stats([ids[name]])[name]
+                leave = cg.enter()
+                try:
+                    connect_loop(port, n)
+                finally:
+                    leave()
+                after = prog_stats([ids[name]])[name]
+                set_stats(False)
+                subprocess.run(["bpftool", "cgroup", "detach", cg.path, hook, "pinned", f"{pins}/{name}"], check=True)
+                runs = after[1] - before[1]
+                if runs:
+                    per_run[name].append(((after[0] - before[0]) / runs, runs / n))
+    finally:
+        set_stats(False)
+        for name, hook in FLOOR_PROGS:  # anything a failed round left attached
+            subprocess.run(["bpftool", "cgroup", "detach", cg.path, hook, "pinned", f"{pins}/{name}"],
+                           stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", pins])
+        stop.set(); l.close()
+        cg.remove()
+    res = {"ns_per_run": {k: statistics.median(x[0] for x in v) for k, v in per_run.items() if v},
+           "runs_per_connect": {k: statistics.median(x[1] for x in v) for k, v in per_run.items() if v},
+           "rounds": rounds, "connects_per_round": n}
+    print(f"B1 floor: one program alone per connect, {rounds} rounds x {n} (kernel run time, medians)")
+    for name, _ in FLOOR_PROGS:
+        if name in res["ns_per_run"]:
+            runs = res["runs_per_connect"][name]
+            print(f"    {name:22s} {res['ns_per_run'][name]:8.1f} ns/run  {runs:5.2f} runs/connect  {res['ns_per_run'][name] * runs:8.1f} ns/connect")
+    save("B1floor", res)
+    return res
+
+
 # --------------------------------------------------------------------------- B2
 def b2(count=2000):
     """Short-lived processes: flowtag against `ss -tnp` polled at 10 Hz during the same storm."""
@@ -269,11 +343,22 @@ def b2(count=2000):
 # --------------------------------------------------------------------------- B3
 def b3(seconds=5, threads=2):
     """Connection storm at the highest rate this machine reaches: every connect must have
-    its open and its close; the agent's CPU is measured from /proc."""
+    its open and its close; the agent's CPU is measured from /proc. Two agents in turn:
+    as deployed (systemd unit, DaemonSet: `--output none`, with journal, API, metrics),
+    and with `--json` event lines on stdout (a file here) as well."""
+    res = {}
+    for output in os.environ.get("FLOWTAG_BENCH_B3_OUTPUTS", "none json").split():
+        r = b3_storm(seconds, threads, output)
+        res["deployed" if output == "none" else "json_lines"] = r
+    save("B3", res)
+    return res
+
+
+def b3_storm(seconds, threads, output):
     cg = Cgroup("b3")
     l, stop = listener()
     port = l.getsockname()[1]
-    agent = Agent(cg, "b3")
+    agent = Agent(cg, f"b3-{output}", output=output)
     try:
         script = f"""
 import socket, time, threading, sys
@@ -291,27 +376,35 @@ print(sum(n))
         connects = int(out.stdout.strip())
         time.sleep(1.0)
         cpu1, t1 = agent.cpu_seconds(), time.time()
-        lost = None
+        opened_total = agent.metric("flowtag_flows_opened_total")
         agent.stop()
         err = open(agent.err.name).read()
         lost = int(err.split(" kernel events were lost")[0].split()[-1]) if "were lost" in err else 0
-        opens = closes = 0
-        for e in agent.events():
-            if e["remote"]["port"] == port and e["direction"] == "outbound":
-                opens += e["event"] == "open"; closes += e["event"] == "close"
+        if output == "json":
+            opens = closes = 0
+            for e in agent.events():
+                if e["remote"]["port"] == port and e["direction"] == "outbound":
+                    opens += e["event"] == "open"; closes += e["event"] == "close"
+        else:
+            # No event lines: opens from the agent's counter (only the storm runs in the
+            # cgroup), closes from the journal, where every closed flow is a row.
+            opens = int(opened_total or 0)
+            with sqlite3.connect(agent.journal) as db:
+                closes = db.execute("SELECT COUNT(*) FROM flows WHERE remote_port = ? AND direction = 'outbound'"
+                                    " AND closed_at >= opened_at", (port,)).fetchone()[0]
     finally:
         agent.cleanup()
         stop.set(); l.close()
         cg.remove()
     rate = connects / seconds
     cpu = (cpu1 - cpu0) / (t1 - t0)
-    res = {"connects": connects, "rate_per_s": rate, "opens": opens, "closes": closes,
+    res = {"output": output, "connects": connects, "rate_per_s": rate, "opens": opens, "closes": closes,
            "lost_events": lost, "agent_cpu_fraction": cpu,
            "agent_cpu_at_10k_per_s": cpu * 10000 / rate if rate else None}
-    print(f"B3 storm: {connects} connects in {seconds} s ({rate:.0f}/s)")
-    print(f"  open events {opens}, close events {closes}, lost {lost}; missing {connects - min(opens, closes)}")
+    what = "as deployed (--output none)" if output == "none" else "with --json event lines"
+    print(f"B3 storm, agent {what}: {connects} connects in {seconds} s ({rate:.0f}/s)")
+    print(f"  opens {opens}, closes {closes}, lost {lost}; missing {connects - min(opens, closes)}")
     print(f"  agent CPU {100*cpu:.1f} % of a core ({100*res['agent_cpu_at_10k_per_s']:.1f} % scaled to 10k connects/s)")
-    save("B3", res)
     return res
 
 
@@ -609,7 +702,7 @@ def b5(rounds=3, seconds=3, pings=3000):
             for p in ports["relayed"]:
                 f.write(f"    - remote_port: {p}\n")
             f.write("  callouts:\n    - type: pass\n")
-        agent = Agent(cg, "b5", extra=["--config", config, "--output", "none"])
+        agent = Agent(cg, "b5", extra=["--config", config], output="none")
         time.sleep(1.0)
         modes = {"direct": (sink, echo), "flowtag relay": tuple(ports["relayed"]), "socat": tuple(socat), "haproxy": tuple(hap)}
         samples = {m: {"bulk_1": [], "bulk_16": [], "p50_us": [], "p99_us": []} for m in modes}
@@ -648,7 +741,7 @@ def b5(rounds=3, seconds=3, pings=3000):
     return res
 
 
-BENCHES = {"b1": b1, "b2": b2, "b3": b3, "b4": b4_b6, "b5": b5, "b6": b4_b6, "b8": b8}
+BENCHES = {"b1": b1, "b1floor": b1floor, "b2": b2, "b3": b3, "b4": b4_b6, "b5": b5, "b6": b4_b6, "b8": b8}
 
 if __name__ == "__main__":
     if os.geteuid() != 0:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Runs benchmarks: scripts/bench.sh [b1 b2 b3 b7 b8 …] (all when none named).
+# Runs benchmarks: scripts/bench.sh [b1 b1floor b2 b3 b7 b8 …] (all when none named).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-make bpf
+make bpf .build-bpf/floor.bpf.o
 make build CONFIG=release
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(b1 b2 b3 b4 b5 b7 b8)
+[ ${#names[@]} -eq 0 ] && names=(b1 b1floor b2 b3 b4 b5 b7 b8)
 kernel=()
 for n in "${names[@]}"; do
     case "${n,,}" in

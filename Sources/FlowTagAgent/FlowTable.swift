@@ -21,7 +21,12 @@ public final class FlowTable: Sendable {
         var closed: [FlowRecord] = []
         var closedHead = 0
         var stats = AgentStats()
-        var watchers: [UInt64: Watcher] = [:]
+        /// Opened flows per Attribution case (in `allCases` order): a string-keyed
+        /// dictionary update per event showed in B3's profile; `stats` builds one on demand.
+        var attributionCounts = [Int](repeating: 0, count: Attribution.allCases.count)
+        var watchers: [UInt64: Watcher] = [:] { didSet { watcherList = Array(watchers.values) } }
+        /// `watchers.values`, kept as an array: each event reads it, watchers change rarely.
+        var watcherList: [Watcher] = []
         var nextWatcher: UInt64 = 1
         var relay: StreamRelay?
     }
@@ -123,7 +128,7 @@ public final class FlowTable: Sendable {
             case .open:
                 if s.live.upsert(r) { s.stats.flowsOpened += 1 }
                 s.namespaces.insert(r.netns)
-                s.stats.attribution[r.attribution.rawValue, default: 0] += 1
+                s.attributionCounts[Attribution.allCases.firstIndex(of: r.attribution) ?? 0] += 1
             case .payload:
                 break
             case .close:
@@ -137,7 +142,7 @@ public final class FlowTable: Sendable {
                 }
             }
             s.stats.activeFlows = s.live.count
-            return Array(s.watchers.values)
+            return s.watcherList
         }
         let state: FlowState = event.kind == .open ? .open : .closed
         for w in watchers where w.filter.matches(r, state: state) && (w.uid == nil || w.uid == r.process.uid) {
@@ -148,7 +153,7 @@ public final class FlowTable: Sendable {
     /// A capture's bytes, to the watchers that asked for payloads (and may see the flow).
     public func publish(_ event: FlowEvent) {
         let r = event.record
-        let watchers = state.withLock { Array($0.watchers.values) }
+        let watchers = state.withLock { $0.watcherList }
         for w in watchers where w.payload && w.filter.matches(r, state: .open) && (w.uid == nil || w.uid == r.process.uid) {
             w.continuation.yield(event)
         }
@@ -179,6 +184,9 @@ public final class FlowTable: Sendable {
     public func stats(lost: UInt64) -> AgentStats {
         state.withLock { s in
             var st = s.stats
+            for (i, a) in Attribution.allCases.enumerated() where s.attributionCounts[i] > 0 {
+                st.attribution[a.rawValue] = s.attributionCounts[i]
+            }
             st.kernelEventsLost = lost
             st.watchers = s.watchers.count
             if let r = s.relay {
