@@ -6,7 +6,8 @@
  *   process table  tp_btf/sched_process_exec|fork|exit
  *   stamps         cgroup/sock_create, cgroup/connect4|6, cgroup/sendmsg4|6,
  *                  cgroup/recvmsg4|6, tp_btf/sock_send_length|sock_recv_length
- *   accept         tp_btf/sys_exit (accept, accept4)
+ *   accept         cgroup/getpeername4|6 (accept/accept4 asking for the peer's address),
+ *                  else the accepted socket's first send or receive
  *   TCP lifecycle  sockops (active/passive established, state -> TCP_CLOSE)
  *   UDP lifecycle  sock_send_length/sock_recv_length (open, counters),
  *                  cgroup/sock_release (close); idle expiry is done by the agent.
@@ -25,18 +26,6 @@ char LICENSE[] SEC("license") = "GPL";
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define TCP_CLOSE 7
-
-/* Syscall numbers of accept and accept4, and where sys_exit finds the number. vmlinux.h
- * comes from the build host, so the pt_regs field exists for the arch being built. */
-#if defined(__TARGET_ARCH_arm64)
-#define FT_NR_ACCEPT 202
-#define FT_NR_ACCEPT4 242
-#define FT_SYSCALL_NR(regs) ((regs)->syscallno)
-#else
-#define FT_NR_ACCEPT 43
-#define FT_NR_ACCEPT4 288
-#define FT_SYSCALL_NR(regs) ((regs)->orig_ax)
-#endif
 
 /* Map sizes are defaults; the agent may resize before load. */
 struct {
@@ -558,10 +547,15 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
     if (sk && flow_selected(&f))
         relay_take(skops, sk, &f);
     if (dir == FT_DIR_INBOUND) {
-        /* Until accept the owner is the listener's (cloned): report at accept. */
+        /* Until accept the owner is the listener's (cloned): report at accept. The
+         * socket's own stamp is marked inherited too, so the process hooks know to
+         * claim it (see claim_accepted). */
         if (f.owner.attribution == FT_ATTR_KERNEL)
             f.owner.attribution = FT_ATTR_INHERITED;
         f.flags |= FT_FLOW_PENDING_ACCEPT;
+        struct ft_sock_state *st = sk ? bpf_sk_storage_get(&ft_sk_state, sk, 0, 0) : 0;
+        if (st)
+            st->owner.attribution = FT_ATTR_INHERITED;
     }
     if (bpf_map_update_elem(&ft_tcp_flows, &f.cookie, &f, BPF_ANY))
         count(FT_CNT_FLOWS_DROPPED);
@@ -645,35 +639,37 @@ int ft_sockops(struct bpf_sock_ops *skops)
     return 1;
 }
 
-/* accept()/accept4() returned: the caller owns the new socket. The fd table walk gives an
- * untrusted sock pointer, so the flow is found by the cookie sockops already assigned. */
-SEC("tp_btf/sys_exit")
-int BPF_PROG(ft_sys_exit, struct pt_regs *regs, long ret)
+/* An accepted socket's owner is the first process to act on it in process context:
+ * accept/accept4 itself when it asks for the peer's address (it runs the getpeername
+ * hook on the new socket: nginx, Go, Python, most servers), else whoever first sends or
+ * receives on it. Called only while the socket's stamp is still the listener's. */
+static __always_inline void claim_accepted(struct ft_sock_state *st, __u64 cookie, __u8 hook)
 {
-    if (ret < 0)
-        return 0;
-    long nr = FT_SYSCALL_NR(regs); /* tp_btf: a trusted pointer, read directly */
-    if (nr != FT_NR_ACCEPT && nr != FT_NR_ACCEPT4)
-        return 0;
-
-    struct task_struct *task = bpf_get_current_task_btf();
-    struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
-    struct file *file = 0;
-    if (bpf_probe_read_kernel(&file, sizeof(file), &fds[ret]) || !file)
-        return 0;
-    struct socket *sock = BPF_CORE_READ(file, private_data);
-    struct sock *sk = BPF_CORE_READ(sock, sk);
-    __u64 cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
-    if (!cookie)
-        return 0;
+    stamp_current(&st->owner, hook);
     struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
     if (!f || !(f->flags & FT_FLOW_PENDING_ACCEPT))
-        return 0;
-    stamp_current(&f->owner, FT_HOOK_ACCEPT);
+        return;
+    __builtin_memcpy(&f->owner, &st->owner, sizeof(f->owner));
     f->flags &= ~FT_FLOW_PENDING_ACCEPT;
     emit(FT_EV_OPEN, f, 0);
-    return 0;
 }
+
+static __always_inline int on_getpeername(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || sk->protocol != IPPROTO_TCP)
+        return 1;
+    struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, 0);
+    if (st && st->owner.attribution == FT_ATTR_INHERITED)
+        claim_accepted(st, bpf_get_socket_cookie(ctx), FT_HOOK_ACCEPT);
+    return 1;
+}
+
+SEC("cgroup/getpeername4")
+int ft_getpeername4(struct bpf_sock_addr *ctx) { return on_getpeername(ctx); }
+
+SEC("cgroup/getpeername6")
+int ft_getpeername6(struct bpf_sock_addr *ctx) { return on_getpeername(ctx); }
 
 /* ---------------------------------------------------------------- send/recv */
 
@@ -772,10 +768,10 @@ static __always_inline int on_io(struct sock *sk, int ret, __u8 dir)
         return 0; /* not a socket of the watched cgroup */
     __u16 proto = sk->sk_protocol;
     if (proto == IPPROTO_TCP) {
-        if (dir == FT_DIR_OUTBOUND)
+        if (st->owner.attribution == FT_ATTR_INHERITED)
+            claim_accepted(st, bpf_get_socket_cookie(sk), dir == FT_DIR_OUTBOUND ? FT_HOOK_SEND : FT_HOOK_IO);
+        else if (dir == FT_DIR_OUTBOUND)
             tcp_refine(sk, st, FT_HOOK_SEND);
-        else if (st->owner.attribution == FT_ATTR_INHERITED)
-            tcp_refine(sk, st, FT_HOOK_IO);
     } else if (proto == IPPROTO_UDP) {
         if (dir == FT_DIR_OUTBOUND)
             refine(st, FT_HOOK_SEND);

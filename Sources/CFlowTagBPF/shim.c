@@ -591,8 +591,8 @@ int ftbpf_eventfd(void)
 
 int ftbpf_gettid(void) { return (int)syscall(SYS_gettid); }
 
-int ftbpf_tcp_lookup(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                     uint16_t remote_port, uint64_t cookie, uint32_t *unread, uint32_t *inode)
+int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
 {
     int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (fd < 0)
@@ -632,7 +632,6 @@ int ftbpf_tcp_lookup(int family, const uint8_t local[16], uint16_t local_port, c
                 }
                 if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
                     struct inet_diag_msg *m = NLMSG_DATA(h);
-                    *unread = m->idiag_rqueue;
                     *inode = m->idiag_inode;
                     rc = 0;
                     break;

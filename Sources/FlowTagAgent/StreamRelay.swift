@@ -269,18 +269,14 @@ public final class StreamRelay: @unchecked Sendable {
             s.appFDHint = nil
             unread = AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
         }
-        if unread == nil, let record = records.withLock({ $0[c] }), let entry = AppSocket.tableEntry(record) {
+        if unread == nil, let (pid, fd) = searchHolder(s, cookie: c) {
             // Handed to a process the kernel's stamp does not name (the one that connected
-            // passed its fd on, and may have exited): the socket table still counts what
-            // waits unread. Whoever holds it now is looked for too (stopping the agent
-            // shuts the socket through its holder).
-            unread = entry.unread
-            if mayScanForHolders(), let (pid, fd) = AppSocket.holder(inode: entry.inode, cookie: c) {
-                FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the socket moved from pid \(s.ownerPID) to pid \(pid)\n".utf8))
-                s.reportedUnreachable = false
-                s.ownerPID = pid
-                s.appFDHint = fd
-            }
+            // passed its fd on, and may have exited).
+            FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the socket moved from pid \(s.ownerPID) to pid \(pid)\n".utf8))
+            s.reportedUnreachable = false
+            s.ownerPID = pid
+            s.appFDHint = fd
+            unread = AppSocket.unreadBytes(pid: pid, cookie: c, hint: &s.appFDHint)
         }
         guard let unread else {
             if !s.reportedUnreachable {
@@ -302,14 +298,23 @@ public final class StreamRelay: @unchecked Sendable {
         }
     }
 
-    /// A search of every process's fds (see AppSocket.holder) at most once a second, for
-    /// all flows together: it runs on the relay thread.
-    private var lastHolderScan: ContinuousClock.Instant?
-    private func mayScanForHolders() -> Bool {
+    /// Whoever holds the flow's socket now, found by its inode (from the socket table,
+    /// sock_diag) in every process's fds (AppSocket.holder). The search walks all of
+    /// /proc on the relay thread, so a flow that found nobody waits before the next one:
+    /// 50 ms, doubling up to 5 s (a socket in flight between processes, inside an
+    /// SCM_RIGHTS message, is held by nobody for a moment).
+    private func searchHolder(_ s: RelaySlot, cookie c: UInt64) -> (pid: UInt32, fd: Int32)? {
         let now = ContinuousClock.now
-        if let last = lastHolderScan, now - last < .seconds(1) { return false }
-        lastHolderScan = now
-        return true
+        if let next = s.nextHolderSearch, now < next { return nil }
+        if s.appInode == nil, let record = records.withLock({ $0[c] }) { s.appInode = AppSocket.inode(record) }
+        if let inode = s.appInode, let holder = AppSocket.holder(inode: inode, cookie: c) {
+            s.holderSearchWait = .zero
+            s.nextHolderSearch = nil
+            return holder
+        }
+        s.holderSearchWait = min(max(s.holderSearchWait * 2, .milliseconds(50)), .seconds(5))
+        s.nextHolderSearch = now + s.holderSearchWait
+        return nil
     }
 
     /// When the process's unread bytes cannot be read, delivery is paced instead of
@@ -504,6 +509,10 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     var awaitingDrain = false
     var appFDHint: Int32?
     var reportedUnreachable = false
+    /// The process's socket's inode (AppSocket.holder) and when to search for it again.
+    var appInode: UInt64?
+    var nextHolderSearch: ContinuousClock.Instant?
+    var holderSearchWait = Duration.zero
     /// Since when delivery waits because the owner's unread bytes could not be read.
     var blindSince: ContinuousClock.Instant?
     /// Bytes read from the peer's direction (relay thread), compared with what the

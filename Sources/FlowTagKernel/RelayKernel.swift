@@ -345,16 +345,18 @@ public enum AppSocket {
         return Int(n)
     }
 
-    /// The process's socket as the kernel's socket table shows it (sock_diag, exact
-    /// 4-tuple and cookie): its unread bytes and inode, whoever holds it now. nil when it
-    /// is not in the agent's network namespace, or gone.
-    public static func tableEntry(_ r: FlowRecord) -> (unread: Int, inode: UInt64)? {
+    /// The process's socket's inode, from the kernel's socket table (sock_diag, exact
+    /// 4-tuple and cookie) whoever holds it: what every `/proc/PID/fd` link to it names
+    /// (`socket:[N]`). nil when it is not in the agent's network namespace, or gone.
+    /// (The table's unread count, `idiag_rqueue`, would not do for the unread bound: it
+    /// leaves out what a sockmap redirect queued, which FIONREAD counts.)
+    public static func inode(_ r: FlowRecord) -> UInt64? {
         guard r.protocol == .tcp else { return nil }
         let family = r.family == .ipv4 ? AF_INET : AF_INET6
-        var unread: UInt32 = 0, inode: UInt32 = 0
-        let rc = ftbpf_tcp_lookup(Int32(family), r.local.address.bytes, r.local.port, r.remote.address.bytes, r.remote.port,
-                                  r.flow, &unread, &inode)
-        return rc == 0 ? (Int(unread), UInt64(inode)) : nil
+        var inode: UInt32 = 0
+        let rc = ftbpf_tcp_inode(Int32(family), r.local.address.bytes, r.local.port, r.remote.address.bytes, r.remote.port,
+                                 r.flow, &inode)
+        return rc == 0 ? UInt64(inode) : nil
     }
 
     /// A process that holds the socket now, and its fd number there, found by the inode in

@@ -238,6 +238,34 @@ struct KernelFlowTests {
         }
     }
 
+    @Test("an accepted socket belongs to the process that accepted it (peer address asked), else to the first to receive or send on it")
+    func acceptedSocketOwners() async throws {
+        try await withKernel { h in
+            let p = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "accept-variants"]))
+            let lines = try await p.waitForLines(5)
+            let listenerOwner = try #require(lines[0]["listener_owner"] as? Int)
+            let cases = lines.dropFirst()
+            #expect(cases.allSatisfy { $0["status"] as? Int == 0 }, "\(lines)")
+            let ports = Set(cases.compactMap { $0["client_port"] as? Int })
+            let evs = try await h.waitFor("four inbound flows opened and closed") { evs in
+                evs.filter { $0.isClose && $0.record.direction == .inbound && ports.contains(Int($0.record.remote.port)) }.count == 4
+            }
+            for c in cases {
+                let name = c["case"] as? String ?? "?"
+                let port = try #require(c["client_port"] as? Int), acceptor = try #require(c["acceptor"] as? Int)
+                let opens = evs.filter { $0.isOpen && $0.record.direction == .inbound && Int($0.record.remote.port) == port }
+                #expect(opens.count == 1, "\(name): \(opens.count) open events")
+                guard let open = opens.first?.record else { continue }
+                if name == "null-nothing" {
+                    // Nobody acted on it in process context: reported at close with the listener's owner.
+                    #expect(open.process.pid == UInt32(listenerOwner) && open.attribution == .inherited, "\(name): \(open.process) \(open.attribution)")
+                } else {
+                    #expect(open.process.pid == UInt32(acceptor) && open.attribution == .kernel, "\(name): \(open.process) \(open.attribution)")
+                }
+            }
+        }
+    }
+
     @Test("the same 5-tuple in two network namespaces is two flows")
     func sameTupleTwoNamespaces() async throws {
         let namespaces = [uniqueName("a"), uniqueName("b")].map { String($0.suffix(40)) }

@@ -100,6 +100,35 @@ def connect_from(port, src_port):
     s.sendall(b"hi"); s.close()
     print(json.dumps({"pid": os.getpid()}), flush=True)
 
+def accept_variants():
+    """A listener in this process; for each case a forked child accepts one connection
+    that this process makes: with the peer's address (Python's accept), or with
+    accept(fd, NULL, NULL) followed by a receive, a send, or nothing."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(8)
+    print(json.dumps({"listener_owner": os.getpid(), "port": l.getsockname()[1]}), flush=True)
+    for case in ("addr", "null-recv", "null-send", "null-nothing"):
+        c = socket.socket()
+        pid = os.fork()
+        if pid == 0:
+            if case == "addr":
+                a, _ = l.accept()
+            else:
+                fd = libc.accept(l.fileno(), None, None)
+                if fd < 0: os._exit(3)
+                a = socket.socket(fileno=fd)
+            if case == "null-recv": a.recv(16)
+            if case == "null-send": a.sendall(b"s")
+            a.close()
+            os._exit(0)
+        c.connect(l.getsockname())
+        port = c.getsockname()[1]
+        if case == "null-recv": c.sendall(b"r")
+        _, status = os.waitpid(pid, 0)
+        c.close()
+        print(json.dumps({"case": case, "acceptor": pid, "client_port": port, "status": status}), flush=True)
+
 def listen_once(port):
     l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     l.bind(("127.0.0.1", int(port))); l.listen(4)
@@ -139,5 +168,6 @@ if __name__ == "__main__":
      "wait-connect": lambda: wait_connect(args[0]),
      "connect-from": lambda: connect_from(args[0], args[1]),
      "listen-once": lambda: listen_once(args[0]),
+     "accept-variants": accept_variants,
      "storm": lambda: storm(args[0], args[1], args[2], args[3]),
      }[cmd]()

@@ -219,8 +219,11 @@ def handed_over_connection(host, port):
         c = socket.create_connection((host, port), timeout=60)
         socket.send_fds(there, [b"fd"], [c.fileno()])
         os._exit(0)
-    _, fds, _, _ = socket.recv_fds(here, 16, 1)
+    # The child has sent the fd and exits; for a while the socket is only inside the
+    # unix socket's queue, held by no process at all.
     os.waitpid(pid, 0)  # reaped: /proc/PID is gone too
+    time.sleep(0.3)
+    _, fds, _, _ = socket.recv_fds(here, 16, 1)
     s = socket.socket(fileno=fds[0])
     s.settimeout(60)
     print(json.dumps({"connected_by": pid, "reader": os.getpid()}), flush=True)

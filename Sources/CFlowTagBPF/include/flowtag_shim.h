@@ -116,11 +116,11 @@ typedef int (*ftbpf_diag_fn)(void *ctx, const struct ftbpf_diag_sock *sock);
  * (bit per TCP state). Returns the count, or -errno. */
 int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx);
 
-/* One TCP socket of this network namespace by its exact 4-tuple and cookie (addresses
- * in network order, IPv4 in the first 4 bytes): the bytes its process has not read yet
- * and its inode. 0, or -errno (-ENOENT: no such socket in this namespace). */
-int ftbpf_tcp_lookup(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                     uint16_t remote_port, uint64_t cookie, uint32_t *unread, uint32_t *inode);
+/* The inode of one TCP socket of this network namespace, by its exact 4-tuple and
+ * cookie (addresses in network order, IPv4 in the first 4 bytes). 0, or -errno
+ * (-ENOENT: no such socket in this namespace). */
+int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                    uint16_t remote_port, uint64_t cookie, uint32_t *inode);
 
 /* Queue maps: push a value; pop one (-ENOENT when empty). */
 int ftbpf_queue_push(int fd, const void *value);
