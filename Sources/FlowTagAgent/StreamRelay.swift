@@ -282,7 +282,9 @@ public final class StreamRelay: @unchecked Sendable {
             if !s.reportedUnreachable {
                 s.reportedUnreachable = true
                 let gone = access("/proc/\(s.ownerPID)", F_OK) != 0
-                FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the owner's socket is not reachable (pid \(s.ownerPID)\(gone ? ", exited" : "")); delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it\n".utf8))
+                let why = gone ? "" : "; " + AppSocket.whyUnreachable(pid: s.ownerPID, cookie: c)
+                    + "; socket table inode \(s.appInode.map(String.init) ?? "not found")"
+                FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the owner's socket is not reachable (pid \(s.ownerPID)\(gone ? ", exited" : "")\(why)); delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it\n".utf8))
             }
             boundBlind(s)
             return

@@ -410,6 +410,26 @@ public enum AppSocket {
         findWithNumber(pid: pid, cookie: cookie)?.0
     }
 
+    /// Why the socket with this cookie cannot be reached through `pid`, step by step (for
+    /// the log line that says a flow's delivery is paced: a live owner has been seen
+    /// unreachable under load, cause unknown).
+    public static func whyUnreachable(pid: UInt32, cookie: UInt64) -> String {
+        guard let dir = opendir("/proc/\(pid)/fd") else { return "/proc/\(pid)/fd: \(String(cString: strerror(errno)))" }
+        defer { closedir(dir) }
+        var sockets = 0, errors: [Int32: Int] = [:], cookies: [UInt64] = []
+        while let entry = readdir(dir) {
+            let name = direntName(entry)
+            guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), link.hasPrefix("socket:") else { continue }
+            sockets += 1
+            let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
+            guard fd >= 0 else { errors[-fd, default: 0] += 1; continue }
+            if let c = cookieOf(fd), cookies.count < 8 { cookies.append(c) }
+            close(fd)
+        }
+        let failed = errors.map { "\($0.value)× \(String(cString: strerror($0.key)))" }.joined(separator: ", ")
+        return "\(sockets) sockets in /proc/\(pid)/fd, pidfd_getfd failed: [\(failed)], cookies seen \(cookies) (looking for \(cookie))"
+    }
+
     static func findWithNumber(pid: UInt32, cookie: UInt64) -> (Int32, Int32)? {
         guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
         defer { closedir(dir) }
