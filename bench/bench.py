@@ -175,6 +175,19 @@ def set_stats(on):
         f.write("1" if on else "0")
 
 
+def measured(ids, run):
+    """Runs `run()` with BPF run-time stats on; returns its result and, per program name,
+    the (run_time_ns, run_cnt) it added."""
+    set_stats(True)
+    try:
+        before = prog_stats(ids)
+        result = run()
+        after = prog_stats(ids)
+    finally:
+        set_stats(False)
+    return result, {k: (t - before[k][0], c - before[k][1]) for k, (t, c) in after.items()}
+
+
 # --------------------------------------------------------------------------- B1
 def b1(rounds=5, n=4000):
     """Cost added to connect(): per-program run time from the kernel, and the interleaved
@@ -193,20 +206,14 @@ def b1(rounds=5, n=4000):
             agent = Agent(cg, f"b1-{r}")
             ids = agent.prog_ids()
             leave = cg.enter()
-            set_stats(True)
-            before = prog_stats(ids)
-            attached.append(connect_loop(port, n))
-            after = prog_stats(ids)
-            set_stats(False)
+            elapsed, added = measured(ids, lambda: connect_loop(port, n))
+            attached.append(elapsed)
             leave()
             agent.cleanup()
             leave = cg.enter()
-            total = 0
-            for name, (t, c) in after.items():
-                dt = t - before[name][0]; dc = c - before[name][1]
+            for name, (dt, dc) in added.items():
                 per_prog.setdefault(name, []).append((dt / n, dc / n))
-                total += dt
-            per_connect.append(total / n)
+            per_connect.append(sum(dt for dt, _ in added.values()) / n)
     finally:
         set_stats(False)
         leave()
@@ -256,19 +263,17 @@ def b1floor(rounds=5, n=4000):
         for _ in range(rounds):  # interleaved: every program once per round
             for name, hook in FLOOR_PROGS:
                 subprocess.run(["bpftool", "cgroup", "attach", cg.path, hook, "pinned", f"{pins}/{name}"], check=True)
-                set_stats(True)
-                before = prog_stats([ids[name]])[name]
-                leave = cg.enter()
-                try:
-                    connect_loop(port, n)
-                finally:
-                    leave()
-                after = prog_stats([ids[name]])[name]
-                set_stats(False)
+                def loop_inside():
+                    leave = cg.enter()
+                    try:
+                        connect_loop(port, n)
+                    finally:
+                        leave()
+                _, added = measured([ids[name]], loop_inside)
                 subprocess.run(["bpftool", "cgroup", "detach", cg.path, hook, "pinned", f"{pins}/{name}"], check=True)
-                runs = after[1] - before[1]
+                time_ns, runs = added[name]
                 if runs:
-                    per_run[name].append(((after[0] - before[0]) / runs, runs / n))
+                    per_run[name].append((time_ns / runs, runs / n))
     finally:
         set_stats(False)
         for name, hook in FLOOR_PROGS:  # anything a failed round left attached
@@ -440,16 +445,14 @@ def b8(rounds=5, seconds=3):
                     # The programs' own run time against the CPU time the machine was busy:
                     # what they cost, read from the kernel (throughput here swings ±20 %
                     # from run to run whether they are attached or not).
-                    ids = agent.prog_ids()
-                    set_stats(True)
-                    before, busy0 = prog_stats(ids), busy_cpu_ns()
-                    att.append(iperf(cg, port, parallel, seconds))
-                    after, busy1 = prog_stats(ids), busy_cpu_ns()
-                    set_stats(False)
-                    bpf_ns = sum(after[k][0] - before[k][0] for k in after)
-                    shares.append(bpf_ns / max(1, busy1 - busy0))
+                    def run_iperf():
+                        busy0 = busy_cpu_ns()
+                        gbps = iperf(cg, port, parallel, seconds)
+                        return gbps, busy_cpu_ns() - busy0
+                    (gbps, busy), added = measured(agent.prog_ids(), run_iperf)
+                    att.append(gbps)
+                    shares.append(sum(t for t, _ in added.values()) / max(1, busy))
                 finally:
-                    set_stats(False)
                     agent.cleanup()
             d, a = statistics.median(det), statistics.median(att)
             share = statistics.median(shares)

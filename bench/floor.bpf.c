@@ -63,26 +63,24 @@ int floor_sk_storage_96(struct bpf_sock *sk)
     return 1;
 }
 
-/* The shared notes' reference: a 32-byte stamp in an LRU hash keyed by socket cookie. */
-SEC("cgroup/connect4")
-int floor_lru_insert(struct bpf_sock_addr *ctx)
+/* A 32-byte stamp keyed by socket cookie in a hash map: the two variants below differ
+ * only in the map. */
+static __always_inline int insert_stamp(struct bpf_sock_addr *ctx, void *map)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct stamp32 s = { bpf_get_current_pid_tgid() >> 32, bpf_get_current_uid_gid(), bpf_get_current_cgroup_id(), 0 };
-    bpf_map_update_elem(&floor_lru, &cookie, &s, BPF_ANY);
+    bpf_map_update_elem(map, &cookie, &s, BPF_ANY);
     return 1;
 }
 
-/* The same in a preallocated hash (entries are never deleted here: a sock_release
- * program would, at a cost of its own). */
+/* The shared notes' reference: an LRU hash. */
 SEC("cgroup/connect4")
-int floor_hash_insert(struct bpf_sock_addr *ctx)
-{
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct stamp32 s = { bpf_get_current_pid_tgid() >> 32, bpf_get_current_uid_gid(), bpf_get_current_cgroup_id(), 0 };
-    bpf_map_update_elem(&floor_hash, &cookie, &s, BPF_ANY);
-    return 1;
-}
+int floor_lru_insert(struct bpf_sock_addr *ctx) { return insert_stamp(ctx, &floor_lru); }
+
+/* A preallocated hash (entries are never deleted here: a sock_release program would, at
+ * a cost of its own). */
+SEC("cgroup/connect4")
+int floor_hash_insert(struct bpf_sock_addr *ctx) { return insert_stamp(ctx, &floor_hash); }
 
 /* Nothing, as a sock_ops program: the kernel calls it for each of a connection's
  * callbacks (the flow lifecycle the agent needs comes from these). */

@@ -591,8 +591,9 @@ int ftbpf_eventfd(void)
 
 int ftbpf_gettid(void) { return (int)syscall(SYS_gettid); }
 
-int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
+/* Sends one TCP sock_diag request (a dump when `id` is NULL, else the one socket `id`
+ * names); returns the netlink socket to read the answer from, or -errno. */
+static int diag_request(int family, uint32_t states, uint8_t ext, const struct inet_diag_sockid *id)
 {
     int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (fd < 0)
@@ -603,40 +604,52 @@ int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, co
     } msg = {0};
     msg.nlh.nlmsg_len = sizeof(msg);
     msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-    msg.nlh.nlmsg_flags = NLM_F_REQUEST; /* one socket, not a dump */
+    msg.nlh.nlmsg_flags = NLM_F_REQUEST | (id ? 0 : NLM_F_DUMP);
     msg.req.sdiag_family = (uint8_t)family;
     msg.req.sdiag_protocol = IPPROTO_TCP;
-    msg.req.idiag_states = ~0u;
-    msg.req.id.idiag_sport = htons(local_port);
-    msg.req.id.idiag_dport = htons(remote_port);
-    memcpy(msg.req.id.idiag_src, local, family == AF_INET ? 4 : 16);
-    memcpy(msg.req.id.idiag_dst, remote, family == AF_INET ? 4 : 16);
-    msg.req.id.idiag_cookie[0] = (uint32_t)cookie;
-    msg.req.id.idiag_cookie[1] = (uint32_t)(cookie >> 32);
+    msg.req.idiag_states = states;
+    msg.req.idiag_ext = ext;
+    if (id)
+        msg.req.id = *id;
     struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
-    int rc = -EIO;
     if (sendto(fd, &msg, sizeof(msg), 0, (struct sockaddr *)&nl, sizeof(nl)) < 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
+{
+    struct inet_diag_sockid id = {0};
+    id.idiag_sport = htons(local_port);
+    id.idiag_dport = htons(remote_port);
+    memcpy(id.idiag_src, local, family == AF_INET ? 4 : 16);
+    memcpy(id.idiag_dst, remote, family == AF_INET ? 4 : 16);
+    id.idiag_cookie[0] = (uint32_t)cookie;
+    id.idiag_cookie[1] = (uint32_t)(cookie >> 32);
+    int fd = diag_request(family, ~0u, 0, &id);
+    if (fd < 0)
+        return fd;
+    int rc = -EIO;
+    char buf[4096];
+    ssize_t n;
+    do { n = recv(fd, buf, sizeof(buf), 0); } while (n < 0 && errno == EINTR);
+    if (n < 0)
         rc = -errno;
-    } else {
-        char buf[4096];
-        ssize_t n;
-        do { n = recv(fd, buf, sizeof(buf), 0); } while (n < 0 && errno == EINTR);
-        if (n < 0) {
-            rc = -errno;
-        } else {
-            for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
-                if (h->nlmsg_type == NLMSG_ERROR) {
-                    struct nlmsgerr *e = NLMSG_DATA(h);
-                    rc = e->error < 0 ? e->error : -EIO;
-                    break;
-                }
-                if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
-                    struct inet_diag_msg *m = NLMSG_DATA(h);
-                    *inode = m->idiag_inode;
-                    rc = 0;
-                    break;
-                }
-            }
+    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; n > 0 && NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+        if (h->nlmsg_type == NLMSG_ERROR) {
+            struct nlmsgerr *e = NLMSG_DATA(h);
+            rc = e->error < 0 ? e->error : -EIO;
+            break;
+        }
+        if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
+            struct inet_diag_msg *m = NLMSG_DATA(h);
+            *inode = m->idiag_inode;
+            rc = 0;
+            break;
         }
     }
     close(fd);
@@ -645,26 +658,9 @@ int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, co
 
 int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx)
 {
-    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    int fd = diag_request(family, states, 1 << (INET_DIAG_INFO - 1), NULL);
     if (fd < 0)
-        return -errno;
-    struct {
-        struct nlmsghdr nlh;
-        struct inet_diag_req_v2 req;
-    } msg = {0};
-    msg.nlh.nlmsg_len = sizeof(msg);
-    msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-    msg.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-    msg.req.sdiag_family = (uint8_t)family;
-    msg.req.sdiag_protocol = IPPROTO_TCP;
-    msg.req.idiag_states = states;
-    msg.req.idiag_ext = 1 << (INET_DIAG_INFO - 1);
-    struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
-    if (sendto(fd, &msg, sizeof(msg), 0, (struct sockaddr *)&nl, sizeof(nl)) < 0) {
-        int rc = -errno;
-        close(fd);
-        return rc;
-    }
+        return fd;
     static __thread char buf[1 << 16];
     int count = 0, rc = 0;
     for (;;) {

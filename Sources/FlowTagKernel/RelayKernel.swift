@@ -368,18 +368,36 @@ public enum AppSocket {
         defer { closedir(proc) }
         let link = "socket:[\(inode)]"
         while let entry = readdir(proc) {
-            guard let pid = UInt32(direntName(entry)), pid != UInt32(getpid()), let dir = opendir("/proc/\(pid)/fd") else { continue }
-            defer { closedir(dir) }
-            while let e = readdir(dir) {
-                let name = direntName(e)
-                guard let target = Int32(name), readLink("/proc/\(pid)/fd/\(name)") == link else { continue }
-                let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
-                guard fd >= 0 else { continue }
-                defer { close(fd) }
-                if cookieOf(fd) == cookie { return (pid, target) }
+            guard let pid = UInt32(direntName(entry)), pid != UInt32(getpid()) else { continue }
+            var found: Int32?
+            walkSockets(of: pid, linkedTo: { $0 == link }) { target, fd in
+                guard fd >= 0, cookieOf(fd) == cookie else { return false }
+                close(fd)
+                found = target
+                return true
             }
+            if let found { return (pid, found) }
         }
         return nil
+    }
+
+    /// Walks the fds of `pid` whose link passes `linkedTo` (sockets unless told), each
+    /// duplicated with pidfd_getfd: `visit` gets the fd number and the duplicate (or
+    /// -errno) and returns true to stop, keeping the duplicate (it is closed otherwise).
+    /// nil when /proc/PID/fd cannot be read (errno says why).
+    @discardableResult
+    private static func walkSockets(of pid: UInt32, linkedTo wanted: (String) -> Bool = { $0.hasPrefix("socket:") },
+                                    _ visit: (_ target: Int32, _ duplicate: Int32) -> Bool) -> Bool? {
+        guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = direntName(entry)
+            guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), wanted(link) else { continue }
+            let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
+            if visit(target, fd) { return true }
+            if fd >= 0 { close(fd) }
+        }
+        return false
     }
 
     private static func direntName(_ entry: UnsafeMutablePointer<dirent>) -> String {
@@ -414,33 +432,24 @@ public enum AppSocket {
     /// the log line that says a flow's delivery is paced: a live owner has been seen
     /// unreachable under load, cause unknown).
     public static func whyUnreachable(pid: UInt32, cookie: UInt64) -> String {
-        guard let dir = opendir("/proc/\(pid)/fd") else { return "/proc/\(pid)/fd: \(String(cString: strerror(errno)))" }
-        defer { closedir(dir) }
         var sockets = 0, errors: [Int32: Int] = [:], cookies: [UInt64] = []
-        while let entry = readdir(dir) {
-            let name = direntName(entry)
-            guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), link.hasPrefix("socket:") else { continue }
+        let walked = walkSockets(of: pid) { _, fd in
             sockets += 1
-            let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
-            guard fd >= 0 else { errors[-fd, default: 0] += 1; continue }
-            if let c = cookieOf(fd), cookies.count < 8 { cookies.append(c) }
-            close(fd)
+            if fd < 0 { errors[-fd, default: 0] += 1 } else if let c = cookieOf(fd), cookies.count < 8 { cookies.append(c) }
+            return false
         }
+        guard walked != nil else { return "/proc/\(pid)/fd: \(String(cString: strerror(errno)))" }
         let failed = errors.map { "\($0.value)× \(String(cString: strerror($0.key)))" }.joined(separator: ", ")
         return "\(sockets) sockets in /proc/\(pid)/fd, pidfd_getfd failed: [\(failed)], cookies seen \(cookies) (looking for \(cookie))"
     }
 
     static func findWithNumber(pid: UInt32, cookie: UInt64) -> (Int32, Int32)? {
-        guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
-        defer { closedir(dir) }
-        while let entry = readdir(dir) {
-            let name = direntName(entry)
-            guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), link.hasPrefix("socket:") else { continue }
-            let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
-            guard fd >= 0 else { continue }
-            if cookieOf(fd) == cookie { return (fd, target) }
-            close(fd)
+        var found: (Int32, Int32)?
+        walkSockets(of: pid) { target, fd in
+            guard fd >= 0, cookieOf(fd) == cookie else { return false }
+            found = (fd, target)
+            return true
         }
-        return nil
+        return found
     }
 }
