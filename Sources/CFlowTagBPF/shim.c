@@ -456,6 +456,7 @@ int ftbpf_events_consume(struct ftbpf *obj)
 
 static int neg_errno(int rc) { return rc < 0 ? (rc == -1 ? -errno : rc) : 0; }
 
+int ftbpf_obj_get(const char *path) { int fd = bpf_obj_get(path); return fd < 0 ? -errno : fd; }
 int ftbpf_map_lookup(int fd, const void *key, void *value) { return neg_errno(bpf_map_lookup_elem(fd, key, value)); }
 int ftbpf_map_next_key(int fd, const void *key, void *next_key) { return neg_errno(bpf_map_get_next_key(fd, key, next_key)); }
 int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags) { return neg_errno(bpf_map_update_elem(fd, key, value, flags)); }
@@ -593,7 +594,7 @@ int ftbpf_gettid(void) { return (int)syscall(SYS_gettid); }
 
 /* Sends one TCP sock_diag request (a dump when `id` is NULL, else the one socket `id`
  * names); returns the netlink socket to read the answer from, or -errno. */
-static int diag_request(int family, uint32_t states, uint8_t ext, const struct inet_diag_sockid *id)
+static int diag_request(uint16_t type, int family, uint32_t states, uint8_t ext, const struct inet_diag_sockid *id)
 {
     int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
     if (fd < 0)
@@ -603,8 +604,8 @@ static int diag_request(int family, uint32_t states, uint8_t ext, const struct i
         struct inet_diag_req_v2 req;
     } msg = {0};
     msg.nlh.nlmsg_len = sizeof(msg);
-    msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-    msg.nlh.nlmsg_flags = NLM_F_REQUEST | (id ? 0 : NLM_F_DUMP);
+    msg.nlh.nlmsg_type = type;
+    msg.nlh.nlmsg_flags = NLM_F_REQUEST | (id ? 0 : NLM_F_DUMP) | (type == SOCK_DESTROY ? NLM_F_ACK : 0);
     msg.req.sdiag_family = (uint8_t)family;
     msg.req.sdiag_protocol = IPPROTO_TCP;
     msg.req.idiag_states = states;
@@ -620,8 +621,8 @@ static int diag_request(int family, uint32_t states, uint8_t ext, const struct i
     return fd;
 }
 
-int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
+static struct inet_diag_sockid exact_sockid(int family, const uint8_t local[16], uint16_t local_port,
+                                            const uint8_t remote[16], uint16_t remote_port, uint64_t cookie)
 {
     struct inet_diag_sockid id = {0};
     id.idiag_sport = htons(local_port);
@@ -630,7 +631,14 @@ int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, co
     memcpy(id.idiag_dst, remote, family == AF_INET ? 4 : 16);
     id.idiag_cookie[0] = (uint32_t)cookie;
     id.idiag_cookie[1] = (uint32_t)(cookie >> 32);
-    int fd = diag_request(family, ~0u, 0, &id);
+    return id;
+}
+
+int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
+{
+    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
+    int fd = diag_request(SOCK_DIAG_BY_FAMILY, family, ~0u, 0, &id);
     if (fd < 0)
         return fd;
     int rc = -EIO;
@@ -656,9 +664,29 @@ int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, co
     return rc;
 }
 
+int ftbpf_tcp_destroy(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                      uint16_t remote_port, uint64_t cookie)
+{
+    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
+    int fd = diag_request(SOCK_DESTROY, family, ~0u, 0, &id);
+    if (fd < 0)
+        return fd;
+    int rc = -EIO;
+    char buf[1024];
+    ssize_t n;
+    do { n = recv(fd, buf, sizeof(buf), 0); } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        rc = -errno;
+    struct nlmsghdr *h = (struct nlmsghdr *)buf;
+    if (n > 0 && NLMSG_OK(h, (size_t)n) && h->nlmsg_type == NLMSG_ERROR)
+        rc = ((struct nlmsgerr *)NLMSG_DATA(h))->error; /* 0: acknowledged */
+    close(fd);
+    return rc;
+}
+
 int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx)
 {
-    int fd = diag_request(family, states, 1 << (INET_DIAG_INFO - 1), NULL);
+    int fd = diag_request(SOCK_DIAG_BY_FAMILY, family, states, 1 << (INET_DIAG_INFO - 1), NULL);
     if (fd < 0)
         return fd;
     static __thread char buf[1 << 16];

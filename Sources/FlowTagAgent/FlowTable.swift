@@ -194,6 +194,7 @@ public final class FlowTable: Sendable {
                 st.activeRelayedFlows = r.activeFlows
                 st.relayPoolEmpty = r.kernel.poolEmptyCount
                 st.relayBytesUndeliverable = r.counters.bytesUndeliverable.load(ordering: .relaxed)
+                st.relayHopFailures = r.counters.brokenHops.load(ordering: .relaxed)
             }
             return st
         }

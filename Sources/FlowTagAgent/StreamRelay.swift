@@ -18,6 +18,8 @@ public final class RelayCounters: Sendable {
     /// Bytes the callouts let through that could not be delivered because the flow had
     /// ended first (a FIN or reset overtook them: docs/stream-relay.md).
     public let bytesUndeliverable = Atomic<UInt64>(0)
+    /// Relayed flows reset because a hop of their relay broke (StreamRelay.hopBroke).
+    public let brokenHops = Atomic<UInt64>(0)
     public init() {}
 }
 
@@ -46,6 +48,8 @@ public final class StreamRelay: @unchecked Sendable {
     private var slots: [UInt32: RelaySlot] = [:]
     private var byFD: [Int32: (slot: UInt32, direction: StreamDirection)] = [:]
     private var byCookie: [UInt64: UInt32] = [:]
+    /// The slots' ends in the sockhash, watched for errors only.
+    private var kernelEnds: [Int32: UInt32] = [:]
     private var unusedNumbers: [UInt32]
     private var offered = 0
     private var buffer = [UInt8](repeating: 0, count: 1 << 16)
@@ -136,6 +140,10 @@ public final class StreamRelay: @unchecked Sendable {
                         _ = Glibc.read(wakeFD, &v, 8)
                         continue
                     }
+                    if let number = kernelEnds[fd] {
+                        if let s = slots[number] { hopBroke(s, why: "its kernel end: \(Self.socketError(fd))") }
+                        continue
+                    }
                     if events[i] & 4 != 0, let (number, _) = byFD[fd], let s = slots[number] { flush(s) } // EPOLLOUT
                     if events[i] & ~4 != 0 { readable(fd) }
                 }
@@ -144,7 +152,7 @@ public final class StreamRelay: @unchecked Sendable {
             // Also slots whose input is paused: their output may have drained meanwhile
             // (sessions deliver, and write, from inside indicate).
             for s in slots.values where s.hasPendingOutput || s.isPaused { flush(s) }
-            for s in slots.values where s.session != nil && (s.awaitingDrain || s.injectedSinceCheck >= Self.unreadCheckBytes) {
+            for s in slots.values where s.session != nil && !s.hopBroken && (s.awaitingDrain || s.injectedSinceCheck >= Self.unreadCheckBytes) {
                 boundUnread(s)
             }
             replenish()
@@ -211,7 +219,8 @@ public final class StreamRelay: @unchecked Sendable {
         if s.session == nil { bindFromKernel(s) }
         guard s.session != nil else {
             // Bytes on a slot no flow holds: nothing may forward them.
-            _ = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
+            if n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR) { retire(s) } // a broken spare: make a new one
             return
         }
         read(s, direction, rounds: 16)
@@ -233,9 +242,46 @@ public final class StreamRelay: @unchecked Sendable {
                 else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed); s.bytesFromPeer += UInt64(n) }
                 s.session?.indicate(Array(buffer[0..<n]), direction: direction)
             } else {
-                return // EAGAIN, or nothing more
+                // The kernel end never closes while the agent lives: EOF or an error
+                // here means the hop is broken, not that the flow ended.
+                if n == 0 || (errno != EAGAIN && errno != EINTR) {
+                    hopBroke(s, why: "its agent end (\(direction)): \(n == 0 ? "end of file" : String(cString: strerror(errno)))")
+                }
+                return
             }
         }
+    }
+
+    /// A hop of the slot failed. The one that can: the psock worker's send of what the
+    /// peer sent on the slot's kernel end (an sk_skb redirect) failing hard, e.g. ENOMEM
+    /// under TCP memory pressure. The kernel then sets that socket's error, stops the
+    /// psock's transmit and drops every later redirected skb, bytes the process's socket
+    /// has already acknowledged: the flow would hang with a gap. It is reset instead (RST
+    /// to the peer, an error to the process, abort to the callouts), logged and counted.
+    private func hopBroke(_ s: RelaySlot, why: String) {
+        // Its sockets keep reporting the error or EOF: stop watching them.
+        for fd in [s.sendFD, s.receiveFD] + s.sockets.kernelFDs {
+            _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)
+            interest.removeValue(forKey: fd)
+        }
+        guard !s.hopBroken else { return }
+        s.hopBroken = true
+        guard let c = s.session?.flow.cookie else { retire(s); return } // a spare: make a new one
+        counters.brokenHops.add(1, ordering: .relaxed)
+        let how = s.flowEnded ? "already closed" : AppSocket.reset(records.withLock { $0[c] }, pid: s.ownerPID, cookie: c)
+        FileHandle.standardError.write(Data("flowtagd: relay: flow \(c) (pid \(s.ownerPID)): a relay hop broke (\(why)); \(how.map { "the flow is reset (\($0))" } ?? "the flow's socket was not found to reset it: returned to direct mode, bytes may be missing")\n".utf8))
+        s.flowEnded = true
+        s.session?.abort()
+        if how == nil { kernel.setSlot(s.number, .direct) }
+        // Reset: the kernel reports the close, which retires the slot; the rest at once.
+        if how == nil || how == "already closed" { retire(s) }
+    }
+
+    static func socketError(_ fd: Int32) -> String {
+        var err: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 else { return "SO_ERROR: \(String(cString: strerror(errno)))" }
+        return err == 0 ? "hung up" : String(cString: strerror(err))
     }
 
     /// Everything already relayed into the agent for one direction.
@@ -347,6 +393,7 @@ public final class StreamRelay: @unchecked Sendable {
     /// epoll interest per agent socket: input unless paused.
     private var interest: [Int32: UInt32] = [:]
     private func updateInterest(_ s: RelaySlot) {
+        guard !s.hopBroken else { return } // no longer watched
         for d in [StreamDirection.send, .receive] {
             let fd = d == .send ? s.sendFD : s.receiveFD
             // Writes of both directions land in the app socket (its send buffer, or its
@@ -396,9 +443,10 @@ public final class StreamRelay: @unchecked Sendable {
             records.withLock { _ = $0.removeValue(forKey: c) }
         }
         if s.session != nil { activeCount.subtract(1, ordering: .relaxed) } else { offered -= 1 }
-        for fd in [s.sendFD, s.receiveFD] {
+        for fd in [s.sendFD, s.receiveFD] + s.sockets.kernelFDs {
             _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)
             byFD.removeValue(forKey: fd)
+            kernelEnds.removeValue(forKey: fd)
             interest.removeValue(forKey: fd)
         }
         s.closed()
@@ -428,6 +476,10 @@ public final class StreamRelay: @unchecked Sendable {
             byFD[s.receiveFD] = (number, .receive)
             add(s.sendFD)
             add(s.receiveFD)
+            for fd in sockets.kernelFDs {
+                _ = ftbpf_epoll_ctl(epfd, 1, fd, 0) // EPOLLERR and EPOLLHUP only: always reported
+                kernelEnds[fd] = number
+            }
             try kernel.offer(number)
             offered += 1
         } catch {
@@ -510,8 +562,10 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     var session: StreamSession?
     var ownerPID: UInt32 = 0
     var finIndicated = [false, false]
-    /// The kernel reported the flow closed: nothing to shut any more.
+    /// The kernel reported the flow closed, or the agent reset it: nothing to shut any more.
     var flowEnded = false
+    /// A hop of this slot broke (StreamRelay.hopBroke): handled once.
+    var hopBroken = false
     /// Relay-thread state of the unread bound (see StreamRelay.boundUnread).
     var awaitingDrain = false
     var appFDHint: Int32?

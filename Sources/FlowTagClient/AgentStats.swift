@@ -16,6 +16,8 @@ public struct AgentStats: Sendable, Codable, Hashable {
     public var relayPoolEmpty: UInt64 = 0
     /// Relayed bytes that could not be delivered because their flow ended first.
     public var relayBytesUndeliverable: UInt64 = 0
+    /// Relayed flows reset because a hop of their relay failed.
+    public var relayHopFailures: UInt64 = 0
 
     public init() {}
 
@@ -25,5 +27,6 @@ public struct AgentStats: Sendable, Codable, Hashable {
         case kernelEventsLost = "kernel_events_lost", resynchronisedFlows = "resynchronised_flows", watchers
         case relayedFlows = "relayed_flows", activeRelayedFlows = "active_relayed_flows"
         case relayPoolEmpty = "relay_pool_empty", relayBytesUndeliverable = "relay_bytes_undeliverable"
+        case relayHopFailures = "relay_hop_failures"
     }
 }

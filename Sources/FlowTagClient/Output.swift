@@ -71,7 +71,8 @@ public enum FlowTableRenderer {
         for (k, v) in s.attribution.sorted(by: { $0.key < $1.key }) { lines.append(("attribution \(k)", "\(v)")) }
         if s.relayedFlows > 0 || s.relayPoolEmpty > 0 {
             lines += [("relayed flows", "\(s.relayedFlows)"), ("relayed now", "\(s.activeRelayedFlows)"),
-                      ("relay pool empty", "\(s.relayPoolEmpty)"), ("relay bytes undeliverable", "\(s.relayBytesUndeliverable)")]
+                      ("relay pool empty", "\(s.relayPoolEmpty)"), ("relay bytes undeliverable", "\(s.relayBytesUndeliverable)"),
+                      ("relay hop failures", "\(s.relayHopFailures)")]
         }
         let w = lines.map(\.0.count).max() ?? 0
         return lines.map { $0.0.padded(to: w + 2) + $0.1 }.joined(separator: "\n") + "\n"

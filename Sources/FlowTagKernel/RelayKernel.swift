@@ -304,8 +304,9 @@ public struct RelaySlotSockets: Sendable {
     /// The agent's ends: read what the process sent / what arrived for it; write back.
     public let sendFD: Int32
     public let receiveFD: Int32
-    /// The ends in the sockhash (kept open, never read or written by the agent).
-    let kernelFDs: [Int32]
+    /// The ends in the sockhash (kept open, never read or written by the agent; watched
+    /// for errors: a hop whose send fails hard stops relaying, see StreamRelay.hopBroke).
+    public let kernelFDs: [Int32]
     let tuples: [ft_tuple]
 }
 
@@ -320,6 +321,24 @@ public enum AppSocket {
         guard let fd = find(pid: pid, cookie: cookie) else { return false }
         defer { close(fd) }
         return Glibc.shutdown(fd, how) == 0
+    }
+
+    /// Resets the flow's socket, whoever holds it: RST to the peer, an error to the
+    /// process. First by the kernel's socket table (SOCK_DESTROY by exact 4-tuple and
+    /// cookie, as `ss -K`: the process gets ECONNABORTED), else, for a socket in another
+    /// network namespace, through the owner's fd (connect(AF_UNSPEC), which disconnects
+    /// with a reset: ECONNRESET). Returns how it was done, nil when neither reached it.
+    public static func reset(_ r: FlowRecord?, pid: UInt32, cookie: UInt64) -> String? {
+        if let r, r.protocol == .tcp {
+            let rc = ftbpf_tcp_destroy(Int32(r.family == .ipv4 ? AF_INET : AF_INET6), r.local.address.bytes, r.local.port,
+                                       r.remote.address.bytes, r.remote.port, cookie)
+            if rc == 0 { return "socket destroyed" }
+        }
+        guard pid != 0, let fd = find(pid: pid, cookie: cookie) else { return nil }
+        defer { close(fd) }
+        var unspec = sockaddr()
+        unspec.sa_family = sa_family_t(AF_UNSPEC)
+        return connect(fd, &unspec, socklen_t(MemoryLayout<sockaddr>.size)) == 0 ? "disconnected through pid \(pid)" : nil
     }
 
     /// Whether the peer has finished sending (its FIN arrived) and how many payload

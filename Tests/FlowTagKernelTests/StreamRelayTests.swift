@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import FlowTagAgent
 @testable import FlowTagKernel
+import CFlowTagBPF
 
 #if canImport(Glibc)
 import Glibc
@@ -78,6 +79,35 @@ func relayedFlowCount(_ a: RunningAgent) throws -> Int {
     let (_, out, _) = try a.cli(["stats", "-o", "json"])
     let obj = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]
     return (obj?["relayed_flows"] as? Int) ?? -1
+}
+
+/// Breaks the receive direction's first hop of the agent's one relayed flow: the slot's
+/// kernel end that carries what the peer sends (found in the agent's fds by its route in
+/// socket-local storage) is shut for writing, through a duplicate of the agent's fd.
+func breakReceiveHop(agentPID: Int32, pins: String) throws {
+    let routes = ftbpf_obj_get(pins + "/maps/ft_relay_routes"), slots = ftbpf_obj_get(pins + "/maps/ft_relay_slots")
+    defer { close(routes); close(slots) }
+    guard routes >= 0, slots >= 0 else { throw TestFailure("pinned relay maps under \(pins): \(routes) \(slots)") }
+    let active = (0..<RelayKernel.maxSlots).filter { n in
+        var key = n, entry = ft_relay_slot()
+        return ftbpf_map_lookup(slots, &key, &entry) == 0 && entry.mode == FT_RELAY_ACTIVE.rawValue
+    }
+    guard active.count == 1, let slot = active.first else {
+        let modes = (0..<RelayKernel.maxSlots).map { n -> UInt32 in var key = n, entry = ft_relay_slot(); let rc = ftbpf_map_lookup(slots, &key, &entry); return rc == 0 ? entry.mode : UInt32(bitPattern: 1000 + rc) }
+        throw TestFailure("expected one active relay slot, found \(active); modes \(Dictionary(grouping: modes, by: { $0 }).mapValues(\.count))")
+    }
+    let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(agentPID)/fd").compactMap { Int32($0) }
+    for target in fds {
+        let fd = ftbpf_pidfd_getfd(agentPID, target)
+        guard fd >= 0 else { continue }
+        defer { close(fd) }
+        var key = fd, route = ft_relay_route()
+        if ftbpf_map_lookup(routes, &key, &route) == 0, route.slot == slot, route.role == FT_RELAY_RECV.rawValue {
+            guard shutdown(fd, Int32(SHUT_WR)) == 0 else { throw TestFailure("shutdown: \(String(cString: strerror(errno)))") }
+            return
+        }
+    }
+    throw TestFailure("slot \(slot)'s receive socket not found among the agent's fds")
 }
 
 @Suite("Stream relay (sockmap, real agent)", .serialized)
@@ -492,6 +522,35 @@ struct StreamRelayTests {
             client.kill(); await a.stop(); throw error
         }
         await a.stop()
+    }
+
+    @Test("a relay hop that breaks resets the flow: the process and the peer see a reset, nothing hangs, nothing is corrupted")
+    func brokenHopResetsTheFlow() async throws {
+        let (server, port) = try await startEchoServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "stream", "127.0.0.1", "\(port)"]))
+            defer { client.kill() }
+            _ = try await client.waitForLines(1, timeout: 30) // data is flowing through the relay
+            // What the kernel does when the psock worker's send on the slot's kernel end
+            // fails hard: shut for writing, that socket's next send fails (EPIPE), and the
+            // kernel stops the hop and drops every later byte the peer sends.
+            try breakReceiveHop(agentPID: a.process.pid, pins: a.pins)
+            // Without the agent noticing, the process would wait for echoes that never come
+            // (its 30-s timeout) while the peer's bytes are dropped.
+            #expect(try await client.wait(timeout: 25) == 0)
+            let end = client.jsonLines.last ?? [:]
+            let how = end["end"] as? String ?? ""
+            #expect(how.contains("abort") || how.contains("reset"), "client: \(client.stdout) \(client.stderrText)\nagent: \(a.process.stderrText.suffix(2000))")
+            #expect(end["prefix_equal"] as? Bool == true, "\(end)")
+            #expect(a.process.stderrText.contains("a relay hop broke"), "agent: \(a.process.stderrText.suffix(2000))")
+            #expect(metricsText(a)?.contains("flowtag_relay_hop_failures_total 1") == true)
+            let served = try await server.waitForLines(1).first ?? [:]
+            #expect(served["eof"] as? Bool != true, "the peer must see a reset, not a clean end: \(served)")
+        }
     }
 
     @Test("the documented example callout (a user-written StreamCallout) builds and runs")

@@ -78,6 +78,8 @@ int ftbpf_events_poll(struct ftbpf *obj, int timeout_ms);
 int ftbpf_events_consume(struct ftbpf *obj);
 
 /* Thin map access by fd (also for maps opened from pins). */
+/* An fd for a pinned map or program (bpf_obj_get), or -errno. */
+int ftbpf_obj_get(const char *path);
 int ftbpf_map_lookup(int fd, const void *key, void *value);
 int ftbpf_map_next_key(int fd, const void *key, void *next_key);
 int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags);
@@ -121,6 +123,11 @@ int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx);
  * (-ENOENT: no such socket in this namespace). */
 int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
                     uint16_t remote_port, uint64_t cookie, uint32_t *inode);
+/* Aborts one TCP socket of this network namespace, found the same way (SOCK_DESTROY,
+ * as `ss -K`: RST to the peer, ECONNABORTED to the process). 0, or -errno (-ENOENT:
+ * no such socket; -EOPNOTSUPP: a kernel without CONFIG_INET_DIAG_DESTROY). */
+int ftbpf_tcp_destroy(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                      uint16_t remote_port, uint64_t cookie);
 
 /* Queue maps: push a value; pop one (-ENOENT when empty). */
 int ftbpf_queue_push(int fd, const void *value);
