@@ -110,6 +110,21 @@ func breakReceiveHop(agentPID: Int32, pins: String) throws {
     throw TestFailure("slot \(slot)'s receive socket not found among the agent's fds")
 }
 
+/// Each TCP socket a process holds: fd, cookie and what FIONREAD counts unread there
+/// (through a duplicate of its fd), for failure messages about stalls.
+func unreadCounts(pid: Int32) -> String {
+    let fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int32($0) }.sorted()
+    return fds.compactMap { target -> String? in
+        let fd = ftbpf_pidfd_getfd(pid, target)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        guard let cookie = AppSocket.cookieOf(fd) else { return nil }
+        var n: Int32 = 0
+        let rc = ioctl(fd, UInt(FIONREAD), &n)
+        return "fd \(target) cookie \(cookie) unread \(rc == 0 ? "\(n)" : String(cString: strerror(errno)))"
+    }.joined(separator: "; ")
+}
+
 @Suite("Stream relay (sockmap, real agent)", .serialized)
 struct StreamRelayTests {
     @Test("pass-through: 10 MB both ways byte-exact, random chunk sizes, FIN after the data")
@@ -359,57 +374,53 @@ struct StreamRelayTests {
 
     @Test("a process that does not read holds its peer back: the relay bounds what waits unread, and every byte arrives")
     func nonReadingProcessIsBounded() async throws {
-        let total = 200 << 20
-        let (server, port) = try await startEchoServer(mode: "push", expect: total)
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
-            """) { a in
-            let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)"]))
-            // A stall here has been seen (rarely, under the whole suite's load): if the
-            // client still runs after 45 s (it needs ≈ 5), keep what the sockets and the
-            // relay looked like while stalled.
-            var stalled = ""
-            for _ in 0..<450 where c.isRunning { try await Task.sleep(for: .milliseconds(100)) }
-            if c.isRunning { stalled = "stalled after 45 s: hops \(relayHops(a))\n\(socketState(port: port))" }
-            let rc = try await c.wait(timeout: 75)
-            #expect(rc == 0, "\(c.stderrText)\n\(stalled)\nagent: \(a.process.stderrText.suffix(2000))")
-            let lines = try await server.waitForLines(2)
-            let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
+        try await slowReader(total: 200 << 20, handoff: false) { a, client, early in
             // Unread at most 4 MiB in the process, 4 MiB held by the agent, and the TCP
             // buffers of the hops: far from all 200 MiB.
             #expect(early < 80 << 20, "the peer pushed \(early) bytes while the process read nothing; agent: \(a.process.stderrText.suffix(3000))")
-            let done = try #require(lines.first { $0["sha"] != nil })
-            let got = try #require(c.jsonLines.last)
-            #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
-            #expect(got["sha"] as? String == done["sha"] as? String)
         }
     }
 
     @Test("an owner that hands its socket to another process and exits: the relay finds the new holder and keeps the bound")
     func socketHandedOverAndOwnerGone() async throws {
-        let total = 128 << 20
+        try await slowReader(total: 128 << 20, handoff: true) { a, client, early in
+            let who = try #require(client.jsonLines.first)
+            let connector = try #require(who["connected_by"] as? Int), reader = try #require(who["reader"] as? Int)
+            // The kernel's stamp names the process that connected, whose fds are gone.
+            #expect(a.process.stderrText.contains("the socket moved from pid \(connector) to pid \(reader)"),
+                    "agent: \(a.process.stderrText.suffix(2000))")
+            // While nobody held the socket (0.3 s) delivery was paced (4 MiB per 100 ms);
+            // then bounded as for the owner itself: 4 MiB unread in the process, what the
+            // agent holds, and the hops' buffers. Not all 128 MiB while the reader sleeps.
+            #expect(early < 72 << 20, "the peer pushed \(early) bytes while the process read nothing; agent: \(a.process.stderrText.suffix(2000))")
+        }
+    }
+
+    /// A peer pushes `total` bytes at a relayed process that reads nothing for 3.5 s
+    /// (relaypeer slowread), then everything: every byte must arrive, and `check` gets
+    /// what the peer had pushed after 3 s. A stall has been seen (rarely, under the whole
+    /// suite's load): if the client still runs after 45 s (it needs ≈ 5), what the
+    /// sockets, the process's own unread count and the relay looked like is kept.
+    func slowReader(total: Int, handoff: Bool, _ check: (RunningAgent, Child, Int) throws -> Void) async throws {
         let (server, port) = try await startEchoServer(mode: "push", expect: total)
         defer { server.kill() }
         try await withRelayAgent("""
               rules:
                 - remote_port: \(port)
             """) { a in
-            let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)", "--handoff"]))
+            let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)"]
+                                            + (handoff ? ["--handoff"] : [])))
+            defer { c.kill() }
+            var stalled = ""
+            for _ in 0..<450 where c.isRunning { try await Task.sleep(for: .milliseconds(100)) }
+            if c.isRunning {
+                stalled = "stalled after 45 s: hops \(relayHops(a)); the process's sockets: \(unreadCounts(pid: c.pid))\n\(socketState(port: port))"
+            }
             let rc = try await c.wait(timeout: 75)
-            #expect(rc == 0, "\(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))\nagent: \(a.process.stderrText.suffix(2000))")
-            let who = try #require(c.jsonLines.first)
-            let connector = try #require(who["connected_by"] as? Int), reader = try #require(who["reader"] as? Int)
-            // The kernel's stamp names the process that connected, whose fds are gone.
-            #expect(a.process.stderrText.contains("the socket moved from pid \(connector) to pid \(reader)"),
-                    "agent: \(a.process.stderrText.suffix(2000))")
+            #expect(rc == 0, "\(c.stdout) \(c.stderrText)\n\(stalled)\nhops \(relayHops(a))\n\(socketState(port: port))\nagent: \(a.process.stderrText.suffix(2000))")
             let lines = try await server.waitForLines(2)
-            // While nobody held the socket (0.3 s) delivery was paced (4 MiB per 100 ms);
-            // then bounded as for the owner itself: 4 MiB unread in the process, what the
-            // agent holds, and the hops' buffers. Not all 128 MiB while the reader sleeps.
             let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
-            #expect(early < 72 << 20, "the peer pushed \(early) bytes while the process read nothing; agent: \(a.process.stderrText.suffix(2000))")
+            try check(a, c, early)
             let done = try #require(lines.first { $0["sha"] != nil })
             let got = try #require(c.jsonLines.last)
             #expect(got["got"] as? Int == total, "hops \(relayHops(a))")

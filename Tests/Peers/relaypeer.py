@@ -3,7 +3,7 @@
 
 Data is deterministic (seeded), written in random chunk sizes so that patterns split
 across writes. Each peer prints one JSON line with what it saw; the tests compare."""
-import argparse, hashlib, json, os, random, socket, struct, sys, threading, time
+import argparse, fcntl, hashlib, json, os, random, socket, struct, sys, termios, threading, time
 
 def write_port(path, port):
     with open(path + ".tmp", "w") as f:
@@ -238,7 +238,13 @@ def slowread(args):
     time.sleep(3.5)
     h = hashlib.sha256(); n = 0
     while n < args.size:
-        d = s.recv(1 << 16)
+        try:
+            d = s.recv(1 << 16)
+        except TimeoutError:
+            # Say how far it got and what the socket itself counts unread (a stall).
+            unread = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            print(json.dumps({"got": n, "error": "timed out", "unread": unread}), flush=True)
+            sys.exit(1)
         if not d: break
         h.update(d); n += len(d)
     s.sendall(b"ok")
