@@ -309,14 +309,14 @@ public final class StreamRelay: @unchecked Sendable {
     private func boundUnread(_ s: RelaySlot) {
         guard let c = s.session?.flow.cookie else { return }
         var unread = s.ownerPID == 0 ? nil : AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
-        if unread == nil, s.ownerPID != 0, !s.reportedLiveOwnerFailure, access("/proc/\(s.ownerPID)", F_OK) == 0 {
+        if unread == nil, s.ownerPID != 0, !s.reportedLiveOwnerFailure, AppSocket.isRunning(pid: s.ownerPID) {
             // A live owner that held the socket a moment ago has been seen unreachable under
             // load (cause unknown): say exactly what failed, once per flow.
             s.reportedLiveOwnerFailure = true
             FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): pid \(s.ownerPID) is alive but its socket was not reached: \(AppSocket.whyUnreachable(pid: s.ownerPID, cookie: c))\n".utf8))
         }
         if unread == nil, let (_, record) = monitor.liveRelayedFlow(cookie: c), record.process.pid != 0, record.process.pid != s.ownerPID,
-           access("/proc/\(record.process.pid)", F_OK) == 0 {
+           AppSocket.isRunning(pid: record.process.pid) {
             // The socket changed hands (fd passing, the process that accepted): follow it.
             s.ownerPID = record.process.pid
             s.appFDHint = nil
@@ -334,7 +334,7 @@ public final class StreamRelay: @unchecked Sendable {
         guard let unread else {
             if !s.reportedUnreachable {
                 s.reportedUnreachable = true
-                let gone = access("/proc/\(s.ownerPID)", F_OK) != 0
+                let gone = !AppSocket.isRunning(pid: s.ownerPID)
                 FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the owner's socket is not reachable (pid \(s.ownerPID)\(gone ? ", exited" : ""); socket table inode \(s.appInode.map(String.init) ?? "not found")); delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it\n".utf8))
             }
             boundBlind(s)

@@ -436,6 +436,15 @@ public enum AppSocket {
         return d
     }
 
+    /// Whether `pid` is a running process: not gone, and not a zombie (which keeps its
+    /// /proc entry, with no fds, until its parent reaps it).
+    public static func isRunning(pid: UInt32) -> Bool {
+        guard let stat = try? readFile("/proc/\(pid)/stat"),
+              let close = stat.lastIndex(of: ")") else { return false }
+        // "pid (comm) S ...": the state follows the command name, which may hold spaces.
+        return stat[stat.index(after: close)...].dropFirst().first.map { $0 != "Z" && $0 != "X" } ?? false
+    }
+
     static func cookieOf(_ fd: Int32) -> UInt64? {
         var value: UInt64 = 0
         var len = socklen_t(MemoryLayout<UInt64>.size)

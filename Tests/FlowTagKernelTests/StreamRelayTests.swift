@@ -70,6 +70,19 @@ func socketState(port: UInt16) -> String {
     return (try? runCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
 }
 
+/// `ss` on the agent's own TCP sockets (the relay slots' hops: queues, memory, errors).
+func agentSockets(_ a: RunningAgent) -> String {
+    guard let (_, out, _) = try? runCommand(["/usr/bin/ss", "-tnmiep"]) else { return "ss failed" }
+    // Each socket is a line with its process, then a line of memory and TCP info.
+    let lines = out.split(separator: "\n", omittingEmptySubsequences: false)
+    var kept: [Substring] = []
+    for (i, line) in lines.enumerated() where line.contains("pid=\(a.process.pid),") {
+        kept.append(line)
+        if i + 1 < lines.count { kept.append(lines[i + 1]) }
+    }
+    return kept.joined(separator: "\n")
+}
+
 func firstResult(_ report: [String: Any]) -> [String: Any] {
     (report["results"] as? [[String: Any]])?.first ?? [:]
 }
@@ -414,7 +427,7 @@ struct StreamRelayTests {
             var stalled = ""
             for _ in 0..<450 where c.isRunning { try await Task.sleep(for: .milliseconds(100)) }
             if c.isRunning {
-                stalled = "stalled after 45 s: hops \(relayHops(a)); the process's sockets: \(unreadCounts(pid: c.pid))\n\(socketState(port: port))"
+                stalled = "stalled after 45 s: hops \(relayHops(a)); the process's sockets: \(unreadCounts(pid: c.pid))\n\(socketState(port: port))\nthe agent's sockets:\n\(agentSockets(a))"
             }
             let rc = try await c.wait(timeout: 75)
             #expect(rc == 0, "\(c.stdout) \(c.stderrText)\n\(stalled)\nhops \(relayHops(a))\n\(socketState(port: port))\nagent: \(a.process.stderrText.suffix(2000))")
