@@ -242,6 +242,13 @@ public final class StreamSession: @unchecked Sendable {
     /// Removes the first k bytes of a stage's queue, returning them; segments fully
     /// consumed complete (their bytes were delivered or blocked downstream of the injector).
     private func take(_ d: StreamDirection, _ i: Int, _ k: Int) -> [UInt8] {
+        // The common case, a whole first segment: its bytes move on without a copy.
+        if k > 0, let first = pipes[d]![i].queue.first, first.bytes.count == k {
+            pipes[d]![i].queue.removeFirst()
+            pipes[d]![i].queued -= k
+            first.completion?(.success)
+            return first.bytes
+        }
         var out: [UInt8] = []
         out.reserveCapacity(k)
         var left = k
@@ -314,7 +321,7 @@ public final class StreamSession: @unchecked Sendable {
 
             var flags = StreamFlags.direction(d).union(stage.carried)
             pipes[d]![i].carried = []
-            let data: [UInt8] = hasData ? stage.queue.flatMap(\.bytes) : []
+            let data: [UInt8] = !hasData ? [] : stage.queue.count == 1 ? stage.queue[0].bytes : stage.queue.flatMap(\.bytes)
             if stage.finPending { flags.insert(.noMoreData) }
             if !hasData { flags.insert(.disconnect) }
             let limitReached = hasData && data.count >= bufferLimit

@@ -57,6 +57,9 @@ public final class StreamRelay: @unchecked Sendable {
     /// How long the relay thread keeps polling after an event before it sleeps in epoll.
     static let busyPoll: Duration = .microseconds(50)
 
+    /// Bytes read from an agent socket at a time.
+    static let readSize = 1 << 16
+
     /// Output held for one direction before the relay stops reading that direction's input.
     static let pendingLimit = 4 << 20
 
@@ -235,17 +238,24 @@ public final class StreamRelay: @unchecked Sendable {
                 setReading(s, direction, false)
                 return
             }
-            let n = recv(fd, &buffer, buffer.count, Int32(MSG_DONTWAIT))
-            log("slot \(s.number) \(direction) read \(n) errno \(errno)")
+            // Received straight into the array the session takes (no copy from a scratch
+            // buffer); the stream engine passes whole arrays on without copying either.
+            var n = 0, err: Int32 = 0
+            let bytes = [UInt8](unsafeUninitializedCapacity: Self.readSize) { buf, count in
+                n = recv(fd, buf.baseAddress, buf.count, Int32(MSG_DONTWAIT))
+                err = n < 0 ? errno : 0
+                count = max(n, 0)
+            }
+            log("slot \(s.number) \(direction) read \(n) errno \(err)")
             if n > 0 {
                 if direction == .send { counters.bytesFromProcess.add(UInt64(n), ordering: .relaxed) }
                 else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed); s.bytesFromPeer += UInt64(n) }
-                s.session?.indicate(Array(buffer[0..<n]), direction: direction)
+                s.session?.indicate(bytes, direction: direction)
             } else {
                 // The kernel end never closes while the agent lives: EOF or an error
                 // here means the hop is broken, not that the flow ended.
-                if n == 0 || (errno != EAGAIN && errno != EINTR) {
-                    hopBroke(s, why: "its agent end (\(direction)): \(n == 0 ? "end of file" : String(cString: strerror(errno)))")
+                if n == 0 || (err != EAGAIN && err != EINTR) {
+                    hopBroke(s, why: "its agent end (\(direction)): \(n == 0 ? "end of file" : String(cString: strerror(err)))")
                 }
                 return
             }
@@ -616,7 +626,14 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
     func deliver(_ bytes: [UInt8], direction: StreamDirection) {
         output.withLock { o in
             guard !o.closed else { return }
-            o.pending[Self.index(direction)].append(contentsOf: bytes)
+            let i = Self.index(direction)
+            if o.pending[i].isEmpty && !(direction == .send && o.writerActive) {
+                // Nothing waits before these bytes: they are written from where they are,
+                // and only what the socket does not take is kept (one copy fewer).
+                o.pending[i] = bytes
+            } else {
+                o.pending[i].append(contentsOf: bytes)
+            }
         }
         _ = flush(direction)
     }
@@ -656,7 +673,7 @@ final class RelaySlot: StreamSink, @unchecked Sendable {
                 }
                 total += n
             }
-            o.pending[i].removeFirst(total)
+            if total == o.pending[i].count { o.pending[i] = [] } else { o.pending[i].removeFirst(total) }
             if d == .receive { o.injected += total }
             if total > 0 { if d == .send { counters.bytesToPeer.add(UInt64(total), ordering: .relaxed) } else { counters.bytesToProcess.add(UInt64(total), ordering: .relaxed) } }
             if d == .send && !o.pending[i].isEmpty {
