@@ -489,7 +489,17 @@ int ft_relay_skb(struct __sk_buff *skb)
     int verdict = relay_target(route, 0, &key);
     if (verdict >= 0)
         return verdict;
-    bpf_sk_redirect_hash(skb, &ft_relay_socks, &key, 0);
+    /* Straight into the receive queue of the agent's end of the slot's RECV connection
+     * (ingress), not out of RECV's own egress: that egress send by the psock worker
+     * resent already-sent bytes after a partial send on this kernel (duplicated data)
+     * and stopped the hop for good on a hard error. An ingress redirect takes a whole skb
+     * or retries it later; the agent's socket's receive buffer bounds it. A FIN's empty
+     * skb carries nothing (the FIN itself is TCP state, reported by sock_ops) and would
+     * read as an error there: dropped. */
+    if (skb->len == 0)
+        return SK_DROP;
+    __u64 writer = (__u64)route->slot | (1ULL << 32);
+    bpf_sk_redirect_hash(skb, &ft_relay_writers, &writer, BPF_F_INGRESS);
     return SK_PASS; /* redirected, or direct when the relay socket is gone */
 }
 
