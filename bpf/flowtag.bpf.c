@@ -459,6 +459,37 @@ int ft_relay_writer(struct sk_msg_md *msg)
     return bpf_msg_redirect_hash(msg, &ft_relay_socks, &key, flags) == SK_PASS ? SK_PASS : SK_DROP;
 }
 
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+/* A retransmitted segment that overlaps what already arrived is queued whole (TCP skips
+ * the old head when a process reads, by sequence number). The sockmap verdict path does
+ * not: it hands on the whole skb and advances the socket's copied_seq by its full length,
+ * so the old bytes would reach the relay twice, and copied_seq would run ahead of rcv_nxt
+ * by them, after which the kernel holds the next bytes back (tcp_data_ready waits for
+ * more than that gap) and the process's recv returns EAGAIN while its queue is full:
+ * a stall. Both seen in loaded runs. Cutting the old head here, before the kernel
+ * counts the skb, fixes both. bpf_skb_adjust_room removes at most 4095 bytes a call. */
+static __always_inline void trim_already_received(struct __sk_buff *skb)
+{
+    struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+    struct sock *sk = kskb->sk;
+    if (!sk)
+        return;
+    struct tcp_sock *tp = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock));
+    struct tcp_skb_cb *cb = (struct tcp_skb_cb *)kskb->cb;
+    __s32 old = (__s32)(tp->copied_seq - cb->seq);
+    if (old <= 0 || old >= (__s32)skb->len)
+        return;
+    count(FT_CNT_RELAY_RETRANSMIT_TRIMS);
+    for (int i = 0; i < 64 && old > 0; i++) {
+        __s32 n = old > 4095 ? 4095 : old;
+        if (bpf_skb_adjust_room(skb, -n, 0, 0))
+            return;
+        old -= n;
+    }
+}
+
 SEC("sk_skb")
 int ft_relay_skb(struct __sk_buff *skb)
 {
@@ -498,6 +529,7 @@ int ft_relay_skb(struct __sk_buff *skb)
      * read as an error there: dropped. */
     if (skb->len == 0)
         return SK_DROP;
+    trim_already_received(skb);
     __u64 writer = (__u64)route->slot | (1ULL << 32);
     bpf_sk_redirect_hash(skb, &ft_relay_writers, &writer, BPF_F_INGRESS);
     return SK_PASS; /* redirected, or direct when the relay socket is gone */

@@ -274,6 +274,9 @@ public final class RelayKernel: @unchecked Sendable {
 
     public var assignedCount: UInt64 { programs.counter(FT_CNT_RELAY_ASSIGNED) }
     public var poolEmptyCount: UInt64 { programs.counter(FT_CNT_RELAY_POOL_EMPTY) }
+    /// Relayed skbs whose head had already been received (a partial retransmission),
+    /// cut by the sk_skb program before the kernel counted them.
+    public var retransmitTrimCount: UInt64 { programs.counter(FT_CNT_RELAY_RETRANSMIT_TRIMS) }
 
     static func sockhashKey(slot: UInt32, role: ft_relay_role) -> UInt64 {
         (1 << 63) | (UInt64(slot) << 2) | UInt64(role.rawValue)

@@ -174,6 +174,7 @@ enum ft_counter {
     FT_CNT_EXECS = 3,
     FT_CNT_RELAY_ASSIGNED = 4,   /* flows a stream rule selected and the relay took */
     FT_CNT_RELAY_POOL_EMPTY = 5, /* selected flows left direct: no relay slot was free */
+    FT_CNT_RELAY_RETRANSMIT_TRIMS = 6, /* relayed skbs that began with bytes already received */
     FT_CNT_MAX = 8,
 };
 
