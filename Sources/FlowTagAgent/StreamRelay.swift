@@ -310,9 +310,10 @@ public final class StreamRelay: @unchecked Sendable {
     }
 
     /// The receive direction's last hop puts bytes straight into the process's receive
-    /// queue, which has no limit of its own: past `unreadLimit` bytes the process has not
-    /// read (FIONREAD through its own fd, pidfd_getfd), the relay stops reading that
-    /// direction, so TCP holds the peer back, until the process has read most of it.
+    /// queue, which has no limit of its own: past its receive buffer (at least
+    /// `unreadLimit`) of bytes the process has not read (FIONREAD through its own fd,
+    /// pidfd_getfd), the relay stops reading that direction, so TCP holds the peer back,
+    /// until the process has read three quarters of it.
     static let unreadCheckBytes = 1 << 20
     static let unreadLimit = 4 << 20
 
@@ -352,10 +353,17 @@ public final class StreamRelay: @unchecked Sendable {
         }
         log("slot \(s.number) unread \(unread) injected \(s.injectedSinceCheck) awaiting \(s.awaitingDrain)")
         s.blindSince = nil
-        if unread > Self.unreadLimit {
+        // At least the process's own receive buffer: the bytes waiting there count against
+        // it, so once they fill it the socket's TCP window closes and the peer is held
+        // back by TCP itself. Stopping earlier kept that window open when the kernel had
+        // grown the buffer (autotuning, up to tcp_rmem's maximum): the peer went on
+        // sending into the relay's kernel queue, which nothing bounds (a loaded run
+        // pushed all 128 MiB at a sleeping reader). A direct socket holds as much.
+        let limit = max(Self.unreadLimit, unread.receiveBuffer)
+        if unread.unread >= limit {
             if !s.awaitingDrain { s.awaitingDrain = true; setReading(s, .receive, false) }
         } else if s.awaitingDrain {
-            if unread < Self.unreadCheckBytes { s.awaitingDrain = false; s.resetInjected(); setReading(s, .receive, true) }
+            if unread.unread < limit / 4 { s.awaitingDrain = false; s.resetInjected(); setReading(s, .receive, true) }
         } else {
             s.resetInjected()
         }

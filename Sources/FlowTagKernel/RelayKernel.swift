@@ -357,14 +357,16 @@ public enum AppSocket {
     }
 
     /// Bytes the process has not read yet from its socket (FIONREAD, which on a relayed
-    /// socket counts what was delivered into its receive queue), through the owner's fd
+    /// socket counts what was delivered into its receive queue) and the socket's receive
+    /// buffer (SO_RCVBUF, which the kernel's autotuning grows), through the owner's fd
     /// number `hint` when it still names the socket, else found again. nil: unreachable.
-    public static func unreadBytes(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> Int? {
+    public static func unreadBytes(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> (unread: Int, receiveBuffer: Int)? {
         guard let fd = duplicate(pid: pid, cookie: cookie, hint: &hint) else { return nil }
         defer { close(fd) }
-        var n: Int32 = 0
-        guard ioctl(fd, UInt(FIONREAD), &n) == 0 else { return nil }
-        return Int(n)
+        var n: Int32 = 0, buffer: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        guard ioctl(fd, UInt(FIONREAD), &n) == 0, getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer, &len) == 0 else { return nil }
+        return (Int(n), Int(buffer))
     }
 
     /// The process's socket's inode, from the kernel's socket table (sock_diag, exact
