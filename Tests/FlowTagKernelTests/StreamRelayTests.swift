@@ -480,9 +480,10 @@ struct StreamRelayTests {
             #expect(s.first?["eof"] as? Bool == true)
             #expect(s.first?["received"] as? Int == 100_000)
 
-            // One write: a relayed write landing after the reset would take the socket's
-            // error before the process sees it (docs/stream-relay.md, limits).
-            let reset = try await relayClient(a, ["127.0.0.1", "\(resetPort)", "--size", "1000", "--max-chunk", "1000", "--reset"])
+            // One write (the client writes all at once with --reset; random chunks made
+            // several, and a relayed write landing after the reset took the socket's error
+            // before the process saw it: docs/stream-relay.md, limits).
+            let reset = try await relayClient(a, ["127.0.0.1", "\(resetPort)", "--size", "1000", "--reset"])
             #expect(firstResult(reset)["reset"] as? Bool == true, "\(reset)")
             #expect(try relayedFlowCount(a) == 2)
         }

@@ -109,7 +109,9 @@ def one_client(args, seed, results):
     t0 = time.time(); i = 0
     try:
         while i < len(data):
-            n = rnd.randint(1, args.max_chunk)
+            # The reset case writes once: a second relayed write landing after the
+            # reset would take the socket's error before the process sees it.
+            n = len(data) if args.reset else rnd.randint(1, args.max_chunk)
             s.sendall(data[i:i + n]); i += n
     except (ConnectionResetError, BrokenPipeError):
         reset_seen.append(True)  # the reset surfaced on a write: the error is reported once
