@@ -262,12 +262,11 @@ public final class StreamRelay: @unchecked Sendable {
         }
     }
 
-    /// A hop of the slot failed. The one that can: the psock worker's send of what the
-    /// peer sent on the slot's kernel end (an sk_skb redirect) failing hard, e.g. ENOMEM
-    /// under TCP memory pressure. The kernel then sets that socket's error, stops the
-    /// psock's transmit and drops every later redirected skb, bytes the process's socket
-    /// has already acknowledged: the flow would hang with a gap. It is reset instead (RST
-    /// to the peer, an error to the process, abort to the callouts), logged and counted.
+    /// A hop of the slot failed: the psock worker reported an error for what it puts into
+    /// the agent's end (the socket's error), or a slot connection broke (an end of file).
+    /// Bytes the process's socket has already acknowledged to the peer may be gone, so the
+    /// flow cannot go on intact: it is reset (RST to the peer, an error to the process,
+    /// abort to the callouts), logged and counted, instead of hanging.
     private func hopBroke(_ s: RelaySlot, why: String) {
         // Its sockets keep reporting the error or EOF: stop watching them.
         for fd in [s.sendFD, s.receiveFD] + s.sockets.kernelFDs {
@@ -321,8 +320,8 @@ public final class StreamRelay: @unchecked Sendable {
         guard let c = s.session?.flow.cookie else { return }
         var unread = s.ownerPID == 0 ? nil : AppSocket.unreadBytes(pid: s.ownerPID, cookie: c, hint: &s.appFDHint)
         if unread == nil, s.ownerPID != 0, !s.reportedLiveOwnerFailure, AppSocket.isRunning(pid: s.ownerPID) {
-            // A live owner that held the socket a moment ago has been seen unreachable under
-            // load (cause unknown): say exactly what failed, once per flow.
+            // A running owner whose socket cannot be reached: say exactly what failed, once
+            // per flow (the one case seen was a zombie, now counted as gone).
             s.reportedLiveOwnerFailure = true
             FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): pid \(s.ownerPID) is alive but its socket was not reached: \(AppSocket.whyUnreachable(pid: s.ownerPID, cookie: c))\n".utf8))
         }
