@@ -634,54 +634,54 @@ static struct inet_diag_sockid exact_sockid(int family, const uint8_t local[16],
     return id;
 }
 
+/* One request about one socket, by exact 4-tuple and cookie, and its one reply in buf:
+ * the reply's length, or -errno. */
+static ssize_t diag_exact(uint16_t type, int family, const uint8_t local[16], uint16_t local_port,
+                          const uint8_t remote[16], uint16_t remote_port, uint64_t cookie, char *buf, size_t len)
+{
+    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
+    int fd = diag_request(type, family, ~0u, 0, &id);
+    if (fd < 0)
+        return fd;
+    ssize_t n;
+    do { n = recv(fd, buf, len, 0); } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        n = -errno;
+    close(fd);
+    return n;
+}
+
 int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
                     uint16_t remote_port, uint64_t cookie, uint32_t *inode)
 {
-    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
-    int fd = diag_request(SOCK_DIAG_BY_FAMILY, family, ~0u, 0, &id);
-    if (fd < 0)
-        return fd;
-    int rc = -EIO;
     char buf[4096];
-    ssize_t n;
-    do { n = recv(fd, buf, sizeof(buf), 0); } while (n < 0 && errno == EINTR);
+    ssize_t n = diag_exact(SOCK_DIAG_BY_FAMILY, family, local, local_port, remote, remote_port, cookie, buf, sizeof(buf));
     if (n < 0)
-        rc = -errno;
-    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; n > 0 && NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+        return (int)n;
+    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
         if (h->nlmsg_type == NLMSG_ERROR) {
             struct nlmsgerr *e = NLMSG_DATA(h);
-            rc = e->error < 0 ? e->error : -EIO;
-            break;
+            return e->error < 0 ? e->error : -EIO;
         }
         if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
-            struct inet_diag_msg *m = NLMSG_DATA(h);
-            *inode = m->idiag_inode;
-            rc = 0;
-            break;
+            *inode = ((struct inet_diag_msg *)NLMSG_DATA(h))->idiag_inode;
+            return 0;
         }
     }
-    close(fd);
-    return rc;
+    return -EIO;
 }
 
 int ftbpf_tcp_destroy(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
                       uint16_t remote_port, uint64_t cookie)
 {
-    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
-    int fd = diag_request(SOCK_DESTROY, family, ~0u, 0, &id);
-    if (fd < 0)
-        return fd;
-    int rc = -EIO;
     char buf[1024];
-    ssize_t n;
-    do { n = recv(fd, buf, sizeof(buf), 0); } while (n < 0 && errno == EINTR);
+    ssize_t n = diag_exact(SOCK_DESTROY, family, local, local_port, remote, remote_port, cookie, buf, sizeof(buf));
     if (n < 0)
-        rc = -errno;
+        return (int)n;
     struct nlmsghdr *h = (struct nlmsghdr *)buf;
-    if (n > 0 && NLMSG_OK(h, (size_t)n) && h->nlmsg_type == NLMSG_ERROR)
-        rc = ((struct nlmsgerr *)NLMSG_DATA(h))->error; /* 0: acknowledged */
-    close(fd);
-    return rc;
+    if (NLMSG_OK(h, (size_t)n) && h->nlmsg_type == NLMSG_ERROR)
+        return ((struct nlmsgerr *)NLMSG_DATA(h))->error; /* 0: acknowledged */
+    return -EIO;
 }
 
 int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx)

@@ -277,13 +277,16 @@ public final class StreamRelay: @unchecked Sendable {
         s.hopBroken = true
         guard let c = s.session?.flow.cookie else { retire(s); return } // a spare: make a new one
         counters.brokenHops.add(1, ordering: .relaxed)
-        let how = s.flowEnded ? "already closed" : AppSocket.reset(records.withLock { $0[c] }, pid: s.ownerPID, cookie: c)
-        FileHandle.standardError.write(Data("flowtagd: relay: flow \(c) (pid \(s.ownerPID)): a relay hop broke (\(why)); \(how.map { "the flow is reset (\($0))" } ?? "the flow's socket was not found to reset it: returned to direct mode, bytes may be missing")\n".utf8))
+        let alreadyEnded = s.flowEnded
+        let how = alreadyEnded ? nil : AppSocket.reset(records.withLock { $0[c] }, pid: s.ownerPID, cookie: c)
+        let outcome = alreadyEnded ? "the flow had already closed"
+            : how.map { "the flow is reset (\($0))" } ?? "the flow's socket was not found to reset it: returned to direct mode, bytes may be missing"
+        FileHandle.standardError.write(Data("flowtagd: relay: flow \(c) (pid \(s.ownerPID)): a relay hop broke (\(why)); \(outcome)\n".utf8))
         s.flowEnded = true
         s.session?.abort()
-        if how == nil { kernel.setSlot(s.number, .direct) }
+        if !alreadyEnded && how == nil { kernel.setSlot(s.number, .direct) }
         // Reset: the kernel reports the close, which retires the slot; the rest at once.
-        if how == nil || how == "already closed" { retire(s) }
+        if alreadyEnded || how == nil { retire(s) }
     }
 
     static func socketError(_ fd: Int32) -> String {

@@ -410,7 +410,7 @@ public enum AppSocket {
     /// -errno) and returns true to stop, keeping the duplicate (it is closed otherwise).
     /// nil when /proc/PID/fd cannot be read (errno says why).
     @discardableResult
-    private static func walkSockets(of pid: UInt32, linkedTo wanted: (String) -> Bool = { $0.hasPrefix("socket:") },
+    static func walkSockets(of pid: UInt32, linkedTo wanted: (String) -> Bool = { $0.hasPrefix("socket:") },
                                     _ visit: (_ target: Int32, _ duplicate: Int32) -> Bool) -> Bool? {
         guard let dir = opendir("/proc/\(pid)/fd") else { return nil }
         defer { closedir(dir) }

@@ -105,37 +105,31 @@ func breakReceiveHop(agentPID: Int32, pins: String) throws {
         var key = n, entry = ft_relay_slot()
         return ftbpf_map_lookup(slots, &key, &entry) == 0 && entry.mode == FT_RELAY_ACTIVE.rawValue
     }
-    guard active.count == 1, let slot = active.first else {
-        let modes = (0..<RelayKernel.maxSlots).map { n -> UInt32 in var key = n, entry = ft_relay_slot(); let rc = ftbpf_map_lookup(slots, &key, &entry); return rc == 0 ? entry.mode : UInt32(bitPattern: 1000 + rc) }
-        throw TestFailure("expected one active relay slot, found \(active); modes \(Dictionary(grouping: modes, by: { $0 }).mapValues(\.count))")
-    }
-    let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(agentPID)/fd").compactMap { Int32($0) }
-    for target in fds {
-        let fd = ftbpf_pidfd_getfd(agentPID, target)
-        guard fd >= 0 else { continue }
-        defer { close(fd) }
+    guard active.count == 1, let slot = active.first else { throw TestFailure("expected one active relay slot, found \(active)") }
+    var shut: Int32?
+    AppSocket.walkSockets(of: UInt32(agentPID)) { _, fd in
         var key = fd, route = ft_relay_route()
-        if ftbpf_map_lookup(routes, &key, &route) == 0, route.slot == slot, route.role == FT_RELAY_RECV.rawValue {
-            guard shutdown(fd, Int32(SHUT_WR)) == 0 else { throw TestFailure("shutdown: \(String(cString: strerror(errno)))") }
-            return
-        }
+        guard fd >= 0, ftbpf_map_lookup(routes, &key, &route) == 0, route.slot == slot, route.role == FT_RELAY_RECV.rawValue else { return false }
+        shut = shutdown(fd, Int32(SHUT_WR)) == 0 ? 0 : errno
+        close(fd)
+        return true
     }
-    throw TestFailure("slot \(slot)'s receive socket not found among the agent's fds")
+    guard let shut else { throw TestFailure("slot \(slot)'s receive socket not found among the agent's fds") }
+    guard shut == 0 else { throw TestFailure("shutdown: \(String(cString: strerror(shut)))") }
 }
 
 /// Each TCP socket a process holds: fd, cookie and what FIONREAD counts unread there
 /// (through a duplicate of its fd), for failure messages about stalls.
 func unreadCounts(pid: Int32) -> String {
-    let fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int32($0) }.sorted()
-    return fds.compactMap { target -> String? in
-        let fd = ftbpf_pidfd_getfd(pid, target)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        guard let cookie = AppSocket.cookieOf(fd) else { return nil }
+    var counts: [String] = []
+    AppSocket.walkSockets(of: UInt32(pid)) { target, fd in
+        guard fd >= 0, let cookie = AppSocket.cookieOf(fd) else { return false }
         var n: Int32 = 0
         let rc = ioctl(fd, UInt(FIONREAD), &n)
-        return "fd \(target) cookie \(cookie) unread \(rc == 0 ? "\(n)" : String(cString: strerror(errno)))"
-    }.joined(separator: "; ")
+        counts.append("fd \(target) cookie \(cookie) unread \(rc == 0 ? "\(n)" : String(cString: strerror(errno)))")
+        return false
+    }
+    return counts.joined(separator: "; ")
 }
 
 @Suite("Stream relay (sockmap, real agent)", .serialized)
