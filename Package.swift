@@ -57,5 +57,6 @@ let package = Package(
                           path: "Examples/uppercase-callout"),
         .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent", "FlowTagClient"]),
         .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
+        .testTarget(name: "FlowTagClientTests", dependencies: ["FlowTagClient"]),
     ]
 )

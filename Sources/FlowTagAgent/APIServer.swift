@@ -164,24 +164,11 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
         respond(context, status, "{\"error\":\(EventLine.quoted(message))}\n", keepAlive: false)
     }
 
-    static func query(_ uri: String) -> (String, [(String, String)]) {
-        let parts = uri.split(separator: "?", maxSplits: 1)
-        let path = String(parts.first ?? "")
-        guard parts.count == 2 else { return (path, []) }
-        let items = parts[1].split(separator: "&").map { item -> (String, String) in
-            let kv = item.split(separator: "=", maxSplits: 1)
-            let k = String(kv[0]).removingPercentEncoding ?? String(kv[0])
-            let v = kv.count > 1 ? (String(kv[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[1])) : ""
-            return (k, v)
-        }
-        return (path, items)
-    }
-
     private func handle(context: ChannelHandlerContext, head: HTTPRequestHead) {
         guard head.method == .GET else { return error(context, .methodNotAllowed, "only GET is supported") }
         guard let peer else { return error(context, .forbidden, "peer credentials unavailable") }
         let uidFilter: UInt32? = peer.seesEverything(group: group) ? nil : peer.uid
-        let (path, items) = Self.query(head.uri)
+        let (path, items) = parseRequestTarget(head.uri)
         let keepAlive = head.isKeepAlive
         switch path {
         case "/v1/version":
@@ -202,19 +189,19 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
             for (k, v) in items {
                 switch k {
                 case "proto":
-                    guard let p = FlowProtocol(rawValue: v) else { return error(context, .badRequest, "bad proto: \(v) is not tcp or udp") }
+                    guard let p = FlowProtocol(rawValue: v) else { return error(context, .badRequest, "bad proto: \(v.clipped) is not tcp or udp") }
                     proto = p
                 case "local":
-                    guard let e = parseEndpoint(v) else { return error(context, .badRequest, "bad local: \(v) is not IP:PORT") }
+                    guard let e = parseEndpoint(v) else { return error(context, .badRequest, "bad local: \(v.clipped) is not IP:PORT") }
                     local = e
                 case "remote":
-                    guard let e = parseEndpoint(v) else { return error(context, .badRequest, "bad remote: \(v) is not IP:PORT") }
+                    guard let e = parseEndpoint(v) else { return error(context, .badRequest, "bad remote: \(v.clipped) is not IP:PORT") }
                     remote = e
                 case "netns":
-                    guard let n = UInt64(v) else { return error(context, .badRequest, "bad netns: \(v) is not a number") }
+                    guard let n = UInt64(v) else { return error(context, .badRequest, "bad netns: \(v.clipped) is not a number") }
                     netns = n
                 default:
-                    return error(context, .badRequest, "unknown parameter \(k) (known: proto, local, remote, netns)")
+                    return error(context, .badRequest, "unknown parameter \(k.clipped) (known: proto, local, remote, netns)")
                 }
             }
             guard let local, let remote else { return error(context, .badRequest, "lookup needs local=IP:PORT and remote=IP:PORT") }
@@ -228,10 +215,10 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
             for (k, v) in items {
                 switch k {
                 case "since", "until":
-                    guard let t = parseTimeBound(v) else { return error(context, .badRequest, "bad \(k): \(v) is not RFC 3339 or a duration like 15m, 2h, 7d") }
+                    guard let t = parseTimeBound(v) else { return error(context, .badRequest, "bad \(k): \(v.clipped) is not \(timeBoundHelp)") }
                     if k == "since" { since = t } else { until = t }
                 case "limit":
-                    guard let n = Int(v), (1...100_000).contains(n) else { return error(context, .badRequest, "bad limit: \(v) (1...100000)") }
+                    guard let n = Int(v), (1...100_000).contains(n) else { return error(context, .badRequest, "bad limit: \(v.clipped) (1...100000)") }
                     limit = n
                 default: rest.append((k, v))
                 }

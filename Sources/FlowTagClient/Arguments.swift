@@ -22,19 +22,30 @@ public func parseEndpoint(_ text: String) -> Endpoint? {
 }
 
 /// `--since`/`--until`: RFC 3339, or a duration back from now (`90s`, `15m`, `2h`, `7d`).
+/// Nil for anything else, including times a nanosecond clock cannot hold (before 1678 or
+/// after 2262) and durations reaching past them: never a trap on hostile input.
 public func parseTimeBound(_ text: String, now: WallTime = .now()) -> WallTime? {
     if let t = WallTime(rfc3339: text) { return t }
-    guard let unit = text.last, let n = Int64(text.dropLast()), n >= 0 else { return nil }
-    let seconds: Int64
+    let digits = text.utf8.dropLast()
+    guard text.utf8.count <= 32, !digits.isEmpty, digits.allSatisfy({ $0 >= 48 && $0 <= 57 }),
+          let unit = text.last, let n = Int64(text.dropLast()) else { return nil }
+    let unitSeconds: Int64
     switch unit {
-    case "s": seconds = n
-    case "m": seconds = n * 60
-    case "h": seconds = n * 3600
-    case "d": seconds = n * 86400
+    case "s": unitSeconds = 1
+    case "m": unitSeconds = 60
+    case "h": unitSeconds = 3600
+    case "d": unitSeconds = 86400
     default: return nil
     }
-    return WallTime(nanoseconds: now.nanoseconds - seconds * 1_000_000_000)
+    let (seconds, o1) = n.multipliedReportingOverflow(by: unitSeconds)
+    let (nanos, o2) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+    let (back, o3) = now.nanoseconds.subtractingReportingOverflow(nanos)
+    guard !o1, !o2, !o3 else { return nil }
+    return WallTime(nanoseconds: back)
 }
+
+/// What `parseTimeBound` accepts, for error messages.
+public let timeBoundHelp = "RFC 3339 (between 1678 and 2262) or a duration back from now like 90s, 15m, 2h, 7d"
 
 extension StringProtocol {
     /// Left-aligned in a column at least `width` characters wide (never truncated).
@@ -50,6 +61,53 @@ extension StringProtocol {
         guard let start = s.firstIndex(where: { !isBlank($0) }), let end = s.lastIndex(where: { !isBlank($0) }) else { return "" }
         return s[start...end]
     }
+}
+
+/// A request target split into its path and decoded `k=v` parameters. Any byte string is
+/// taken: empty keys and `=` alone are skipped, bad percent escapes kept as written.
+public func parseRequestTarget(_ uri: String) -> (path: String, items: [(String, String)]) {
+    let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+    let path = String(parts.first ?? "")
+    guard parts.count == 2 else { return (path, []) }
+    var items: [(String, String)] = []
+    for item in parts[1].split(separator: "&") {
+        let kv = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+        guard let rawKey = kv.first, !rawKey.isEmpty else { continue }
+        items.append((percentDecoded(rawKey), kv.count > 1 ? percentDecoded(kv[1], plusIsSpace: true) : ""))
+    }
+    return (path, items)
+}
+
+/// `%XX` escapes decoded (a malformed escape stays as written); invalid UTF-8 is repaired.
+public func percentDecoded(_ text: Substring, plusIsSpace: Bool = false) -> String {
+    let bytes = Array(text.utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.count)
+    func hex(_ b: UInt8) -> UInt8? {
+        switch b {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return b - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return b - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return b - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+    var i = 0
+    while i < bytes.count {
+        let b = bytes[i]
+        if b == UInt8(ascii: "%"), i + 2 < bytes.count, let h = hex(bytes[i + 1]), let l = hex(bytes[i + 2]) {
+            out.append(h << 4 | l)
+            i += 3
+            continue
+        }
+        out.append(plusIsSpace && b == UInt8(ascii: "+") ? UInt8(ascii: " ") : b)
+        i += 1
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+extension String {
+    /// At most 64 characters of a value a client sent, for an error message.
+    public var clipped: String { count <= 64 ? self : String(prefix(61)) + "..." }
 }
 
 /// `k=v&k=v` with each value percent-encoded.

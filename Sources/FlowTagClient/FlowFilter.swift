@@ -41,26 +41,26 @@ public struct FlowFilter: Sendable, Equatable {
             case "cgroup": cgroup = try Self.number(key, value)
             case "proto":
                 guard let p = FlowProtocol(rawValue: value.lowercased()) else {
-                    throw FilterError(parameter: key, reason: "\(value) is not tcp or udp")
+                    throw FilterError(parameter: key, reason: "\(value.clipped) is not tcp or udp")
                 }
                 proto = p
             case "state":
                 guard let s = FlowState(rawValue: value.lowercased()) else {
-                    throw FilterError(parameter: key, reason: "\(value) is not open or closed")
+                    throw FilterError(parameter: key, reason: "\(value.clipped) is not open or closed")
                 }
                 state = s
             case "local", "remote":
-                guard let p = IPPrefix(value) else { throw FilterError(parameter: key, reason: "\(value) is not an address or CIDR prefix") }
+                guard let p = IPPrefix(value) else { throw FilterError(parameter: key, reason: "\(value.clipped) is not an address or CIDR prefix") }
                 if key == "local" { local = p } else { remote = p }
             case "port": port = try Self.number(key, value)
             default:
-                throw FilterError(parameter: key, reason: "unknown filter (known: \(Self.parameters.joined(separator: ", ")))")
+                throw FilterError(parameter: key.clipped, reason: "unknown filter (known: \(Self.parameters.joined(separator: ", ")))")
             }
         }
     }
 
     static func number<T: FixedWidthInteger>(_ key: String, _ value: String) throws(FilterError) -> T {
-        guard let v = T(value) else { throw FilterError(parameter: key, reason: "\(value) is not a number in range") }
+        guard let v = T(value) else { throw FilterError(parameter: key, reason: "\(value.clipped) is not a number in range") }
         return v
     }
 

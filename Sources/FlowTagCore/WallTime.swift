@@ -71,7 +71,7 @@ public struct WallTime: Hashable, Comparable, Sendable, Codable, CustomStringCon
         var offset = 0
         if chars[i] == 90 || chars[i] == 122 {
             i += 1
-        } else if chars[i] == 43 || chars[i] == 45, let oh = num(i + 1, 2), chars.count > i + 3, chars[i + 3] == 58, let om = num(i + 4, 2) {
+        } else if chars[i] == 43 || chars[i] == 45, let oh = num(i + 1, 2), chars.count > i + 3, chars[i + 3] == 58, let om = num(i + 4, 2), oh < 24, om < 60 {
             offset = (oh * 3600 + om * 60) * (chars[i] == 43 ? 1 : -1)
             i += 6
         } else {
@@ -81,8 +81,13 @@ public struct WallTime: Hashable, Comparable, Sendable, Codable, CustomStringCon
         var t = tm()
         t.tm_year = Int32(y - 1900); t.tm_mon = Int32(mo - 1); t.tm_mday = Int32(d)
         t.tm_hour = Int32(h); t.tm_min = Int32(mi); t.tm_sec = Int32(s)
+        // Years 1678...2262 fit in Int64 nanoseconds; anything further is refused, not trapped.
         let epoch = timegm(&t)
-        nanoseconds = (Int64(epoch) - Int64(offset)) * 1_000_000_000 + nanos
+        let (seconds, o1) = Int64(epoch).subtractingReportingOverflow(Int64(offset))
+        let (whole, o2) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        let (total, o3) = whole.addingReportingOverflow(nanos)
+        guard !o1, !o2, !o3 else { return nil }
+        nanoseconds = total
     }
 
     public init(from decoder: any Decoder) throws {

@@ -130,7 +130,7 @@ struct FlowtagCommand: ParsableCommand {
 
         func validate() throws {
             for (name, v) in [("--since", since), ("--until", until)] {
-                if let v, parseTimeBound(v) == nil { throw ValidationError("\(name) '\(v)' is not RFC 3339 or a duration like 15m, 2h, 7d") }
+                if let v, parseTimeBound(v) == nil { throw ValidationError("\(name) '\(v)' is not \(timeBoundHelp)") }
             }
             guard (1...100_000).contains(limit) else { throw ValidationError("--limit must be 1...100000") }
         }
