@@ -39,8 +39,25 @@ struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(max_entries, 131072);
     __type(key, __u64); /* socket cookie */
-    __type(value, struct ft_flow);
+    __type(value, struct ft_tcp_entry);
 } ft_tcp_flows SEC(".maps");
+
+/* Closes made by the agent, kept until journaled (written and read by the agent only). */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(max_entries, FT_OUTBOX_MAX);
+    __type(key, __u64);
+    __type(value, struct ft_event);
+} ft_outbox SEC(".maps");
+
+/* Which build pinned these programs, for which cgroup (written by the agent). */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct ft_build_info);
+} ft_build SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -276,7 +293,7 @@ static __always_inline void emit(__u32 kind, const struct ft_flow *flow, const s
         return;
     }
     ev->kind = kind;
-    ev->pad = 0;
+    ev->close_reason = FT_CLOSE_KERNEL;
     ev->time_ns = bpf_ktime_get_boot_ns();
     __builtin_memcpy(&ev->flow, flow, sizeof(*flow));
     if (stats)
@@ -578,31 +595,34 @@ static __always_inline void flow_from_sockops(struct bpf_sock_ops *skops, struct
 
 static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir)
 {
-    struct ft_flow f;
+    struct ft_tcp_entry entry;
+    struct ft_flow *fp = &entry.flow;
     struct bpf_sock *sk = skops->sk;
     if (sk) {
         struct ft_relay_route *own = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
         if (own && own->role != FT_RELAY_NONE)
             return; /* the agent's own relay plumbing is not a flow */
     }
-    flow_from_sockops(skops, &f, dir);
-    if (sk && flow_selected(&f))
-        relay_take(skops, sk, &f);
+    __builtin_memset(&entry.stats, 0, sizeof(entry.stats));
+    entry.closed_ns = 0;
+    flow_from_sockops(skops, fp, dir);
+    if (sk && flow_selected(fp))
+        relay_take(skops, sk, fp);
     if (dir == FT_DIR_INBOUND) {
         /* Until accept the owner is the listener's (cloned): report at accept. The
          * socket's own stamp is marked inherited too, so the process hooks know to
          * claim it (see claim_accepted). */
-        if (f.owner.attribution == FT_ATTR_KERNEL)
-            f.owner.attribution = FT_ATTR_INHERITED;
-        f.flags |= FT_FLOW_PENDING_ACCEPT;
+        if (fp->owner.attribution == FT_ATTR_KERNEL)
+            fp->owner.attribution = FT_ATTR_INHERITED;
+        fp->flags |= FT_FLOW_PENDING_ACCEPT;
         struct ft_sock_state *st = sk ? bpf_sk_storage_get(&ft_sk_state, sk, 0, 0) : 0;
         if (st)
             st->owner.attribution = FT_ATTR_INHERITED;
     }
-    if (bpf_map_update_elem(&ft_tcp_flows, &f.cookie, &f, BPF_ANY))
+    if (bpf_map_update_elem(&ft_tcp_flows, &fp->cookie, &entry, BPF_ANY))
         count(FT_CNT_FLOWS_DROPPED);
-    if (!(f.flags & FT_FLOW_PENDING_ACCEPT))
-        emit(FT_EV_OPEN, &f, 0);
+    if (!(fp->flags & FT_FLOW_PENDING_ACCEPT))
+        emit(FT_EV_OPEN, fp, 0);
     bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
@@ -628,18 +648,17 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
         return;
     }
     __u64 cookie = bpf_get_socket_cookie(skops);
-    struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
+    struct ft_tcp_entry *e = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
 
-    if (!f)
+    if (!e || (e->flow.flags & FT_FLOW_CLOSED))
         return;
 
-    struct ft_flow flow;
-    __builtin_memcpy(&flow, f, sizeof(flow));
-    bpf_map_delete_elem(&ft_tcp_flows, &cookie);
-    if (flow.flags & FT_FLOW_RELAYED)
-        bpf_map_delete_elem(&ft_relay_tuples, &flow.tuple);
-    if (flow.flags & FT_FLOW_PENDING_ACCEPT)
-        emit(FT_EV_OPEN, &flow, 0); /* never accepted: report with the inherited owner */
+    /* The entry is not deleted: it is marked closed and keeps its close, and the agent
+     * deletes it once the close is journaled (a crash in between loses nothing). */
+    if (e->flow.flags & FT_FLOW_RELAYED)
+        bpf_map_delete_elem(&ft_relay_tuples, &e->flow.tuple);
+    if (e->flow.flags & FT_FLOW_PENDING_ACCEPT)
+        emit(FT_EV_OPEN, &e->flow, 0); /* never accepted: report with the inherited owner */
 
     struct ft_close_stats s = {};
     s.bytes_sent = skops->bytes_acked;
@@ -661,7 +680,10 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
     s.retransmits = skops->total_retrans;
     s.srtt_us = skops->srtt_us >> 3;
     s.last_state = skops->args[0];
-    emit(FT_EV_CLOSE, &flow, &s);
+    __builtin_memcpy(&e->stats, &s, sizeof(s));
+    e->closed_ns = bpf_ktime_get_boot_ns();
+    e->flow.flags = (e->flow.flags & ~FT_FLOW_PENDING_ACCEPT) | FT_FLOW_CLOSED;
+    emit(FT_EV_CLOSE, &e->flow, &s);
 }
 
 SEC("sockops")
@@ -794,7 +816,7 @@ static __always_inline void tcp_refine(struct sock *sk, struct ft_sock_state *st
     stamp_current(&st->owner, hook);
     __u64 cookie = bpf_get_socket_cookie(sk);
     struct ft_flow *f = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
-    if (f && !(f->flags & FT_FLOW_PENDING_ACCEPT))
+    if (f && !(f->flags & (FT_FLOW_PENDING_ACCEPT | FT_FLOW_CLOSED)))
         __builtin_memcpy(&f->owner, &st->owner, sizeof(f->owner));
 }
 

@@ -27,18 +27,12 @@
 
 #include "generated/flowtag.skel.h"
 
-_Static_assert(FTBPF_MAP_COUNT == 14, "map table");
-
 #define FTBPF_MAX_LINKS 32
 
 static const char *const map_names[FTBPF_MAP_COUNT] = {
-    [FTBPF_MAP_TCP_FLOWS] = "ft_tcp_flows", [FTBPF_MAP_UDP_FLOWS] = "ft_udp_flows",
-    [FTBPF_MAP_PROCS] = "ft_procs", [FTBPF_MAP_COUNTERS] = "ft_counters",
-    [FTBPF_MAP_EVENTS] = "ft_events", [FTBPF_MAP_SK_STATE] = "ft_sk_state",
-    [FTBPF_MAP_STREAM_RULES] = "ft_stream_rules", [FTBPF_MAP_STREAM_RULE_COUNT] = "ft_stream_rule_count",
-    [FTBPF_MAP_RELAY_ROUTES] = "ft_relay_routes", [FTBPF_MAP_RELAY_SLOTS] = "ft_relay_slots",
-    [FTBPF_MAP_RELAY_POOL] = "ft_relay_pool", [FTBPF_MAP_RELAY_SOCKS] = "ft_relay_socks",
-    [FTBPF_MAP_RELAY_TUPLES] = "ft_relay_tuples", [FTBPF_MAP_RELAY_WRITERS] = "ft_relay_writers",
+#define FTBPF_MAP_NAME(id, name) [FTBPF_MAP_##id] = #name,
+    FTBPF_MAPS(FTBPF_MAP_NAME)
+#undef FTBPF_MAP_NAME
 };
 
 struct ftbpf {
@@ -344,24 +338,9 @@ int ftbpf_map_fd(struct ftbpf *obj, enum ftbpf_map which)
         return -EINVAL;
     if (!obj->skel)
         return obj->pinned_fds[which];
-    struct bpf_map *m;
-    switch (which) {
-    case FTBPF_MAP_TCP_FLOWS: m = obj->skel->maps.ft_tcp_flows; break;
-    case FTBPF_MAP_UDP_FLOWS: m = obj->skel->maps.ft_udp_flows; break;
-    case FTBPF_MAP_PROCS: m = obj->skel->maps.ft_procs; break;
-    case FTBPF_MAP_COUNTERS: m = obj->skel->maps.ft_counters; break;
-    case FTBPF_MAP_EVENTS: m = obj->skel->maps.ft_events; break;
-    case FTBPF_MAP_SK_STATE: m = obj->skel->maps.ft_sk_state; break;
-    case FTBPF_MAP_STREAM_RULES: m = obj->skel->maps.ft_stream_rules; break;
-    case FTBPF_MAP_STREAM_RULE_COUNT: m = obj->skel->maps.ft_stream_rule_count; break;
-    case FTBPF_MAP_RELAY_ROUTES: m = obj->skel->maps.ft_relay_routes; break;
-    case FTBPF_MAP_RELAY_SLOTS: m = obj->skel->maps.ft_relay_slots; break;
-    case FTBPF_MAP_RELAY_POOL: m = obj->skel->maps.ft_relay_pool; break;
-    case FTBPF_MAP_RELAY_SOCKS: m = obj->skel->maps.ft_relay_socks; break;
-    case FTBPF_MAP_RELAY_TUPLES: m = obj->skel->maps.ft_relay_tuples; break;
-    case FTBPF_MAP_RELAY_WRITERS: m = obj->skel->maps.ft_relay_writers; break;
-    default: return -EINVAL;
-    }
+    struct bpf_map *m = bpf_object__find_map_by_name(obj->skel->obj, map_names[which]);
+    if (!m)
+        return -ENOENT;
     return bpf_map__fd(m);
 }
 
@@ -455,6 +434,52 @@ int ftbpf_events_consume(struct ftbpf *obj)
 }
 
 static int neg_errno(int rc) { return rc < 0 ? (rc == -1 ? -errno : rc) : 0; }
+
+int ftbpf_map_delete_many(int fd, const void *keys, uint32_t key_size, uint32_t count)
+{
+    /* The kernel stops a batch at the first missing key (-ENOENT, count = deleted so
+     * far): skip that key and go on with the rest. */
+    const char *k = keys;
+    uint32_t done = 0, deleted = 0;
+    while (done < count) {
+        __u32 n = count - done;
+        int rc = bpf_map_delete_batch(fd, k + (size_t)done * key_size, &n, NULL);
+        deleted += n;
+        done += n;
+        if (rc == 0)
+            continue;
+        if (errno != ENOENT)
+            return -errno;
+        done++; /* the missing key */
+    }
+    return (int)deleted;
+}
+
+int ftbpf_map_read_many(int fd, uint64_t *cursor, void *keys, void *values, uint32_t cap)
+{
+    /* The kernel's batch cursor for hash maps is a bucket index (u32 in a u64 slot). */
+    __u64 out = 0;
+    __u32 n = cap;
+    int rc = bpf_map_lookup_batch(fd, *cursor ? cursor : NULL, &out, keys, values, &n, NULL);
+    if (rc < 0 && errno != ENOENT)
+        return -errno;
+    *cursor = out;
+    if (rc < 0 && n == 0)
+        return 0;
+    return (int)n;
+}
+
+uint64_t ftbpf_object_hash(void)
+{
+    size_t size = 0;
+    const unsigned char *bytes = flowtag_bpf__elf_bytes(&size);
+    uint64_t h = 14695981039346656037ULL;
+    for (size_t i = 0; i < size; i++) {
+        h ^= bytes[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
 
 int ftbpf_obj_get(const char *path) { int fd = bpf_obj_get(path); return fd < 0 ? -errno : fd; }
 int ftbpf_map_lookup(int fd, const void *key, void *value) { return neg_errno(bpf_map_lookup_elem(fd, key, value)); }

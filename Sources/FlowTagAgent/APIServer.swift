@@ -46,55 +46,63 @@ public final class APIServer: @unchecked Sendable {
     private let elg = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private var channel: Channel?
 
-    public init(table: FlowTable, socketPath: String, groupName: String = "flowtag", lostEvents: @escaping @Sendable () -> UInt64) {
+    /// `group`: the socket's group (see `GroupLookup`), nil for root alone.
+    public init(table: FlowTable, socketPath: String, group: gid_t?, lostEvents: @escaping @Sendable () -> UInt64) {
         self.table = table
         self.socketPath = socketPath
         self.lost = lostEvents
-        // A name, or a numeric gid (a container's /etc/group may not know the host's group).
-        group = getgrnam(groupName).map { $0.pointee.gr_gid } ?? gid_t(groupName)
+        self.group = group
     }
 
-    /// Binds the socket: owned by root and group `flowtag` (when it exists), mode 0660.
-    public func start() throws {
+    private var staging: String?
+
+    /// Binds the socket under a temporary name beside its path, owned by root and the
+    /// socket group, mode 0660: nobody can reach it before its permissions are final, and
+    /// nothing answers at the path until `publish()`.
+    public func bind() throws {
+        try APISocketPath.check(socketPath)
         let dir = (socketPath as NSString).deletingLastPathComponent
         if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
-        if access(socketPath, F_OK) == 0 {
-            // A socket nobody answers on is a leftover of a crash; a live one is another agent.
-            if (try? APIClient(socketPath: socketPath).get("/v1/version")) != nil {
-                throw KernelError.system("another agent answers on \(socketPath)", EADDRINUSE)
-            }
-            unlink(socketPath)
-        }
         let table = self.table, lost = self.lost, group = self.group
+        let connections = ConnectionCounter(max: Self.maxConnections)
         let bootstrap = ServerBootstrap(group: elg)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: 32 << 10, high: 64 << 10))
             .childChannelInitializer { channel in
                 channel.pipeline.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(ConnectionLimit(connections))
                     try sync.configureHTTPServerPipeline(withErrorHandling: true)
                     try sync.addHandler(IdleStateHandler(readTimeout: .seconds(10)))
                     try sync.addHandler(APIHandler(table: table, lost: lost, group: group))
                 }
             }
-        // Bound under a temporary name, given its mode and group, then renamed into place:
-        // nobody can reach the socket before its permissions are final.
         let staging = socketPath + ".\(getpid()).new"
         unlink(staging)
         let oldMask = umask(0o117)
         defer { umask(oldMask) }
         channel = try bootstrap.bind(unixDomainSocketPath: staging).wait()
+        self.staging = staging
         chmod(staging, 0o660)
         if let group { chown(staging, 0, group) }
-        guard rename(staging, socketPath) == 0 else {
-            let err = errno
-            unlink(staging)
-            throw KernelError.system("publish the API socket at \(socketPath)", err)
-        }
     }
+
+    /// Puts the bound socket at its path (replacing a stale socket checked by `bind`).
+    public func publish() throws {
+        guard let staging else { return }
+        try APISocketPath.check(socketPath)
+        guard rename(staging, socketPath) == 0 else {
+            throw KernelError.system("publish the API socket at \(socketPath)", errno)
+        }
+        self.staging = nil
+    }
+
+    /// Connections served at once; more are answered 503 and closed.
+    public static let maxConnections = 1024
 
     public func stop() {
         try? channel?.close().wait()
-        unlink(socketPath)
+        if let staging { unlink(staging) } else { unlink(socketPath) }
         try? elg.syncShutdownGracefully()
     }
 }
@@ -112,7 +120,7 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
     var head: HTTPRequestHead?
     var peer: PeerCredentials?
     var streaming = false
-    var cancelWatch: (@Sendable () -> Void)?
+    var watch: WatchStream?
 
     init(table: FlowTable, lost: @escaping @Sendable () -> UInt64, group: gid_t?) {
         self.table = table; self.lost = lost; self.group = group
@@ -128,8 +136,20 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        cancelWatch?()
+        watch?.release()
         context.fireChannelInactive()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        watch?.writabilityChanged()
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// A request the HTTP decoder could not parse (garbage, an HTTP/2 preface, a header
+    /// past the decoder's limit) has been answered 400 by NIO's error handler: close the
+    /// connection now instead of waiting for the idle timeout.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -174,6 +194,10 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
         case "/v1/version":
             respond(context, .ok, "{\"version\":\"\(flowtagVersion)\"}\n", keepAlive: keepAlive)
         case "/v1/stats":
+            // Machine-wide counters tell of every user's flows: for those who see them all.
+            guard uidFilter == nil else {
+                return error(context, .forbidden, "stats are machine-wide: root or members of the socket's group only")
+            }
             let data = (try? JSONEncoder().encode(table.stats(lost: lost()))) ?? Data("{}".utf8)
             respond(context, .ok, String(decoding: data, as: UTF8.self) + "\n", keepAlive: keepAlive)
         case "/v1/flows":
@@ -260,26 +284,9 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
         headers.add(name: "Content-Type", value: "application/x-ndjson")
         headers.add(name: "Transfer-Encoding", value: "chunked")
         context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .ok, headers: headers))), promise: nil)
-        let (stream, cancel) = table.watch(filter, uid: uid, payload: payload)
-        cancelWatch = cancel
-        let channel = context.channel
-        let loop = context.eventLoop
-        let ctx = NIOLoopBound(context, eventLoop: loop)
-        let handler = NIOLoopBound(self, eventLoop: loop)
-        Task {
-            for await event in stream {
-                let line = EventLine.json(event) + "\n"
-                guard channel.isActive else { break }
-                loop.execute {
-                    let c = ctx.value
-                    c.writeAndFlush(handler.value.wrapOutboundOut(.body(.byteBuffer(c.channel.allocator.buffer(string: line)))), promise: nil)
-                }
-            }
-            loop.execute {
-                if channel.isActive {
-                    ctx.value.writeAndFlush(handler.value.wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
-                }
-            }
-        }
+        let table = self.table
+        let stream = WatchStream(channel: context.channel, onDrop: { table.countDroppedWatcher() })
+        stream.cancel = table.watch(filter, uid: uid, payload: payload, sink: stream)
+        watch = stream
     }
 }

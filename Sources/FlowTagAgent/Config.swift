@@ -1,5 +1,9 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Yams
+import Logging
 import FlowTagCore
 
 /// A config file that cannot be used: names the key and the reason.
@@ -18,8 +22,11 @@ public struct AgentConfig: Sendable, Equatable {
     public var bpffs = "/sys/fs/bpf/flowtag"
     /// Unix socket of the query API; nil: no API.
     public var socket: String? = "/run/flowtag/flowtag.sock"
-    /// Group that may use the socket and see every flow.
+    /// Group that may use the socket and see every flow: a name or a numeric gid.
     public var socketGroup = "flowtag"
+    /// Whether the config named `socketGroup` (then it must exist) or it is the default
+    /// (then a missing group leaves the socket to root, with a warning).
+    public var socketGroupExplicit = false
     /// HOST:PORT of Prometheus' /metrics; nil: none.
     public var metricsAddress: String? = "127.0.0.1:9742"
     /// SQLite journal of closed flows; nil: none.
@@ -29,6 +36,8 @@ public struct AgentConfig: Sendable, Equatable {
     /// Flow events on stdout: text, json or none.
     public var output = "text"
     public var udpIdleSeconds = 60
+    /// The least severe diagnostic printed on stderr.
+    public var logLevel: Logger.Level = .info
     /// Stream relay: which flows, and the callouts their bytes pass through.
     public var stream = StreamConfig()
 
@@ -37,31 +46,68 @@ public struct AgentConfig: Sendable, Equatable {
     public static let defaultPath = "/etc/flowtag/flowtagd.yaml"
 
     static let keys = ["cgroup", "bpffs", "socket", "socket_group", "metrics_address", "journal",
-                       "journal_retention_days", "journal_max_bytes", "output", "udp_idle_seconds", "stream"]
+                       "journal_retention_days", "journal_max_bytes", "output", "udp_idle_seconds", "log_level", "stream"]
+
+    /// Limits on what a config may hold: the file, the YAML nodes after alias expansion
+    /// (an alias bomb expands exponentially), and any one string.
+    public static let maxFileBytes = 1 << 20
+    public static let maxNodes = 10_000
+    public static let maxStringBytes = 4096
 
     /// Reads a YAML file; unknown keys and wrong types are refused with the key and why.
     public static func load(path: String) throws(ConfigError) -> AgentConfig {
-        let text: String
-        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
-            throw ConfigError(key: "", reason: "cannot read \(path): \(error.localizedDescription)")
+        try parse(readBounded(path))
+    }
+
+    /// The file's text, refused past `maxFileBytes` (read through one descriptor, so a
+    /// file that grows meanwhile cannot slip past the check).
+    static func readBounded(_ path: String) throws(ConfigError) -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ConfigError(key: "", reason: "cannot read \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw ConfigError(key: "", reason: "cannot read \(path): \(String(cString: strerror(errno)))") }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw ConfigError(key: "", reason: "\(path) is not a regular file") }
+        var bytes = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw ConfigError(key: "", reason: "cannot read \(path): \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { break }
+            bytes += chunk[0..<n]
+            guard bytes.count <= maxFileBytes else {
+                throw ConfigError(key: "", reason: "\(path) is larger than \(maxFileBytes) bytes")
+            }
         }
-        return try parse(text)
+        guard let text = String(validating: bytes, as: UTF8.self) else { throw ConfigError(key: "", reason: "\(path) is not UTF-8 text") }
+        return text
     }
 
     public static func parse(_ text: String) throws(ConfigError) -> AgentConfig {
-        let node: Any?
-        do { node = try Yams.load(yaml: text) } catch {
-            throw ConfigError(key: "", reason: "not valid YAML: \(error)")
+        guard text.utf8.count <= maxFileBytes else { throw ConfigError(key: "", reason: "larger than \(maxFileBytes) bytes") }
+        let root: Node?
+        do { root = try Yams.compose(yaml: text) } catch {
+            throw ConfigError(key: "", reason: "not valid YAML: \(String(describing: error).prefix(512))")
         }
         var c = AgentConfig()
-        guard let node else { return c } // an empty file: all defaults
+        guard let root else { return c } // an empty file: all defaults
+        var budget = maxNodes
+        guard fitsBudget(root, &budget) else {
+            throw ConfigError(key: "", reason: "more than \(maxNodes) YAML nodes once aliases are expanded")
+        }
+        let node = root.any
         guard let map = node as? [String: Any] else { throw ConfigError(key: "", reason: "the top level must be a mapping of keys to values") }
         for (key, value) in map {
             switch key {
             case "cgroup": c.cgroup = try optionalString(key, value)
             case "bpffs": c.bpffs = try path(key, value)
             case "socket": c.socket = try optionalString(key, value)
-            case "socket_group": c.socketGroup = try string(key, value)
+            case "socket_group":
+                c.socketGroup = try groupName(key, value)
+                c.socketGroupExplicit = true
             case "metrics_address":
                 c.metricsAddress = try optionalString(key, value)
                 if let a = c.metricsAddress, parseHostPort(a) == nil { throw ConfigError(key: key, reason: "'\(a)' is not HOST:PORT") }
@@ -73,6 +119,12 @@ public struct AgentConfig: Sendable, Equatable {
                 guard ["text", "json", "none"].contains(o) else { throw ConfigError(key: key, reason: "'\(o)' is not text, json or none") }
                 c.output = o
             case "udp_idle_seconds": c.udpIdleSeconds = try int(key, value, 1...86400)
+            case "log_level":
+                let l = try string(key, value)
+                guard let level = Logger.Level(rawValue: l) else {
+                    throw ConfigError(key: key, reason: "'\(l.clipped)' is not one of \(AgentLog.levels.joined(separator: ", "))")
+                }
+                c.logLevel = level
             case "stream": c.stream = try StreamConfig.parse(value)
             default:
                 throw ConfigError(key: key, reason: "unknown key (known: \(keys.joined(separator: ", ")))")
@@ -81,8 +133,40 @@ public struct AgentConfig: Sendable, Equatable {
         return c
     }
 
-    static func string(_ key: String, _ v: Any) throws(ConfigError) -> String {
+    /// Counts nodes depth-first, aliases expanded, stopping as soon as the budget is spent.
+    static func fitsBudget(_ node: Node, _ budget: inout Int) -> Bool {
+        budget -= 1
+        guard budget >= 0 else { return false }
+        switch node {
+        case .scalar, .alias: return true
+        case .sequence(let seq):
+            for child in seq where !fitsBudget(child, &budget) { return false }
+            return true
+        case .mapping(let map):
+            for (k, v) in map where !fitsBudget(k, &budget) || !fitsBudget(v, &budget) { return false }
+            return true
+        }
+    }
+
+    static func string(_ key: String, _ v: Any, maxBytes: Int = maxStringBytes) throws(ConfigError) -> String {
         guard let s = v as? String else { throw ConfigError(key: key, reason: "must be a string, not \(describe(v))") }
+        guard s.utf8.count <= maxBytes else { throw ConfigError(key: key, reason: "longer than \(maxBytes) bytes") }
+        return s
+    }
+
+    /// A group name as useradd accepts it (at most 32 characters), or a numeric gid.
+    static func groupName(_ key: String, _ v: Any) throws(ConfigError) -> String {
+        if let n = v as? Int, !(v is Bool) {
+            guard (0...Int(UInt32.max - 1)).contains(n) else { throw ConfigError(key: key, reason: "gid \(n) is out of range") }
+            return String(n)
+        }
+        let s = try string(key, v, maxBytes: 32)
+        let ok = !s.isEmpty && s.utf8.enumerated().allSatisfy { i, b in
+            (b >= 97 && b <= 122) || (b >= 65 && b <= 90) || b == 95 || (i > 0 && ((b >= 48 && b <= 57) || b == 45 || b == 46))
+        }
+        guard ok || UInt32(s) != nil else {
+            throw ConfigError(key: key, reason: "'\(s)' is not a group name (letters, digits, _ . -, at most 32) or a gid")
+        }
         return s
     }
 
@@ -218,7 +302,7 @@ public struct StreamConfig: Sendable, Equatable {
             let kk = "\(k).\(key)"
             switch key {
             case "type": break
-            case "name": c.name = try AgentConfig.string(kk, v)
+            case "name": c.name = try AgentConfig.string(kk, v, maxBytes: 128)
             case "weight": c.weight = UInt16(try AgentConfig.int(kk, v, 0...65535))
             case "pattern":
                 c.pattern = try AgentConfig.string(kk, v)

@@ -38,7 +38,7 @@ public final class FlowTable: Sendable {
         let filter: FlowFilter
         let uid: UInt32?
         var payload = false
-        let continuation: AsyncStream<FlowEvent>.Continuation
+        let sink: any WatchSink
     }
 
     private let state = Mutex(State())
@@ -51,10 +51,16 @@ public final class FlowTable: Sendable {
 
     final class Counter: Sendable { let value = Atomic<Int>(0) }
 
-    public init(closedCapacity: Int = 4096, metrics: AgentMetrics? = nil, journal: Journal? = nil) {
+    /// Where closes go once handled when there is no journal (their kernel entries are
+    /// then given back at once).
+    private let release: @Sendable ([CloseReceipt]) -> Void
+
+    public init(closedCapacity: Int = 4096, metrics: AgentMetrics? = nil, journal: Journal? = nil,
+                release: @escaping @Sendable ([CloseReceipt]) -> Void = { _ in }) {
         self.closedCapacity = closedCapacity
         self.metrics = metrics
         self.journal = journal
+        self.release = release
         let deletes = self.deletes
         let engine = self.engine
         // The built-in process-tagging callout: the owner rides on the flow to later layers.
@@ -121,7 +127,11 @@ public final class FlowTable: Sendable {
         } else {
             engine.endFlow(Self.handle(r))
             metrics?.flowClosed(r)
-            journal?.append(r)
+            if let journal {
+                journal.append(r, receipt: event.receipt)
+            } else if let receipt = event.receipt {
+                release([receipt])
+            }
         }
         let watchers: [Watcher] = state.withLock { s in
             switch event.kind {
@@ -145,8 +155,20 @@ public final class FlowTable: Sendable {
             return s.watcherList
         }
         let state: FlowState = event.kind == .open ? .open : .closed
-        for w in watchers where w.filter.matches(r, state: state) && (w.uid == nil || w.uid == r.process.uid) {
-            w.continuation.yield(event)
+        Self.deliver(event, to: watchers) { $0.filter.matches(r, state: state) && ($0.uid == nil || $0.uid == r.process.uid) }
+    }
+
+    /// Gives an event to the watchers that take it, rendered once for all of them.
+    private static func deliver(_ event: FlowEvent, to watchers: [Watcher], where takes: (Watcher) -> Bool) {
+        var line: [UInt8]?
+        for w in watchers where takes(w) {
+            if line == nil {
+                var bytes = [UInt8]()
+                EventLine.appendJSON(event, to: &bytes)
+                bytes.append(10)
+                line = bytes
+            }
+            w.sink.deliver(line!)
         }
     }
 
@@ -154,9 +176,7 @@ public final class FlowTable: Sendable {
     public func publish(_ event: FlowEvent) {
         let r = event.record
         let watchers = state.withLock { $0.watcherList }
-        for w in watchers where w.payload && w.filter.matches(r, state: .open) && (w.uid == nil || w.uid == r.process.uid) {
-            w.continuation.yield(event)
-        }
+        Self.deliver(event, to: watchers) { $0.payload && $0.filter.matches(r, state: .open) && ($0.uid == nil || $0.uid == r.process.uid) }
     }
 
     /// Flows matching a filter; `uid` restricts to one user's flows (access control).
@@ -200,28 +220,35 @@ public final class FlowTable: Sendable {
         }
     }
 
-    /// A stream of matching events until the caller cancels; a slow watcher loses its
-    /// oldest events rather than stalling anyone.
-    public func watch(_ filter: FlowFilter, uid: UInt32?, payload: Bool = false) -> (AsyncStream<FlowEvent>, cancel: @Sendable () -> Void) {
-        let (stream, cont) = AsyncStream.makeStream(of: FlowEvent.self, bufferingPolicy: .bufferingNewest(4096))
+    /// Sends matching events, as JSON lines, to `sink` until the returned cancel is called.
+    public func watch(_ filter: FlowFilter, uid: UInt32?, payload: Bool = false, sink: any WatchSink) -> @Sendable () -> Void {
         let id = state.withLock { s in
             defer { s.nextWatcher += 1 }
-            s.watchers[s.nextWatcher] = Watcher(filter: filter, uid: uid, payload: payload, continuation: cont)
+            s.watchers[s.nextWatcher] = Watcher(filter: filter, uid: uid, payload: payload, sink: sink)
             return s.nextWatcher
         }
-        let cancel: @Sendable () -> Void = { [weak self] in
-            _ = self?.state.withLock { $0.watchers.removeValue(forKey: id) }
-            cont.finish()
-        }
-        return (stream, cancel)
+        return { [weak self] in _ = self?.state.withLock { $0.watchers.removeValue(forKey: id) } }
     }
+
+    /// Watchers dropped because they read too slowly (see `WatchStream`).
+    public func countDroppedWatcher() { state.withLock { $0.stats.watchersDropped += 1 } }
+    public var droppedWatchers: Int { state.withLock { $0.stats.watchersDropped } }
 
     /// Ends every watcher and removes every association (orderly shutdown).
     public func shutdown() async {
         let ws = state.withLock { s in defer { s.watchers.removeAll() }; return Array(s.watchers.values) }
-        ws.forEach { $0.continuation.finish() }
+        ws.forEach { $0.sink.finish() }
         _ = await engine.unload()
     }
+}
+
+/// Where a watcher's events go: called on the thread that applies events, so it must
+/// not block (`WatchStream` buffers within a budget and drops a watcher that falls behind).
+public protocol WatchSink: AnyObject, Sendable {
+    /// One event as a JSON line (newline included).
+    func deliver(_ line: [UInt8])
+    /// The agent is stopping: end the stream.
+    func finish()
 }
 
 /// The owner the tagging callout associates with a flow. One instance per process is

@@ -66,6 +66,25 @@ public final class AgentMetrics: Sendable {
     /// Where journal write errors are counted (set once the journal is open).
     public func countJournalErrors(_ source: @escaping @Sendable () -> Int) { journalErrorSource.withLock { $0 = source } }
 
+    /// The journal's counters: write errors, rows dropped, rows waiting.
+    public func countJournal(_ journal: Journal) {
+        countJournalErrors { journal.writeErrors }
+        let dropped = Mirrored(registry.makeCounter(descriptor: Self.name("journal_rows_dropped", "total",
+                                    "Closed flows dropped unjournaled because the journal could not be written for too long.")),
+                               { UInt64(journal.droppedRows) })
+        mirrored.withLock { $0.append(dropped) }
+        let waiting = registry.makeGauge(descriptor: Self.name("journal_rows_waiting", "", "Closed flows waiting to be written to the journal."))
+        gauges.withLock { $0.append((waiting, { Double(journal.pendingRows) })) }
+    }
+
+    /// Watchers dropped for reading too slowly.
+    public func countWatchersDropped(_ source: @escaping @Sendable () -> Int) {
+        let m = Mirrored(registry.makeCounter(descriptor: Self.name("watchers_dropped", "total",
+                            "Watch clients dropped because they read too slowly (their backlog passed its budget).")),
+                         { UInt64(source()) })
+        mirrored.withLock { $0.append(m) }
+    }
+
     static func name(_ metric: String, _ unit: String, _ help: String) -> MetricNameDescriptor {
         MetricNameDescriptor(namespace: "flowtag", metricName: metric, unitName: unit, helpText: help)
     }

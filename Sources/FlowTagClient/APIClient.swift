@@ -24,6 +24,7 @@ public struct APIResponse: Sendable {
     public var status: Int
     public var body: [UInt8]
     public var text: String { String(decoding: body, as: UTF8.self) }
+    public init(status: Int, body: [UInt8]) { self.status = status; self.body = body }
 }
 
 /// A small blocking HTTP/1.1 client over the agent's unix socket (the CLI's transport).

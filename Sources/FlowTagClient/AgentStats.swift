@@ -9,6 +9,8 @@ public struct AgentStats: Sendable, Codable, Hashable {
     public var kernelEventsLost: UInt64 = 0
     public var resynchronisedFlows = 0
     public var watchers = 0
+    /// Watchers dropped because they read too slowly (their backlog passed its budget).
+    public var watchersDropped = 0
     /// Flows the stream relay has taken since the agent started, and those relayed now.
     public var relayedFlows: UInt64 = 0
     public var activeRelayedFlows = 0
@@ -25,6 +27,7 @@ public struct AgentStats: Sendable, Codable, Hashable {
         case activeFlows = "active_flows", flowsOpened = "flows_opened", flowsClosed = "flows_closed"
         case bytesSent = "bytes_sent", bytesReceived = "bytes_received", attribution
         case kernelEventsLost = "kernel_events_lost", resynchronisedFlows = "resynchronised_flows", watchers
+        case watchersDropped = "watchers_dropped"
         case relayedFlows = "relayed_flows", activeRelayedFlows = "active_relayed_flows"
         case relayPoolEmpty = "relay_pool_empty", relayBytesUndeliverable = "relay_bytes_undeliverable"
         case relayHopFailures = "relay_hop_failures"

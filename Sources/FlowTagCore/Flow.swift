@@ -138,6 +138,14 @@ public struct FlowPayload: Codable, Sendable, Hashable {
     }
 }
 
+/// Where a close waits in the kernel until the journal holds it, so that a crash of the
+/// agent in between loses nothing: the flow's own entry in the TCP flow map (marked
+/// closed by the kernel), or the agent's outbox map. Given back once journaled.
+public enum CloseReceipt: Sendable, Hashable {
+    case tcpEntry(cookie: UInt64)
+    case outbox(key: UInt64)
+}
+
 /// A flow opening or closing, as `flowtagd --json` prints it: one JSON object a line.
 public struct FlowEvent: Sendable, Hashable, Encodable {
     public var kind: FlowEventKind
@@ -145,9 +153,11 @@ public struct FlowEvent: Sendable, Hashable, Encodable {
     public var record: FlowRecord
     /// Only for `payload` events.
     public var payload: FlowPayload?
+    /// Only for `close` events: what to give back once the close is journaled.
+    public var receipt: CloseReceipt?
 
-    public init(kind: FlowEventKind, time: WallTime, record: FlowRecord, payload: FlowPayload? = nil) {
-        self.kind = kind; self.time = time; self.record = record; self.payload = payload
+    public init(kind: FlowEventKind, time: WallTime, record: FlowRecord, payload: FlowPayload? = nil, receipt: CloseReceipt? = nil) {
+        self.kind = kind; self.time = time; self.record = record; self.payload = payload; self.receipt = receipt
     }
 
     enum CodingKeys: String, CodingKey { case event, time, payload }

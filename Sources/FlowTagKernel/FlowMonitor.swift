@@ -47,7 +47,21 @@ public final class FlowMonitor: @unchecked Sendable {
     private let finished = Mutex<Bool>(false)
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
+    /// Live flows the kernel's maps held at `start()` (the caller adopts them).
+    public private(set) var initialLiveRecords: [FlowRecord] = []
+    /// Closes handed back once journaled (`release`), deleted from the maps by the poll thread.
+    private let releases = Mutex<[CloseReceipt]>([])
     // Poll-thread state.
+    /// TCP flows whose open was reported and whose close was not: a replayed or late
+    /// ring-buffer open for one of them is not reported twice.
+    private var liveTCP: Set<UInt64> = []
+    /// TCP flows whose close was reported and whose map entry is not yet released: their
+    /// ring-buffer events (replayed after a restart, or seen again by a reconcile) are
+    /// not reported twice.
+    private var closedTCP: Set<UInt64> = []
+    private var nextOutboxKey: UInt64 = 1
+    private var lostSeen: UInt64 = 0
+    private var lastLossCheck: UInt64 = 0
     private var udpByCookie: [UInt64: Set<UDPKey>] = [:]
     private var seededTCP: [UInt64: FlowRecord] = [:]
     private var lastSeededScan: UInt64 = 0
@@ -69,11 +83,15 @@ public final class FlowMonitor: @unchecked Sendable {
         events = FlowEvents(base: stream, counter: queued)
     }
 
-    /// Seeds the process table from /proc (after attach) and starts reading events.
+    /// Seeds the process table from /proc (after attach), reports the closes a previous
+    /// agent left unjournaled, and starts reading events.
     public func start() throws {
         processes.seedFromProc()
+        lostSeen = programs.lostEvents
+        let entries = programs.tcpEntries()
+        recoverPending(entries)
         if let cgroup = seedExistingFlows {
-            let known = Set(programs.liveTCPFlows().map(\.cookie))
+            let known = Set(entries.map(\.flow.cookie))
             let now = BootClock.nowNanoseconds()
             for (_, record) in (try? ExistingFlows.find(cgroup: cgroup, known: known, processes: processes)) ?? [] {
                 seededTCP[record.flow] = record
@@ -94,12 +112,15 @@ public final class FlowMonitor: @unchecked Sendable {
             while !stopping.load(ordering: .relaxed) {
                 let n = programs.pollEvents(timeoutMilliseconds: Self.pollMilliseconds)
                 if n < 0 && n != -EINTR { break }
+                reconcileAfterLoss()
                 expireIdleUDP()
                 followSeededTCP()
                 flushBatch()
+                deleteReleased()
             }
             _ = programs.pollEvents(timeoutMilliseconds: 0) // drain what is left
             flushBatch()
+            deleteReleased()
             continuation.finish()
             done.signal()
         }
@@ -107,6 +128,126 @@ public final class FlowMonitor: @unchecked Sendable {
         thread = t
         t.start()
     }
+
+    /// Closes a previous agent reported but did not journal (kill -9): the TCP map's
+    /// closed entries and the outbox, reported first; live flows are kept for adoption.
+    private func recoverPending(_ entries: [ft_tcp_entry]) {
+        var live: [FlowRecord] = []
+        for e in entries {
+            if e.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) != 0 {
+                closedTCP.insert(e.flow.cookie)
+                var record = makeRecord(e.flow)
+                Self.applyClose(e.stats, at: e.closed_ns, to: &record)
+                emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: e.closed_ns), record: record,
+                               receipt: .tcpEntry(cookie: e.flow.cookie)))
+            } else {
+                if e.flow.flags & UInt8(FT_FLOW_PENDING_ACCEPT.rawValue) == 0 { liveTCP.insert(e.flow.cookie) }
+                live.append(makeRecord(e.flow))
+            }
+        }
+        for (key, ev) in programs.outboxEntries() {
+            nextOutboxKey = max(nextOutboxKey, key + 1)
+            var record = makeRecord(ev.flow)
+            record.bytesSent = ev.stats.bytes_sent
+            record.bytesReceived = ev.stats.bytes_received
+            record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
+            record.closeReason = Self.outboxReason(ev.close_reason) ?? Self.tcpCloseReason(lastState: ev.stats.last_state)
+            record.stats = CloseStats(segmentsOut: ev.stats.segs_out, segmentsIn: ev.stats.segs_in,
+                                      retransmits: ev.stats.retransmits, smoothedRTTMicroseconds: ev.stats.srtt_us)
+            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record, receipt: .outbox(key: key)))
+        }
+        for (_, u) in programs.liveUDPFlows() {
+            var r = makeRecord(u.flow)
+            r.bytesSent = u.bytes_sent
+            r.bytesReceived = u.bytes_received
+            live.append(r)
+            udpByCookie[u.flow.cookie, default: []].insert(UDPKey(u.flow))
+        }
+        initialLiveRecords = live
+    }
+
+    static func outboxReason(_ reason: UInt32) -> String? {
+        switch reason {
+        case FT_CLOSE_UDP_IDLE.rawValue: return "idle"
+        case FT_CLOSE_UDP_RELEASED.rawValue: return "released"
+        case FT_CLOSE_SEEDED.rawValue: return "closed"
+        default: return nil
+        }
+    }
+
+    static func applyClose(_ s: ft_close_stats, at time: UInt64, to record: inout FlowRecord) {
+        record.bytesSent = s.bytes_sent
+        record.bytesReceived = s.bytes_received
+        record.closedAt = WallTime(bootNanoseconds: time)
+        record.closeReason = tcpCloseReason(lastState: s.last_state)
+        record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
+                                  smoothedRTTMicroseconds: s.srtt_us)
+    }
+
+    /// Gives back closes the journal now holds (or that need not be kept): their kernel
+    /// entries are deleted by the poll thread. Any thread.
+    public func release(_ receipts: [CloseReceipt]) {
+        guard !receipts.isEmpty else { return }
+        releases.withLock { $0 += receipts }
+    }
+
+    /// Closes released so far whose entries are still waiting to be deleted.
+    public var pendingReleases: Int { releases.withLock { $0.count } }
+
+    private func deleteReleased() {
+        let receipts = releases.withLock { r in defer { r.removeAll(keepingCapacity: true) }; return r }
+        guard !receipts.isEmpty else { return }
+        var cookies: [UInt64] = [], keys: [UInt64] = []
+        for r in receipts {
+            switch r {
+            case .tcpEntry(let cookie): cookies.append(cookie); closedTCP.remove(cookie)
+            case .outbox(let key): keys.append(key)
+            }
+        }
+        programs.deleteEntries(FTBPF_MAP_TCP_FLOWS, keys: cookies)
+        programs.deleteEntries(FTBPF_MAP_OUTBOX, keys: keys)
+    }
+
+    /// After the kernel lost events (ring buffer full: the agent was stopped or too slow),
+    /// the TCP map is the truth: closes never reported are reported from their closed
+    /// entries, opens never reported from live ones. Checked once a second.
+    private func reconcileAfterLoss() {
+        let now = BootClock.nowNanoseconds()
+        guard now &- lastLossCheck >= 1_000_000_000 else { return }
+        lastLossCheck = now
+        let lost = programs.lostEvents
+        guard lost != lostSeen else { return }
+        lostSeen = lost
+        var opened = 0, closed = 0
+        for e in programs.tcpEntries() {
+            let cookie = e.flow.cookie
+            if e.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) != 0 {
+                guard !closedTCP.contains(cookie) else { continue }
+                closedTCP.insert(cookie)
+                if liveTCP.remove(cookie) == nil {
+                    // Its open was lost too: report it, so the close has a flow to end.
+                    emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: e.flow.opened_ns), record: makeRecord(e.flow)))
+                }
+                var record = makeRecord(e.flow)
+                Self.applyClose(e.stats, at: e.closed_ns, to: &record)
+                emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: e.closed_ns), record: record, receipt: .tcpEntry(cookie: cookie)))
+                closed += 1
+            } else if e.flow.flags & UInt8(FT_FLOW_PENDING_ACCEPT.rawValue) == 0, !liveTCP.contains(cookie) {
+                liveTCP.insert(cookie)
+                emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: e.flow.opened_ns), record: makeRecord(e.flow)))
+                opened += 1
+            }
+        }
+        reconciled.add(1, ordering: .relaxed)
+        reconciledFlows.add(opened + closed, ordering: .relaxed)
+    }
+
+    /// Times the live flows were reconciled with the kernel's map after lost events, and
+    /// the opens and closes that recovered.
+    public var reconciliations: Int { reconciled.load(ordering: .relaxed) }
+    public var reconciledFlowCount: Int { reconciledFlows.load(ordering: .relaxed) }
+    private let reconciled = Atomic<Int>(0)
+    private let reconciledFlows = Atomic<Int>(0)
 
     /// Stops reading, drains the ring buffer and ends `events`. Idempotent.
     public func stop() {
@@ -145,6 +286,10 @@ public final class FlowMonitor: @unchecked Sendable {
         let ev = data.loadUnaligned(as: ft_event.self)
         switch ev.kind {
         case FT_EV_OPEN.rawValue:
+            if ev.flow.tuple.protocol == 6 {
+                // Already reported (adopted at start, or by a reconcile), or closed already.
+                guard !closedTCP.contains(ev.flow.cookie), liveTCP.insert(ev.flow.cookie).inserted else { return }
+            }
             let record = makeRecord(ev.flow)
             if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
                 relayHandler?(.opened(slot: ev.flow.relay_slot, record: record))
@@ -152,18 +297,16 @@ public final class FlowMonitor: @unchecked Sendable {
             if record.protocol == .udp { udpByCookie[ev.flow.cookie, default: []].insert(UDPKey(ev.flow)) }
             emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
         case FT_EV_CLOSE.rawValue:
+            let cookie = ev.flow.cookie
+            guard closedTCP.insert(cookie).inserted else { return } // reported at start or by a reconcile
+            liveTCP.remove(cookie)
             var record = makeRecord(ev.flow)
-            let s = ev.stats
-            record.bytesSent = s.bytes_sent
-            record.bytesReceived = s.bytes_received
-            record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
-            record.closeReason = Self.tcpCloseReason(lastState: s.last_state)
-            record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
-                                      smoothedRTTMicroseconds: s.srtt_us)
+            Self.applyClose(ev.stats, at: ev.time_ns, to: &record)
             if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
-                relayHandler?(.closed(cookie: ev.flow.cookie, slot: ev.flow.relay_slot, reason: record.closeReason ?? "closed"))
+                relayHandler?(.closed(cookie: cookie, slot: ev.flow.relay_slot, reason: record.closeReason ?? "closed"))
             }
-            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
+            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record,
+                           receipt: .tcpEntry(cookie: cookie)))
         case FT_EV_RELAY_STATE.rawValue:
             // FIN_WAIT1: the process sent its FIN; CLOSE_WAIT: the peer's arrived.
             let cookie = ev.flow.cookie
@@ -195,7 +338,8 @@ public final class FlowMonitor: @unchecked Sendable {
             seededTCP.removeValue(forKey: cookie)
             record.closedAt = WallTime(bootNanoseconds: now)
             record.closeReason = "closed"
-            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: now), record: record))
+            let receipt = keep(FlowRecordBuilder.kernelFlow(record), stats: nil, at: now, reason: FT_CLOSE_SEEDED, bytes: (record.bytesSent, record.bytesReceived))
+            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: now), record: record, receipt: receipt))
         }
     }
 
@@ -203,10 +347,11 @@ public final class FlowMonitor: @unchecked Sendable {
     /// yet: inbound flows are reported at accept, their bytes can come first).
     public func liveRelayedFlow(cookie: UInt64) -> (slot: UInt32, record: FlowRecord)? {
         var key = cookie
-        var flow = ft_flow()
-        guard ftbpf_map_lookup(programs.mapFD(.tcpFlows), &key, &flow) == 0,
-              flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 else { return nil }
-        return (flow.relay_slot, makeRecord(flow))
+        var entry = ft_tcp_entry()
+        guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_TCP_FLOWS), &key, &entry) == 0,
+              entry.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0,
+              entry.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) == 0 else { return nil }
+        return (entry.flow.relay_slot, makeRecord(entry.flow))
     }
 
     /// From the TCP state before TCP_CLOSE: straight from ESTABLISHED or a handshake state
@@ -221,26 +366,55 @@ public final class FlowMonitor: @unchecked Sendable {
 
     private func closeUDP(cookie: UInt64, at time: UInt64) {
         guard let keys = udpByCookie.removeValue(forKey: cookie) else { return }
-        let fd = programs.mapFD(.udpFlows)
+        let fd = programs.mapFD(FTBPF_MAP_UDP_FLOWS)
         for key in keys {
             var raw = key.raw
             var value = ft_udp_flow()
             guard ftbpf_map_lookup(fd, &raw, &value) == 0, value.flow.cookie == cookie else { continue }
-            _ = ftbpf_map_delete(fd, &raw)
-            emitUDPClose(value, at: time, reason: "released")
+            emitUDPClose(value, at: time, reason: FT_CLOSE_UDP_RELEASED) // kept in the outbox first,
+            _ = ftbpf_map_delete(fd, &raw)                             // then gone from the flow map
         }
     }
 
-    private func emitUDPClose(_ value: ft_udp_flow, at time: UInt64, reason: String) {
+    private func emitUDPClose(_ value: ft_udp_flow, at time: UInt64, reason: ft_close_reason) {
         var record = makeRecord(value.flow)
-        record.closeReason = reason
+        record.closeReason = Self.outboxReason(reason.rawValue)
         record.bytesSent = value.bytes_sent
         record.bytesReceived = value.bytes_received
         record.closedAt = WallTime(bootNanoseconds: time)
         record.stats = CloseStats(segmentsOut: UInt32(truncatingIfNeeded: value.packets_sent),
                                   segmentsIn: UInt32(truncatingIfNeeded: value.packets_received))
-        emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record))
+        var stats = ft_close_stats()
+        stats.segs_out = UInt32(truncatingIfNeeded: value.packets_sent)
+        stats.segs_in = UInt32(truncatingIfNeeded: value.packets_received)
+        let receipt = keep(value.flow, stats: stats, at: time, reason: reason, bytes: (value.bytes_sent, value.bytes_received))
+        emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record, receipt: receipt))
     }
+
+    /// Writes a close the agent made into the pinned outbox, where it survives a crash of
+    /// the agent until journaled; nil when the outbox is full (counted).
+    private func keep(_ flow: ft_flow, stats: ft_close_stats?, at time: UInt64, reason: ft_close_reason,
+                      bytes: (UInt64, UInt64)) -> CloseReceipt? {
+        var ev = ft_event()
+        ev.kind = FT_EV_CLOSE.rawValue
+        ev.close_reason = reason.rawValue
+        ev.time_ns = time
+        ev.flow = flow
+        if let stats { ev.stats = stats }
+        ev.stats.bytes_sent = bytes.0
+        ev.stats.bytes_received = bytes.1
+        var key = nextOutboxKey
+        guard ftbpf_map_update(programs.mapFD(FTBPF_MAP_OUTBOX), &key, &ev, 1 /* BPF_NOEXIST */) == 0 else {
+            outboxFull.add(1, ordering: .relaxed)
+            return nil
+        }
+        nextOutboxKey += 1
+        return .outbox(key: key)
+    }
+
+    /// Agent-made closes that found the outbox full (journal far behind): not crash-safe.
+    public var outboxFullCount: Int { outboxFull.load(ordering: .relaxed) }
+    private let outboxFull = Atomic<Int>(0)
 
     /// UDP has no close: a flow idle for `udpIdleTimeout` ends (checked every few seconds).
     private func expireIdleUDP() {
@@ -249,26 +423,13 @@ public final class FlowMonitor: @unchecked Sendable {
         lastIdleScan = now
         let (secs, attos) = udpIdleTimeout.components
         let idle = UInt64(secs) * 1_000_000_000 + UInt64(attos / 1_000_000_000)
-        let fd = programs.mapFD(.udpFlows)
+        let fd = programs.mapFD(FTBPF_MAP_UDP_FLOWS)
         for (key, value) in programs.liveUDPFlows() where now > value.flow.last_ns && now - value.flow.last_ns >= idle {
             var k = key
-            guard ftbpf_map_delete(fd, &k) == 0 else { continue }
+            emitUDPClose(value, at: now, reason: FT_CLOSE_UDP_IDLE)
+            _ = ftbpf_map_delete(fd, &k)
             udpByCookie[value.flow.cookie]?.remove(UDPKey(raw: key))
-            emitUDPClose(value, at: now, reason: "idle")
         }
-    }
-
-    /// Live flows as the kernel's maps hold them (for a (re)starting agent). Passive flows
-    /// not yet accepted are included with their inherited owner.
-    public func liveFlowRecords() -> [FlowRecord] {
-        var out = programs.liveTCPFlows().map { makeRecord($0) }
-        for (_, u) in programs.liveUDPFlows() {
-            var r = makeRecord(u.flow)
-            r.bytesSent = u.bytes_sent
-            r.bytesReceived = u.bytes_received
-            out.append(r)
-        }
-        return out
     }
 
     /// Builds the user-facing record of a kernel flow, resolving the owner's executable.
@@ -279,6 +440,31 @@ public final class FlowMonitor: @unchecked Sendable {
 
 /// Converts kernel flows into records (shared by the monitor and resynchronisation).
 public enum FlowRecordBuilder {
+    /// The kernel form of a record made in user space (a flow older than the agent), for
+    /// the outbox: the owner is found again by pid in the process table.
+    static func kernelFlow(_ r: FlowRecord) -> ft_flow {
+        var f = ft_flow()
+        f.cookie = r.flow
+        f.netns_cookie = r.netns
+        f.opened_ns = UInt64(bitPattern: r.openedAt.nanoseconds &- BootClock.realtimeOffset)
+        f.direction = UInt8(r.direction == .inbound ? FT_DIR_INBOUND.rawValue : FT_DIR_OUTBOUND.rawValue)
+        let v4 = r.local.address.isIPv4 && r.remote.address.isIPv4
+        f.tuple.family = UInt8(v4 ? AF_INET : AF_INET6)
+        f.tuple.protocol = r.protocol == .udp ? 17 : 6
+        f.tuple.local_port = r.local.port
+        f.tuple.remote_port = r.remote.port
+        withUnsafeMutableBytes(of: &f.tuple.local) { raw in for (i, b) in r.local.address.bytes(v4: v4).enumerated() { raw[i] = b } }
+        withUnsafeMutableBytes(of: &f.tuple.remote) { raw in for (i, b) in r.remote.address.bytes(v4: v4).enumerated() { raw[i] = b } }
+        f.owner.tgid = r.process.pid
+        f.owner.tid = r.process.tid
+        f.owner.uid = r.process.uid
+        f.owner.gid = r.process.gid
+        f.owner.cgroup_id = r.process.cgroup
+        f.owner.attribution = UInt8(r.attribution == .unknown ? FT_ATTR_UNKNOWN.rawValue : FT_ATTR_KERNEL.rawValue)
+        setCString(&f.owner.comm, r.process.comm)
+        return f
+    }
+
     public static func record(_ f: ft_flow, processes: ProcessTable) -> FlowRecord {
         var f = f
         let t = f.tuple
@@ -361,5 +547,14 @@ public struct FlowEvents: AsyncSequence, Sendable {
 
     public func makeAsyncIterator() -> AsyncIterator {
         AsyncIterator(base: base.makeAsyncIterator(), counter: counter)
+    }
+}
+
+extension IPAddress {
+    /// The 16 ABI bytes for a socket of family AF_INET (`v4`) or AF_INET6 (an IPv4
+    /// address then as `::ffff:a.b.c.d`).
+    func bytes(v4: Bool) -> [UInt8] {
+        guard !v4, case .v4(let a) = self else { return bytes }
+        return Array(repeating: 0, count: 10) + [0xff, 0xff, UInt8(a >> 24), UInt8(a >> 16 & 0xff), UInt8(a >> 8 & 0xff), UInt8(a & 0xff)]
     }
 }

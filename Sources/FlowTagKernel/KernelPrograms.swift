@@ -17,30 +17,8 @@ public struct KernelLimits: Sendable, Equatable {
     }
 }
 
-/// Which kernel map.
-public enum KernelMap: Sendable {
-    case tcpFlows, udpFlows, processes, counters, events, socketState
-    case streamRules, streamRuleCount, relayRoutes, relaySlots, relayPool, relaySockets, relayTuples, relayWriters
-
-    var shim: ftbpf_map {
-        switch self {
-        case .tcpFlows: return FTBPF_MAP_TCP_FLOWS
-        case .udpFlows: return FTBPF_MAP_UDP_FLOWS
-        case .processes: return FTBPF_MAP_PROCS
-        case .counters: return FTBPF_MAP_COUNTERS
-        case .events: return FTBPF_MAP_EVENTS
-        case .socketState: return FTBPF_MAP_SK_STATE
-        case .streamRules: return FTBPF_MAP_STREAM_RULES
-        case .streamRuleCount: return FTBPF_MAP_STREAM_RULE_COUNT
-        case .relayRoutes: return FTBPF_MAP_RELAY_ROUTES
-        case .relaySlots: return FTBPF_MAP_RELAY_SLOTS
-        case .relayPool: return FTBPF_MAP_RELAY_POOL
-        case .relaySockets: return FTBPF_MAP_RELAY_SOCKS
-        case .relayTuples: return FTBPF_MAP_RELAY_TUPLES
-        case .relayWriters: return FTBPF_MAP_RELAY_WRITERS
-        }
-    }
-}
+/// Which kernel map: the shim's list (`FTBPF_MAPS` in flowtag_shim.h) is the one list.
+public typealias KernelMap = ftbpf_map
 
 /// Run-time statistics of one program (needs `kernel.bpf_stats_enabled=1`).
 public struct ProgramStats: Sendable, Hashable {
@@ -135,6 +113,67 @@ public final class KernelPrograms: @unchecked Sendable {
         access(directory + "/maps/ft_events", F_OK) == 0 && access(directory + "/links", F_OK) == 0
     }
 
+    /// Whether anything at all is pinned under `directory` (maps/ or links/).
+    public static func hasAnyPins(at directory: String) -> Bool {
+        access(directory + "/maps", F_OK) == 0 || access(directory + "/links", F_OK) == 0
+    }
+
+    /// The build identity of this agent's programs (`ft_build_info.object_hash`).
+    public static var objectHash: UInt64 { ftbpf_object_hash() }
+
+    /// Who pinned the programs at `directory`: nil when they predate build identities
+    /// (or the map cannot be read).
+    public static func pinnedBuild(at directory: String) -> ft_build_info? {
+        let fd = ftbpf_obj_get(directory + "/maps/ft_build")
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var key: UInt32 = 0
+        var info = ft_build_info()
+        guard ftbpf_map_lookup(fd, &key, &info) == 0, info.abi_version != 0 else { return nil }
+        return info
+    }
+
+    /// Why the pins at `directory` are not this build's for `cgroup`, or nil when they are.
+    public static func adoptionRefusal(pinsAt directory: String, cgroup: String) -> String? {
+        guard let info = pinnedBuild(at: directory) else { return "they were made by an older flowtag build" }
+        if info.object_hash != objectHash || info.abi_version != UInt32(FT_ABI_VERSION) {
+            return "they were made by another flowtag build (object \(hex(info.object_hash)), this one \(hex(objectHash)))"
+        }
+        let id = Cgroup2.id(of: cgroup) ?? 0
+        if info.cgroup_id != id {
+            return "they are attached to another cgroup (id \(info.cgroup_id), not \(cgroup), id \(id))"
+        }
+        return nil
+    }
+
+    /// Removes whatever is pinned under `directory` (links detach their programs as their
+    /// pins go), leaving the directory itself.
+    public static func removePins(at directory: String) throws {
+        for sub in ["links", "maps"] {
+            let path = directory + "/" + sub
+            guard let dir = opendir(path) else { continue }
+            while let e = readdir(dir) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+                if name == "." || name == ".." { continue }
+                if unlink(path + "/" + name) != 0 && errno != ENOENT {
+                    let err = errno
+                    closedir(dir)
+                    throw KernelError.pin("cannot remove \(path)/\(name): \(errnoText(err))")
+                }
+            }
+            closedir(dir)
+            if rmdir(path) != 0 && errno != ENOENT { throw KernelError.pin("cannot remove \(path): \(errnoText(errno))") }
+        }
+    }
+
+    /// Records this build and the attach cgroup in the build map (before pinning).
+    func writeBuildInfo(cgroup: String) {
+        var key: UInt32 = 0
+        var info = ft_build_info(object_hash: Self.objectHash, cgroup_id: Cgroup2.id(of: cgroup) ?? 0,
+                                 abi_version: UInt32(FT_ABI_VERSION), pad: 0)
+        _ = ftbpf_map_update(mapFD(FTBPF_MAP_BUILD), &key, &info, 0)
+    }
+
     deinit { close() }
 
     /// Attaches every program: the cgroup ones to `cgroupPath` (a cgroup v2 directory).
@@ -150,27 +189,22 @@ public final class KernelPrograms: @unchecked Sendable {
             throw KernelError.attach(text)
         }
         attachedCgroup = cgroupPath
+        writeBuildInfo(cgroup: cgroupPath)
     }
 
-    /// Pins maps and links under `directory` (on a bpffs), so user space can find them
-    /// and a restarted agent can resynchronise.
+    /// Pins maps and links under `directory` (on a bpffs; created when missing, else it
+    /// must hold no pins), so user space can find them and a restarted agent can resynchronise.
     public func pin(at directory: String) throws {
-        try Self.checkPinDirectory(directory)
+        try BPFFS.check(pinDirectory: directory)
+        if Self.hasAnyPins(at: directory) {
+            throw KernelError.pin("\(directory) already holds pins: another flowtag agent may be running (if none is, remove them with: rm -r \(directory))")
+        }
         let rc = ftbpf_pin(handle, directory)
         guard rc == 0 else {
             _ = ftbpf_unpin(handle, directory)
             throw KernelError.pin("\(directory): \(errnoText(-rc))")
         }
         pinDirectory = directory
-    }
-
-    /// The pin directory must be on a bpffs and not in use by another agent.
-    public static func checkPinDirectory(_ directory: String) throws {
-        try BPFFS.check(pinDirectory: directory)
-        var st = stat()
-        if stat(directory, &st) == 0 {
-            throw KernelError.pin("\(directory) already exists: another flowtag agent may be running (if none is, remove it with: rm -r \(directory))")
-        }
     }
 
     /// Detaches, unpins and frees everything. Safe to call more than once.
@@ -180,10 +214,17 @@ public final class KernelPrograms: @unchecked Sendable {
         ftbpf_destroy(handle)
     }
 
+    /// Frees this object's handles and leaves the pins (and so the adopted programs)
+    /// as they were, for the next agent to adopt. Safe to call more than once.
+    public func release() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        ftbpf_destroy(handle)
+    }
+
     public var isClosed: Bool { closed.load(ordering: .acquiring) }
 
     /// The fd of one of the maps (owned by this object).
-    public func mapFD(_ map: KernelMap) -> Int32 { ftbpf_map_fd(handle, map.shim) }
+    public func mapFD(_ map: KernelMap) -> Int32 { ftbpf_map_fd(handle, map) }
 
     /// Kernel ids of the loaded programs.
     public func programIDs() -> [UInt32] {
@@ -207,8 +248,16 @@ public final class KernelPrograms: @unchecked Sendable {
     /// Sum over CPUs of one kernel counter.
     public func counter(_ index: ft_counter) -> UInt64 {
         var sum: UInt64 = 0
-        _ = ftbpf_percpu_sum(mapFD(.counters), index.rawValue, &sum)
+        _ = ftbpf_percpu_sum(mapFD(FTBPF_MAP_COUNTERS), index.rawValue, &sum)
         return sum
+    }
+
+    /// Deletes map entries by key, in batches; returns how many were deleted.
+    @discardableResult
+    public func deleteEntries<Key>(_ map: KernelMap, keys: [Key]) -> Int {
+        guard !keys.isEmpty else { return 0 }
+        let n = keys.withUnsafeBytes { ftbpf_map_delete_many(mapFD(map), $0.baseAddress, UInt32(MemoryLayout<Key>.stride), UInt32(keys.count)) }
+        return max(0, Int(n))
     }
 
     /// Events the kernel could not deliver because the ring buffer was full.
@@ -216,14 +265,20 @@ public final class KernelPrograms: @unchecked Sendable {
     /// Flows the kernel could not track because a flow map was full.
     public var droppedFlows: UInt64 { counter(FT_CNT_FLOWS_DROPPED) }
 
-    /// Live TCP flows as the kernel holds them (also after an agent restart).
-    public func liveTCPFlows() -> [ft_flow] {
-        MapIterator<UInt64, ft_flow>(fd: mapFD(.tcpFlows)).all().map(\.1)
+    /// TCP flows as the kernel holds them: live ones, and closed ones the journal does
+    /// not hold yet (`FT_FLOW_CLOSED`). Also after an agent restart.
+    public func tcpEntries() -> [ft_tcp_entry] {
+        MapIterator<UInt64, ft_tcp_entry>(fd: mapFD(FTBPF_MAP_TCP_FLOWS)).all().map(\.1)
     }
 
     /// Live UDP flows with their running counters.
     public func liveUDPFlows() -> [(ft_udp_key, ft_udp_flow)] {
-        MapIterator<ft_udp_key, ft_udp_flow>(fd: mapFD(.udpFlows)).all()
+        MapIterator<ft_udp_key, ft_udp_flow>(fd: mapFD(FTBPF_MAP_UDP_FLOWS)).all()
+    }
+
+    /// Closes the agent made that the journal does not hold yet, by outbox key.
+    public func outboxEntries() -> [(UInt64, ft_event)] {
+        MapIterator<UInt64, ft_event>(fd: mapFD(FTBPF_MAP_OUTBOX)).all()
     }
 
     // Ring buffer access for EventReader.
@@ -233,11 +288,35 @@ public final class KernelPrograms: @unchecked Sendable {
     func pollEvents(timeoutMilliseconds: Int32) -> Int32 { ftbpf_events_poll(handle, timeoutMilliseconds) }
 }
 
-/// Iterates a BPF hash map by key.
+/// Reads a whole BPF hash map: in batches (one system call per few thousand entries),
+/// or key by key where the kernel has no batch reads for the map type.
 struct MapIterator<Key, Value> {
     let fd: Int32
+    static var batch: Int { 4096 }
 
     func all() -> [(Key, Value)] {
+        if let batched = allBatched() { return batched }
+        return allByKey()
+    }
+
+    private func allBatched() -> [(Key, Value)]? {
+        var out: [(Key, Value)] = []
+        let keys = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<Key>.stride * Self.batch, alignment: 8)
+        let values = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<Value>.stride * Self.batch, alignment: 8)
+        defer { keys.deallocate(); values.deallocate() }
+        var cursor: UInt64 = 0
+        while true {
+            let n = ftbpf_map_read_many(fd, &cursor, keys, values, UInt32(Self.batch))
+            if n < 0 { return out.isEmpty ? nil : out }
+            for i in 0..<Int(n) {
+                out.append((keys.load(fromByteOffset: i * MemoryLayout<Key>.size, as: Key.self),
+                            values.load(fromByteOffset: i * MemoryLayout<Value>.size, as: Value.self)))
+            }
+            if n == 0 || cursor == 0 { return out }
+        }
+    }
+
+    private func allByKey() -> [(Key, Value)] {
         var out: [(Key, Value)] = []
         let keySize = MemoryLayout<Key>.size, valueSize = MemoryLayout<Value>.size
         let key = UnsafeMutableRawPointer.allocate(byteCount: keySize, alignment: 8)
@@ -264,4 +343,10 @@ extension Substring {
         while let l = s.last, chars.contains(l) { s = s.dropLast() }
         return String(s)
     }
+}
+
+/// A 64-bit value as 16 hex digits.
+func hex(_ v: UInt64) -> String {
+    let digits = String(v, radix: 16)
+    return String(repeating: "0", count: 16 - digits.count) + digits
 }

@@ -53,7 +53,7 @@ public final class ProcessTable: Sendable {
     private let cacheLimit = 65536
     static let ticksPerSecond: UInt64 = UInt64(sysconf(Int32(_SC_CLK_TCK)))
 
-    public init(programs: KernelPrograms) { fd = programs.mapFD(.processes) }
+    public init(programs: KernelPrograms) { fd = programs.mapFD(FTBPF_MAP_PROCS) }
 
     /// The kernel entry for a tgid, if any.
     public func kernelEntry(_ tgid: UInt32) -> ProcessEntry? {

@@ -70,23 +70,23 @@ public final class RelayKernel: @unchecked Sendable {
         guard rules.count <= Self.maxRules else {
             throw KernelError.invalidArgument("at most \(Self.maxRules) stream rules, not \(rules.count)")
         }
-        let fd = programs.mapFD(.streamRules)
+        let fd = programs.mapFD(FTBPF_MAP_STREAM_RULES)
         var zero: UInt32 = 0, count: UInt32 = 0
-        try check("clear the stream rule count", ftbpf_map_update(programs.mapFD(.streamRuleCount), &zero, &count, 0))
+        try check("clear the stream rule count", ftbpf_map_update(programs.mapFD(FTBPF_MAP_STREAM_RULE_COUNT), &zero, &count, 0))
         for i in 0..<Self.maxRules {
             var key = UInt32(i)
             var value = i < rules.count ? rules[i].raw : ft_stream_rule()
             try check("write stream rule \(i)", ftbpf_map_update(fd, &key, &value, 0))
         }
         count = UInt32(rules.count)
-        try check("write the stream rule count", ftbpf_map_update(programs.mapFD(.streamRuleCount), &zero, &count, 0))
+        try check("write the stream rule count", ftbpf_map_update(programs.mapFD(FTBPF_MAP_STREAM_RULE_COUNT), &zero, &count, 0))
     }
 
     /// Forgets every slot a previous agent left (its relay sockets died with it): flows it
     /// relayed fall back to direct mode, and the pool starts empty.
     public func reset() throws {
         withdrawPool()
-        let fd = programs.mapFD(.relaySlots)
+        let fd = programs.mapFD(FTBPF_MAP_RELAY_SLOTS)
         for s in 0..<Self.maxSlots {
             var key = s
             var entry = ft_relay_slot()
@@ -139,14 +139,14 @@ public final class RelayKernel: @unchecked Sendable {
             made += [recvKernel, recvAgent]
             var entry = ft_relay_slot()
             var key = slot
-            try check("reset relay slot \(slot)", ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0))
+            try check("reset relay slot \(slot)", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_SLOTS), &key, &entry, 0))
             var tuples: [ft_tuple] = []
             for (fd, role) in [(sendKernel, FT_RELAY_SEND), (recvKernel, FT_RELAY_RECV)] {
                 var tuple = try Self.loopbackTuple(fd)
                 var route = ft_relay_route()
                 route.slot = slot
                 route.role = role.rawValue
-                try check("index a relay socket", ftbpf_map_update(programs.mapFD(.relayTuples), &tuple, &route, 0))
+                try check("index a relay socket", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_TUPLES), &tuple, &route, 0))
                 tuples.append(tuple)
                 try addToSockhash(fd, key: Self.sockhashKey(slot: slot, role: role))
             }
@@ -154,14 +154,14 @@ public final class RelayKernel: @unchecked Sendable {
             try markRole(sendAgent, FT_RELAY_WRITER, slot: slot)
             var writerKey = UInt64(slot)
             var writerFD = UInt64(sendAgent)
-            try check("add a relay writer", ftbpf_map_update(programs.mapFD(.relayWriters), &writerKey, &writerFD, 0))
+            try check("add a relay writer", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_WRITERS), &writerKey, &writerFD, 0))
             // The agent's RECV end writes into the app socket's receive queue through sk_msg
             // (synchronous: no kworker hop). That queue has no limit of its own; the relay
             // bounds it by reading the process's unread bytes (StreamRelay).
             try markRole(recvAgent, FT_RELAY_WRITER_IN, slot: slot)
             var inKey = UInt64(slot) | (1 << 32)
             var inFD = UInt64(recvAgent)
-            try check("add a relay writer", ftbpf_map_update(programs.mapFD(.relayWriters), &inKey, &inFD, 0))
+            try check("add a relay writer", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_WRITERS), &inKey, &inFD, 0))
             return RelaySlotSockets(slot: slot, sendFD: sendAgent, receiveFD: recvAgent, kernelFDs: [sendKernel, recvKernel], tuples: tuples)
         } catch {
             made.forEach { close($0) }
@@ -171,7 +171,7 @@ public final class RelayKernel: @unchecked Sendable {
 
     /// Closes a slot's sockets (which takes them out of the sockhash) and its index entries.
     public func destroy(_ sockets: RelaySlotSockets) {
-        for var t in sockets.tuples { _ = ftbpf_map_delete(programs.mapFD(.relayTuples), &t) }
+        for var t in sockets.tuples { _ = ftbpf_map_delete(programs.mapFD(FTBPF_MAP_RELAY_TUPLES), &t) }
         for fd in [sockets.sendFD, sockets.receiveFD] + sockets.kernelFDs { close(fd) }
     }
 
@@ -240,20 +240,20 @@ public final class RelayKernel: @unchecked Sendable {
     /// Takes every offered slot back: no flow can be selected into one any more.
     public func withdrawPool() {
         var slot: UInt32 = 0
-        while ftbpf_queue_pop(programs.mapFD(.relayPool), &slot) == 0 {}
+        while ftbpf_queue_pop(programs.mapFD(FTBPF_MAP_RELAY_POOL), &slot) == 0 {}
     }
 
     /// Offers a made slot to the kernel: the next selected flow may take it.
     public func offer(_ slot: UInt32) throws {
         var s = slot
-        try check("offer relay slot \(slot)", ftbpf_queue_push(programs.mapFD(.relayPool), &s))
+        try check("offer relay slot \(slot)", ftbpf_queue_push(programs.mapFD(FTBPF_MAP_RELAY_POOL), &s))
     }
 
     /// The slot table entry (which app socket holds it, and its mode).
     public func slotEntry(_ slot: UInt32) -> (appCookie: UInt64, active: Bool)? {
         var key = slot
         var entry = ft_relay_slot()
-        guard ftbpf_map_lookup(programs.mapFD(.relaySlots), &key, &entry) == 0 else { return nil }
+        guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_RELAY_SLOTS), &key, &entry) == 0 else { return nil }
         return (entry.app_cookie, entry.mode == FT_RELAY_ACTIVE.rawValue)
     }
 
@@ -263,13 +263,13 @@ public final class RelayKernel: @unchecked Sendable {
     public func setSlot(_ slot: UInt32, _ mode: SlotMode) {
         var key = slot
         var entry = ft_relay_slot()
-        guard ftbpf_map_lookup(programs.mapFD(.relaySlots), &key, &entry) == 0 else { return }
+        guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_RELAY_SLOTS), &key, &entry) == 0 else { return }
         switch mode {
         case .free: entry.mode = FT_RELAY_FREE.rawValue; entry.app_cookie = 0
         case .active: entry.mode = FT_RELAY_ACTIVE.rawValue
         case .direct: entry.mode = FT_RELAY_DIRECT.rawValue
         }
-        _ = ftbpf_map_update(programs.mapFD(.relaySlots), &key, &entry, 0)
+        _ = ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_SLOTS), &key, &entry, 0)
     }
 
     public var assignedCount: UInt64 { programs.counter(FT_CNT_RELAY_ASSIGNED) }
@@ -287,13 +287,13 @@ public final class RelayKernel: @unchecked Sendable {
         route.slot = slot
         route.role = role.rawValue
         var key = fd
-        try check("mark a relay socket", ftbpf_map_update(programs.mapFD(.relayRoutes), &key, &route, 0))
+        try check("mark a relay socket", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_ROUTES), &key, &route, 0))
     }
 
     private func addToSockhash(_ fd: Int32, key: UInt64) throws {
         var k = key
         var value = UInt64(fd)
-        try check("add a relay socket to the sockhash", ftbpf_map_update(programs.mapFD(.relaySockets), &k, &value, 0))
+        try check("add a relay socket to the sockhash", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_SOCKS), &k, &value, 0))
     }
 
     private func check(_ what: String, _ rc: Int32) throws {

@@ -184,6 +184,11 @@ struct FlowtagCommand: ParsableCommand {
             if payload { query.append(("payload", "1")) }
             do {
                 let r = try APIClient(socketPath: common.socket).stream("/v1/watch?" + queryString(query)) { line in
+                    // The agent ends a stream with an error line (it dropped a watcher that
+                    // read too slowly): said on stderr, exit 75.
+                    if line.hasPrefix("{\"event\":\"error\"") {
+                        fail(.tempFailure, errorText(APIResponse(status: 0, body: Array(line.utf8))))
+                    }
                     // One write per line: a pipe reader sees each event as it happens.
                     if json { writeAll(1, line + "\n"); return }
                     guard let e = try? JSONDecoder().decode(WatchEvent.self, from: Data(line.utf8)) else { return }
@@ -213,10 +218,18 @@ struct FlowtagCommand: ParsableCommand {
         @Option(name: .long, help: "The agent's unix socket.") var socket: String = "/run/flowtag/flowtag.sock"
         func run() {
             print("flowtag \(flowtagVersion)")
-            if let r = try? APIClient(socketPath: socket).get("/v1/version"), r.status == 200 {
+            do {
+                let r = try APIClient(socketPath: socket).get("/v1/version")
+                guard r.status == 200 else { fail(.protocolError, "HTTP \(r.status): \(errorText(r))") }
                 print("agent: " + r.text.trimmed)
-            } else {
-                print("agent: not running on \(socket)")
+            } catch let e as ClientError {
+                switch e {
+                case .agentNotRunning: fail(.agentDown, "agent: not running on \(socket)")
+                case .permissionDenied: fail(.permission, e.description)
+                case .protocolError: fail(.protocolError, e.description)
+                }
+            } catch {
+                fail(.protocolError, "\(error)")
             }
         }
     }

@@ -1,5 +1,7 @@
 import ArgumentParser
 import FlowTagAgent
+import FlowTagClient
+import Logging
 import Foundation
 
 @main
@@ -39,10 +41,14 @@ struct FlowtagdCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds a UDP flow may stay idle before it ends (default 60).")
     var udpIdleSeconds: Int?
 
+    @Option(name: .long, help: "Least severe diagnostic printed: trace, debug, info, notice, warning, error, critical (default info).")
+    var logLevel: String?
+
     func validate() throws {
         if let u = udpIdleSeconds, u <= 0 { throw ValidationError("--udp-idle-seconds must be positive") }
         if let o = output, !["text", "json", "none"].contains(o) { throw ValidationError("--output must be text, json or none, not '\(o)'") }
-        if let m = metricsAddress, !m.isEmpty, parseHostPort(m) == nil { throw ValidationError("--metrics-address '\(m)' is not HOST:PORT") }
+        if let m = metricsAddress, !m.isEmpty, parseHostPort(m) == nil { throw ValidationError("--metrics-address '\(m.clipped)' is not HOST:PORT") }
+        if let l = logLevel, !AgentLog.levels.contains(l) { throw ValidationError("--log-level must be one of \(AgentLog.levels.joined(separator: ", ")), not '\(l.clipped)'") }
     }
 
     func settings() throws -> AgentConfig {
@@ -60,6 +66,7 @@ struct FlowtagdCommand: AsyncParsableCommand {
         if let output { c.output = output }
         if json { c.output = "json" }
         if let udpIdleSeconds { c.udpIdleSeconds = udpIdleSeconds }
+        if let l = logLevel, let level = Logger.Level(rawValue: l) { c.logLevel = level }
         return c
     }
 

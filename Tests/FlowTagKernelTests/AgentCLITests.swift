@@ -411,8 +411,9 @@ struct AgentCLITests {
         #expect(rc2 == ExitStatus.usage.rawValue && err2.contains("open or closed"))
         let (rc3, _, _) = try runCommand([Paths.flowtag, "flows", "-o", "yaml"])
         #expect(rc3 == ExitStatus.usage.rawValue)
-        let (rc4, out4, _) = try runCommand([Paths.flowtag, "version", "--socket", sock])
-        #expect(rc4 == 0 && out4.contains("flowtag \(flowtagVersion)") && out4.contains("not running"))
+        // The CLI's own version still prints; the missing agent is an error (README: 69).
+        let (rc4, out4, err4) = try runCommand([Paths.flowtag, "version", "--socket", sock])
+        #expect(rc4 == ExitStatus.agentDown.rawValue && out4.contains("flowtag \(flowtagVersion)") && err4.contains("not running"))
     }
 
     @Test("stats count flows; the tagging callout's flowDelete ran for closed flows")

@@ -84,6 +84,8 @@ enum ft_direction { FT_DIR_OUTBOUND = 1, FT_DIR_INBOUND = 2 };
 enum ft_flow_flags {
     FT_FLOW_PENDING_ACCEPT = 1, /* passive flow not yet accepted: open not reported */
     FT_FLOW_RELAYED = 2,        /* selected by a stream rule: its bytes go through the agent */
+    FT_FLOW_CLOSED = 4,         /* TCP: the socket closed; the entry stays until the agent has
+                                   journaled the close, so a crash of the agent loses none */
 };
 
 /* A live flow: value of the live-flow maps, and the body of every flow event. 144 bytes. */
@@ -128,6 +130,13 @@ struct ft_close_stats {
     ft_u32 pad;
 };
 
+/* Value of the TCP flow map: the flow, and once FT_FLOW_CLOSED its close. 192 bytes. */
+struct ft_tcp_entry {
+    struct ft_flow flow;
+    struct ft_close_stats stats;
+    ft_u64 closed_ns; /* boottime */
+};
+
 enum ft_event_kind {
     FT_EV_OPEN = 1,
     FT_EV_CLOSE = 2,
@@ -136,15 +145,37 @@ enum ft_event_kind {
                                stats.last_state is the old state, stats.pad the new one */
 };
 
-/* One ring-buffer record. 208 bytes. */
+/* Why the agent closed a flow it keeps in the outbox (ft_event.close_reason). */
+enum ft_close_reason {
+    FT_CLOSE_KERNEL = 0,       /* a kernel event: the reason follows from stats.last_state */
+    FT_CLOSE_UDP_IDLE = 1,     /* UDP: idle past the agent's timeout */
+    FT_CLOSE_UDP_RELEASED = 2, /* UDP: its socket was released */
+    FT_CLOSE_SEEDED = 3,       /* a connection older than the agent left the socket table */
+};
+
+/* One ring-buffer record (and outbox value). 208 bytes. */
 struct ft_event {
     ft_u32 kind;
-    ft_u32 pad;
+    ft_u32 close_reason; /* ft_close_reason */
     ft_u64 time_ns; /* boottime */
     struct ft_flow flow;
     struct ft_close_stats stats;
     ft_u64 reserved;
 };
+
+/* Closes the agent made itself (UDP idle or release, flows older than the agent) wait
+ * in the pinned outbox map, keyed by the agent's sequence number, until journaled. */
+#define FT_OUTBOX_MAX 65536
+
+/* Identity of the programs pinned in a directory: a restarted agent adopts them only
+ * when they are its own build, attached to the cgroup it was asked for. 24 bytes. */
+struct ft_build_info {
+    ft_u64 object_hash; /* FNV-1a of the BPF object */
+    ft_u64 cgroup_id;   /* inode of the attach cgroup */
+    ft_u32 abi_version;
+    ft_u32 pad;
+};
+#define FT_ABI_VERSION 2
 
 /* Process table entry, keyed by tgid. Entries outlive the process (LRU). 576 bytes. */
 enum ft_proc_flags {
@@ -261,6 +292,8 @@ FT_ASSERT_SIZE(struct ft_udp_key, 56);
 FT_ASSERT_SIZE(struct ft_udp_flow, 176);
 FT_ASSERT_SIZE(struct ft_close_stats, 40);
 FT_ASSERT_SIZE(struct ft_event, 208);
+FT_ASSERT_SIZE(struct ft_tcp_entry, 192);
+FT_ASSERT_SIZE(struct ft_build_info, 24);
 FT_ASSERT_SIZE(struct ft_proc, 576);
 FT_ASSERT_SIZE(struct ft_stream_rule, 64);
 FT_ASSERT_SIZE(struct ft_relay_route, 16);

@@ -17,23 +17,31 @@ extern "C" {
 
 struct ftbpf;
 
-/* Maps the agent reads or writes. */
+/* The maps the agent reads or writes, written once: the enum constant's suffix and the
+ * map's name in the object (and under the pin directory's maps/). */
+#define FTBPF_MAPS(X)                                   \
+    X(TCP_FLOWS, ft_tcp_flows)                          \
+    X(UDP_FLOWS, ft_udp_flows)                          \
+    X(PROCS, ft_procs)                                  \
+    X(COUNTERS, ft_counters)                            \
+    X(EVENTS, ft_events)                                \
+    X(SK_STATE, ft_sk_state)                            \
+    X(OUTBOX, ft_outbox)                                \
+    X(BUILD, ft_build)                                  \
+    X(STREAM_RULES, ft_stream_rules)                    \
+    X(STREAM_RULE_COUNT, ft_stream_rule_count)          \
+    X(RELAY_ROUTES, ft_relay_routes)                    \
+    X(RELAY_SLOTS, ft_relay_slots)                      \
+    X(RELAY_POOL, ft_relay_pool)                        \
+    X(RELAY_SOCKS, ft_relay_socks)                      \
+    X(RELAY_TUPLES, ft_relay_tuples)                    \
+    X(RELAY_WRITERS, ft_relay_writers)
+
 enum ftbpf_map {
-    FTBPF_MAP_TCP_FLOWS = 0,
-    FTBPF_MAP_UDP_FLOWS = 1,
-    FTBPF_MAP_PROCS = 2,
-    FTBPF_MAP_COUNTERS = 3,
-    FTBPF_MAP_EVENTS = 4,
-    FTBPF_MAP_SK_STATE = 5,
-    FTBPF_MAP_STREAM_RULES = 6,
-    FTBPF_MAP_STREAM_RULE_COUNT = 7,
-    FTBPF_MAP_RELAY_ROUTES = 8,
-    FTBPF_MAP_RELAY_SLOTS = 9,
-    FTBPF_MAP_RELAY_POOL = 10,
-    FTBPF_MAP_RELAY_SOCKS = 11,
-    FTBPF_MAP_RELAY_TUPLES = 12,
-    FTBPF_MAP_RELAY_WRITERS = 13,
-    FTBPF_MAP_COUNT = 14,
+#define FTBPF_MAP_ENUM(id, name) FTBPF_MAP_##id,
+    FTBPF_MAPS(FTBPF_MAP_ENUM)
+#undef FTBPF_MAP_ENUM
+    FTBPF_MAP_COUNT
 };
 
 struct ftbpf_config {
@@ -84,6 +92,15 @@ int ftbpf_map_lookup(int fd, const void *key, void *value);
 int ftbpf_map_next_key(int fd, const void *key, void *next_key);
 int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags);
 int ftbpf_map_delete(int fd, const void *key);
+/* Deletes `count` keys (BPF_MAP_DELETE_BATCH); returns how many were deleted, or -errno.
+ * Keys that are gone already are skipped. */
+int ftbpf_map_delete_many(int fd, const void *keys, uint32_t key_size, uint32_t count);
+/* Reads up to `cap` entries from `*cursor` on (BPF_MAP_LOOKUP_BATCH; *cursor 0 starts,
+ * keys and values packed). Returns the count, 0 at the end, or -errno. */
+int ftbpf_map_read_many(int fd, uint64_t *cursor, void *keys, void *values, uint32_t cap);
+
+/* FNV-1a of the BPF object this shim was built with: names the program build. */
+uint64_t ftbpf_object_hash(void);
 /* A duplicate of fd `target` of process `pid` (pidfd_open + pidfd_getfd), or -errno. */
 int ftbpf_pidfd_getfd(int pid, int target);
 

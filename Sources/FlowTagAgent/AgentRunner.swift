@@ -1,0 +1,288 @@
+import FlowContext
+import FlowTagKernel
+import Foundation
+import FlowTagCore
+import Logging
+import Synchronization
+
+/// The agent: load, attach, pin, serve the query API and mirror every flow event into
+/// the flow table until SIGINT/SIGTERM, then shut down in WFP's order and detach.
+/// With `format` text or json it also prints one line per event (`flowtagd --json`).
+public enum AgentRunner {
+    /// `streamCallouts` are added to the configured ones (user-written stream callouts:
+    /// see docs/stream-relay.md and Examples/). Returns the exit status: 0, 1 for a
+    /// start-up error, 78 for a bad setting.
+    public static func run(_ config: AgentConfig, streamCallouts: [StreamCallout] = []) async -> Int32 {
+        AgentLog.bootstrap(level: config.logLevel)
+        // Signals are caught from the first moment, so SIGTERM during start-up still ends in
+        // an orderly shutdown (detach, unpin) once the agent is up, never a half-set-up exit.
+        let shutdown = ShutdownRequest()
+        let signals = SignalWatcher(signals: [SIGINT, SIGTERM]) { shutdown.request() }
+        defer { signals.cancel() }
+        let agent = Agent(config, extraCallouts: streamCallouts)
+        do {
+            try agent.configure()
+            try agent.acquire()
+            try agent.loadAndAttach()
+            try agent.startServices()
+        } catch {
+            agent.undoStart()
+            writeAll(2, Array("flowtagd: error: \(error)\n".utf8))
+            return error is ConfigError ? 78 : 1
+        }
+        await agent.run(until: shutdown)
+        await agent.shutDown()
+        return 0
+    }
+}
+
+/// The agent's phases, in order. Each start-up phase validates what it can before the
+/// next one attaches anything, and `undoStart` takes back whatever the phases that ran
+/// set up (never what a previous agent left for adoption).
+final class Agent: @unchecked Sendable {
+    let config: AgentConfig
+    let extraCallouts: [StreamCallout]
+    let log = Logger(label: "flowtagd")
+    let format: EventFormat?
+
+    // configure
+    private var rules: [StreamRule] = []
+    private var cgroup = ""
+    private var socketGroup: gid_t?
+    // acquire
+    private var lock: PinDirectoryLock?
+    private var journal: Journal?
+    private var metrics: AgentMetrics!
+    private var table: FlowTable!
+    private var server: APIServer?
+    private var metricsServer: MetricsServer?
+    private let programsRef = LateBound<KernelPrograms>()
+    private let monitorRef = LateBound<FlowMonitor>()
+    // load and attach
+    private var programs: KernelPrograms?
+    private var attachedHere = false
+    // services
+    private var monitor: FlowMonitor?
+    private var relay: StreamRelay?
+    private let heap = HeapTrimmer()
+    private var tick: Task<Void, Never>?
+
+    init(_ config: AgentConfig, extraCallouts: [StreamCallout]) {
+        self.config = config
+        self.extraCallouts = extraCallouts
+        format = config.output == "none" ? nil : EventFormat(rawValue: config.output)
+    }
+
+    /// Checks every setting and the machine, attaching nothing.
+    func configure() throws {
+        rules = try config.stream.kernelRules()
+        if config.socket != nil {
+            socketGroup = try GroupLookup.socketGroup(config)
+            if socketGroup == nil {
+                log.warning("no group named '\(config.socketGroup)': only root can use the API socket (create it with: groupadd --system \(config.socketGroup))")
+            }
+        }
+        try KernelPrograms.probe()
+        guard let cgroup = config.cgroup ?? Cgroup2.mountPoint() else { throw KernelError.noCgroup2 }
+        _ = try Cgroup2.open(cgroup).closing()
+        self.cgroup = cgroup
+        try BPFFS.check(pinDirectory: config.bpffs)
+        if let path = config.socket { try APISocketPath.check(path) }
+    }
+
+    /// Takes what the agent holds exclusively before loading anything: the pin directory,
+    /// the journal, the metrics port and the API socket (bound, not yet published).
+    func acquire() throws {
+        lock = try PinDirectoryLock(config.bpffs)
+        let monitorRef = self.monitorRef
+        let release: @Sendable ([CloseReceipt]) -> Void = { monitorRef.value?.release($0) }
+        if let path = config.journal {
+            do {
+                journal = try Journal(path: path, retentionDays: config.journalRetentionDays, maxBytes: config.journalMaxBytes,
+                                      release: release)
+            } catch let e as Journal.ForeignFile {
+                throw e
+            } catch {
+                throw KernelError.system("cannot open the journal \(path): \(error)", EIO)
+            }
+        }
+        let programsRef = self.programsRef
+        let metrics = AgentMetrics(lostEvents: { programsRef.value?.lostEvents ?? 0 })
+        if let journal { metrics.countJournal(journal) }
+        metrics.countWatchersDropped { [weak self] in self?.table?.droppedWatchers ?? 0 }
+        self.metrics = metrics
+        let table = FlowTable(metrics: metrics, journal: journal, release: release)
+        self.table = table
+        if let address = config.metricsAddress {
+            let m = MetricsServer()
+            metricsServer = m
+            try m.start(address: address) { metrics.render(activeFlows: table.activeCount) }
+            let host = parseHostPort(address).map { $0.0.contains(":") ? "[\($0.0)]" : $0.0 } ?? address
+            log.info("metrics on http://\(host):\(m.boundPort ?? 0)/metrics")
+        }
+        if let path = config.socket {
+            let s = APIServer(table: table, socketPath: path, group: socketGroup,
+                              lostEvents: { programsRef.value?.lostEvents ?? 0 })
+            server = s
+            try s.bind()
+        }
+    }
+
+    /// Adopts the programs a previous agent of this build left pinned for this cgroup
+    /// (it died; they still run), or loads, attaches and pins a fresh copy, replacing
+    /// pins of another build or cgroup.
+    func loadAndAttach() throws {
+        let dir = config.bpffs
+        if KernelPrograms.hasAnyPins(at: dir) {
+            if KernelPrograms.hasPins(at: dir), let refusal = KernelPrograms.adoptionRefusal(pinsAt: dir, cgroup: cgroup) {
+                log.warning("replacing the programs pinned at \(dir): \(refusal)")
+                try KernelPrograms.removePins(at: dir)
+            } else if KernelPrograms.hasPins(at: dir) {
+                let p = try KernelPrograms(adoptingPinsAt: dir)
+                programs = p
+                programsRef.set(p)
+                log.info("resuming the programs pinned at \(dir)")
+                return
+            } else {
+                log.warning("removing an incomplete set of pins at \(dir) (a start that did not finish)")
+                try KernelPrograms.removePins(at: dir)
+            }
+        }
+        let p = try KernelPrograms()
+        programs = p
+        attachedHere = true
+        try p.attach(cgroup: cgroup)
+        try p.pin(at: dir)
+        programsRef.set(p)
+    }
+
+    /// Starts reading events (after reporting what a previous agent left unjournaled),
+    /// the relay, the journal's writer, and publishes the API socket.
+    func startServices() throws {
+        guard let programs else { return }
+        let monitor = FlowMonitor(programs: programs, udpIdleTimeout: .seconds(config.udpIdleSeconds))
+        monitor.seedExistingFlows = programs.attachedCgroup ?? cgroup
+        self.monitor = monitor
+        monitorRef.set(monitor)
+        if !rules.isEmpty {
+            try startRelay(programs: programs, monitor: monitor)
+        } else {
+            // An earlier agent's rules and relayed flows: none selected, those go direct.
+            let k = RelayKernel(programs: programs)
+            try k.setRules([])
+            try k.reset()
+        }
+        try monitor.start()
+        for r in monitor.initialLiveRecords { table.adopt(r) }
+        journal?.start()
+        try server?.publish()
+        let heap = self.heap
+        tick = Task.detached {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                heap.tick()
+            }
+        }
+    }
+
+    private func startRelay(programs: KernelPrograms, monitor: FlowMonitor) throws {
+        let table = self.table!
+        let format = self.format
+        let relayRef = LateBound<StreamRelay>() // for the capture callout, made before the relay
+        let callouts = config.stream.streamCallouts(capture: { c in
+            // To `watch --payload` clients, and the agent's own output.
+            if let record = relayRef.value?.record(flow: c.flow) {
+                table.publish(FlowEvent(kind: .payload, time: WallTime(bootNanoseconds: BootClock.nowNanoseconds()),
+                                        record: record,
+                                        payload: FlowPayload(direction: c.direction.rawValue, offset: c.offset, data: c.data)))
+            }
+            guard let format else { return }
+            writeAll(1, Array((EventLine.payload(c, as: format) + "\n").utf8))
+        }) + extraCallouts
+        let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules, callouts: callouts, poolSize: config.stream.poolSize)
+        monitor.relayHandler = { r.handle($0) }
+        r.start()
+        table.attach(relay: r)
+        relayRef.set(r)
+        metrics.countRelay(r)
+        relay = r
+    }
+
+    /// Takes back what a failed start set up: servers, and programs this start attached.
+    /// Adopted programs stay pinned and attached for the next start to adopt.
+    func undoStart() {
+        relay?.stop()
+        monitor?.stop()
+        server?.stop()
+        metricsServer?.stop()
+        _ = journal?.stop()
+        if let programs {
+            if attachedHere { programs.close() } else { programs.release() }
+        }
+        lock?.releaseRemovingDirectory()
+    }
+
+    /// Mirrors every kernel event into the flow table (and stdout) until a stop request.
+    /// Lines are batched into one write per burst of events (a write per event would
+    /// cost more than the event), and flushed as soon as no more are waiting.
+    func run(until shutdown: ShutdownRequest) async {
+        guard let monitor else { return }
+        shutdown.whenRequested { monitor.stop() }
+        var buffer = [UInt8]()
+        var iterator = monitor.events.makeAsyncIterator()
+        while let event = await iterator.next() {
+            table.apply(event)
+            if event.kind == .close { heap.released() }
+            guard let format else { continue }
+            if format == .json {
+                EventLine.appendJSON(event, to: &buffer)
+            } else {
+                buffer.append(contentsOf: EventLine.render(event, as: format).utf8)
+            }
+            buffer.append(10)
+            if buffer.count >= 1 << 16 || monitor.pendingEvents == 0 {
+                writeAll(1, buffer)
+                buffer.removeAll(keepingCapacity: true)
+            }
+        }
+        writeAll(1, buffer)
+    }
+
+    /// WFP's orderly unload, as the README documents it: stop taking new flows (events
+    /// end, relayed flows are closed cleanly), end the watchers and the API, remove every
+    /// flow context (each flowDelete runs), write the journal, detach and unpin.
+    func shutDown() async {
+        relay?.stop()
+        server?.stop()
+        metricsServer?.stop()
+        tick?.cancel()
+        await table.shutdown()
+        if let journal {
+            let left = journal.stop()
+            if left > 0 {
+                log.error("journal: \(left) closed flows could not be written before stopping; they are lost", metadata: ["path": "\(journal.path)"])
+            }
+        }
+        if let programs {
+            let lost = programs.lostEvents
+            programs.close()
+            if lost > 0 { log.warning("\(lost) kernel events were lost (ring buffer full)") }
+        }
+        lock?.releaseRemovingDirectory()
+    }
+}
+
+/// write(2) until everything is out (EINTR and short writes retried).
+func writeAll(_ fd: Int32, _ bytes: [UInt8]) {
+    var off = 0
+    while off < bytes.count {
+        let n = bytes[off...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if n < 0 { if errno == EINTR { continue }; return }
+        off += n
+    }
+}
+
+extension Int32 {
+    /// Closes an fd opened only to validate a path.
+    func closing() -> Int32 { close(self); return self }
+}
