@@ -36,6 +36,14 @@ public enum AgentRunner {
     }
 }
 
+extension AgentRunner {
+    /// What `flowtagd --check-config` checks: every setting, without touching the kernel.
+    public static func check(_ config: AgentConfig) throws(ConfigError) {
+        _ = try config.stream.kernelRules()
+        if config.socket != nil { _ = try GroupLookup.socketGroup(config) }
+    }
+}
+
 /// The agent's phases, in order. Each start-up phase validates what it can before the
 /// next one attaches anything, and `undoStart` takes back whatever the phases that ran
 /// set up (never what a previous agent left for adoption).

@@ -131,17 +131,31 @@ public final class Journal: Sendable {
         }
         // One row per flow: a close written again after a crash (its kernel entry was
         // still there) is ignored. A socket cookie names one socket per boot; UDP flows of
-        // one socket differ by peer and open time.
+        // one socket differ by peer and by the kernel's open time.
         migrator.registerMigration("v2") { db in
+            try db.alter(table: "flows") { t in
+                t.add(column: "boot", .integer).notNull().defaults(to: 0)            // hash of the boot id
+                t.add(column: "opened_boot_ns", .integer).notNull().defaults(to: 0)  // the kernel's open time
+            }
             try db.execute(sql: """
                 DELETE FROM flows WHERE id NOT IN (SELECT MIN(id) FROM flows
                   GROUP BY flow, opened_at, local_port, remote_port, remote_address)
                 """)
+            try db.execute(sql: "UPDATE flows SET opened_boot_ns = opened_at")
             try db.create(index: "flows_identity", on: "flows",
-                          columns: ["flow", "opened_at", "local_port", "remote_port", "remote_address"], unique: true)
+                          columns: ["boot", "flow", "opened_boot_ns", "local_port", "remote_port", "remote_address"], unique: true)
         }
         return migrator
     }
+
+    /// This boot, as a number (FNV-1a of /proc/sys/kernel/random/boot_id): socket cookies
+    /// and the boot clock start again at each boot.
+    static let boot: Int64 = {
+        let id = (try? readFile("/proc/sys/kernel/random/boot_id")) ?? ""
+        var h: UInt64 = 14695981039346656037
+        for b in id.utf8 where b != 10 { h = (h ^ UInt64(b)) &* 1099511628211 }
+        return Int64(bitPattern: h)
+    }()
 
     /// Starts the writer thread.
     public func start() {
@@ -151,12 +165,15 @@ public final class Journal: Sendable {
         t.start()
     }
 
-    /// Queues a closed flow (O(1); never touches the database). Past `maxPending` queued
-    /// rows the oldest is dropped, counted, and its kernel entry given back.
+    /// Queues a closed flow (O(1); never touches the database). While writes fail, past
+    /// `maxPending` queued rows the oldest is dropped, counted, and its kernel entry given
+    /// back (kernel entries held for the journal take room from live flows). While writes
+    /// succeed nothing is dropped: a burst (a restart after an outage) waits its turn,
+    /// bounded by the kernel maps that hold its entries.
     public func append(_ r: FlowRecord, receipt: CloseReceipt? = nil) {
         var droppedReceipt: CloseReceipt?
         let count = state.withLock { s -> Int in
-            if s.pending.count >= maxPending {
+            if s.failingSince != nil, s.pending.count >= maxPending {
                 s.pending.removeFirst()
                 droppedReceipt = s.receipts.removeFirst()
                 s.firstSeq += 1
@@ -244,9 +261,19 @@ public final class Journal: Sendable {
     }
 
     private func failed(_ error: any Error) {
+        var dropped: [CloseReceipt] = []
+        defer { release(dropped) }
         state.withLock { s in
             let now = ContinuousClock.now
             s.writeErrors += 1
+            let excess = s.pending.count - maxPending
+            if excess > 0 {
+                dropped = s.receipts.prefix(excess).compactMap { $0 }
+                s.pending.removeFirst(excess)
+                s.receipts.removeFirst(excess)
+                s.firstSeq += excess
+                s.dropped += excess
+            }
             if s.failingSince == nil { s.failingSince = now }
             s.retryAt = now + .milliseconds(Int(s.backoff * 1000))
             let delay = s.backoff
@@ -266,7 +293,7 @@ public final class Journal: Sendable {
             let stmt = try db.makeStatement(sql: """
                 INSERT OR IGNORE INTO flows (flow, netns, protocol, family, direction, local_address, local_port, remote_address,
                   remote_port, pid, tid, exe, comm, uid, gid, cgroup, attribution, bytes_sent, bytes_received, opened_at,
-                  closed_at, close_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                  closed_at, close_reason, boot, opened_boot_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                 """)
             // Bound with the C API: building GRDB's argument arrays (an existential per
             // column) cost more than SQLite itself at tens of thousands of rows a second.
@@ -289,6 +316,8 @@ public final class Journal: Sendable {
                 text(r.attribution.rawValue)
                 int(Int64(clamping: r.bytesSent)); int(Int64(clamping: r.bytesReceived))
                 int(r.openedAt.nanoseconds); int((r.closedAt ?? r.openedAt).nanoseconds); text(r.closeReason)
+                int(Self.boot)
+                int(r.openedBootNanoseconds != 0 ? Int64(bitPattern: r.openedBootNanoseconds) : r.openedAt.nanoseconds)
                 let rc = sqlite3_step(h)
                 guard rc == SQLITE_DONE else {
                     throw DatabaseError(resultCode: ResultCode(rawValue: rc), message: String(cString: sqlite3_errmsg(db.sqliteConnection)))

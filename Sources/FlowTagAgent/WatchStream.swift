@@ -104,6 +104,9 @@ final class WatchStream: WatchSink, @unchecked Sendable {
         }
         guard channel.isActive else { return }
         channel.writeAndFlush(HTTPServerResponsePart.end(nil)).whenComplete { [channel] _ in channel.close(promise: nil) }
+        // A client that does not read never lets those writes complete: close it anyway,
+        // so a dropped watcher's buffers are freed.
+        channel.eventLoop.scheduleTask(in: .seconds(1)) { [channel] in channel.close(promise: nil) }
     }
 
     /// The client went away: the watcher ends and its buffer is freed.

@@ -82,6 +82,10 @@ public struct FlowRecord: Codable, Sendable, Hashable {
     /// Why it ended: `fin`, `reset`, `closed` (TCP), `released` or `idle` (UDP).
     public var closeReason: String?
     public var stats: CloseStats?
+    /// The kernel's boot-clock nanoseconds of the open (0 when not from the kernel): with
+    /// the cookie, it names the flow exactly across agent restarts (wall time is derived
+    /// with an offset each process reads anew). Not part of the JSON.
+    public var openedBootNanoseconds: UInt64 = 0
 
     public init(flow: UInt64, netns: UInt64, protocol: FlowProtocol, family: AddressFamily, direction: FlowDirection,
                 local: Endpoint, remote: Endpoint, process: ProcessOwner, attribution: Attribution,

@@ -91,12 +91,14 @@ public enum ExistingFlows {
             let wire: AddressFamily = s.remote.address.isIPv4 || s.remote.address.isV4Mapped ? .ipv4 : .ipv6
             let owner = ProcessOwner(pid: pid ?? 0, tid: pid ?? 0, exe: entry?.exe ?? "", comm: entry?.comm ?? "",
                                      uid: entry?.uid ?? s.uid, gid: entry?.gid ?? 0, cgroup: cgroupID)
-            let record = FlowRecord(flow: s.cookie, netns: netns, protocol: .tcp, family: wire,
+            let now = BootClock.nowNanoseconds()
+            var record = FlowRecord(flow: s.cookie, netns: netns, protocol: .tcp, family: wire,
                                     direction: inbound ? .inbound : .outbound,
                                     local: s.local.unmapped, remote: s.remote.unmapped, process: owner,
                                     attribution: pid == nil ? .unknown : .seeded,
                                     bytesSent: s.bytesAcked, bytesReceived: s.bytesReceived,
-                                    openedAt: WallTime(bootNanoseconds: BootClock.nowNanoseconds()))
+                                    openedAt: WallTime(bootNanoseconds: now))
+            record.openedBootNanoseconds = now
             out.append((s, record))
         }
         return out

@@ -299,7 +299,10 @@ public final class FlowMonitor: @unchecked Sendable {
         case FT_EV_CLOSE.rawValue:
             let cookie = ev.flow.cookie
             guard closedTCP.insert(cookie).inserted else { return } // reported at start or by a reconcile
-            liveTCP.remove(cookie)
+            if liveTCP.remove(cookie) == nil {
+                // Its open was lost (ring buffer full): report it first, so the close ends a flow.
+                emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.flow.opened_ns), record: makeRecord(ev.flow)))
+            }
             var record = makeRecord(ev.flow)
             Self.applyClose(ev.stats, at: ev.time_ns, to: &record)
             if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
@@ -446,7 +449,8 @@ public enum FlowRecordBuilder {
         var f = ft_flow()
         f.cookie = r.flow
         f.netns_cookie = r.netns
-        f.opened_ns = UInt64(bitPattern: r.openedAt.nanoseconds &- BootClock.realtimeOffset)
+        f.opened_ns = r.openedBootNanoseconds != 0 ? r.openedBootNanoseconds
+            : UInt64(bitPattern: r.openedAt.nanoseconds &- BootClock.realtimeOffset)
         f.direction = UInt8(r.direction == .inbound ? FT_DIR_INBOUND.rawValue : FT_DIR_OUTBOUND.rawValue)
         let v4 = r.local.address.isIPv4 && r.remote.address.isIPv4
         f.tuple.family = UInt8(v4 ? AF_INET : AF_INET6)
@@ -483,7 +487,7 @@ public enum FlowRecordBuilder {
         let process = ProcessOwner(pid: owner.tgid, tid: owner.tid, exe: entry?.exe ?? "",
                                    comm: cString(&f.owner.comm), uid: owner.uid, gid: owner.gid,
                                    cgroup: owner.cgroup_id)
-        return FlowRecord(
+        var record = FlowRecord(
             flow: f.cookie, netns: f.netns_cookie,
             protocol: t.protocol == 17 ? .udp : .tcp, family: wireFamily,
             direction: f.direction == UInt8(FT_DIR_INBOUND.rawValue) ? .inbound : .outbound,
@@ -491,6 +495,8 @@ public enum FlowRecordBuilder {
             remote: Endpoint(address: remote, port: t.remote_port),
             process: process, attribution: attribution,
             openedAt: WallTime(bootNanoseconds: f.opened_ns))
+        record.openedBootNanoseconds = f.opened_ns
+        return record
     }
 }
 

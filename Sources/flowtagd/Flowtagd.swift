@@ -44,6 +44,9 @@ struct FlowtagdCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Least severe diagnostic printed: trace, debug, info, notice, warning, error, critical (default info).")
     var logLevel: String?
 
+    @Flag(name: .long, help: "Check the config file and flags, then exit: 0 when usable, 78 naming the key when not.")
+    var checkConfig = false
+
     func validate() throws {
         if let u = udpIdleSeconds, u <= 0 { throw ValidationError("--udp-idle-seconds must be positive") }
         if let o = output, !["text", "json", "none"].contains(o) { throw ValidationError("--output must be text, json or none, not '\(o)'") }
@@ -75,6 +78,14 @@ struct FlowtagdCommand: AsyncParsableCommand {
         do { c = try settings() } catch let e as ConfigError {
             FileHandle.standardError.write(Data("flowtagd: error: \(e)\n".utf8))
             throw ExitCode(78) // EX_CONFIG
+        }
+        if checkConfig {
+            do { try AgentRunner.check(c) } catch {
+                FileHandle.standardError.write(Data("flowtagd: error: \(error)\n".utf8))
+                throw ExitCode(78)
+            }
+            print("flowtagd: config OK")
+            return
         }
         let code = await AgentRunner.run(c)
         if code != 0 { throw ExitCode(code) }

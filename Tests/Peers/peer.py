@@ -158,6 +158,53 @@ def storm(port, count, exes, parallel):
             running.pop(0).wait()
     for p in running: p.wait()
 
+def connect_loop(port, count, ports_file, seconds="0"):
+    """Connects `count` times (or for `seconds`, if nonzero) to 127.0.0.1:port, one
+    connection after the other, each closed at once. Writes every local port, one a line,
+    to `ports_file` (the ground truth), then prints {"pid", "connects"}."""
+    deadline = time.monotonic() + float(seconds) if float(seconds) > 0 else None
+    ports, n = [], 0
+    while (deadline is None and n < int(count)) or (deadline is not None and time.monotonic() < deadline):
+        try:
+            c = socket.create_connection(("127.0.0.1", int(port)))
+        except OSError:
+            time.sleep(0.001)
+            continue
+        ports.append(c.getsockname()[1])
+        c.close()
+        n += 1
+    with open(ports_file, "w") as f:
+        f.write("\n".join(map(str, ports)) + "\n")
+    print(json.dumps({"pid": os.getpid(), "connects": n}), flush=True)
+
+def watchers(sock_path, count, seconds):
+    """`count` clients that ask /v1/watch and never read, for `seconds`; prints how many
+    the agent closed (it drops watchers that fall too far behind)."""
+    conns = []
+    for _ in range(int(count)):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(sock_path)
+        s.sendall(b"GET /v1/watch HTTP/1.1\r\nHost: x\r\n\r\n")
+        conns.append(s)
+    print(json.dumps({"watchers": len(conns)}), flush=True)
+    time.sleep(float(seconds))
+    closed = 0
+    for s in conns:
+        s.setblocking(False)
+        try:
+            while True:
+                b = s.recv(1 << 20)
+                if not b:
+                    closed += 1
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+        s.close()
+    print(json.dumps({"closed_by_agent": closed}), flush=True)
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"http": lambda: http(args[0], int(args[1]), int(args[2])),
@@ -170,4 +217,6 @@ if __name__ == "__main__":
      "listen-once": lambda: listen_once(args[0]),
      "accept-variants": accept_variants,
      "storm": lambda: storm(args[0], args[1], args[2], args[3]),
+     "connect-loop": lambda: connect_loop(*args),
+     "watchers": lambda: watchers(*args),
      }[cmd]()
