@@ -63,5 +63,7 @@ let package = Package(
         .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent", "FlowTagClient"]),
         .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
         .testTarget(name: "FlowTagClientTests", dependencies: ["FlowTagClient"]),
+        .testTarget(name: "FlowTagAgentTests", dependencies: ["FlowTagAgent", "FlowTagKernel",
+                                                              .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )

@@ -30,6 +30,7 @@ done
 for d in /tmp/flowtag-test-*; do
     [ -e "$d" ] || continue
     pid=$(owner "$d"); [ -n "$pid" ] && alive "$pid" && continue
+    mountpoint -q "$d" && umount -l "$d"
     rm -rf "$d"
 done
 exit 0

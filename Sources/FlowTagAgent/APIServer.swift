@@ -44,6 +44,7 @@ public final class APIServer: @unchecked Sendable {
     let lost: @Sendable () -> UInt64
     let group: gid_t?
     private let elg = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private let budget = ResponseBudget()
     private var channel: Channel?
 
     /// `group`: the socket's group (see `GroupLookup`), nil for root alone.
@@ -63,7 +64,7 @@ public final class APIServer: @unchecked Sendable {
         try APISocketPath.check(socketPath)
         let dir = (socketPath as NSString).deletingLastPathComponent
         if !dir.isEmpty { try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
-        let table = self.table, lost = self.lost, group = self.group
+        let table = self.table, lost = self.lost, group = self.group, budget = self.budget
         let connections = ConnectionCounter(max: Self.maxConnections)
         let bootstrap = ServerBootstrap(group: elg)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
@@ -72,9 +73,10 @@ public final class APIServer: @unchecked Sendable {
                 channel.pipeline.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(ConnectionLimit(connections))
-                    try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                    // Parse errors are answered by APIHandler, after the answers before them.
+                    try sync.configureHTTPServerPipeline(withErrorHandling: false)
                     try sync.addHandler(IdleStateHandler(readTimeout: .seconds(10)))
-                    try sync.addHandler(APIHandler(table: table, lost: lost, group: group))
+                    try sync.addHandler(APIHandler(table: table, lost: lost, group: group, budget: budget))
                 }
             }
         let staging = socketPath + ".\(getpid()).new"
@@ -104,6 +106,7 @@ public final class APIServer: @unchecked Sendable {
         try? channel?.close().wait()
         if let staging { unlink(staging) } else { unlink(socketPath) }
         try? elg.syncShutdownGracefully()
+        budget.shutdown()
     }
 }
 
@@ -122,8 +125,10 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
     var streaming = false
     var watch: WatchStream?
 
-    init(table: FlowTable, lost: @escaping @Sendable () -> UInt64, group: gid_t?) {
-        self.table = table; self.lost = lost; self.group = group
+    let budget: ResponseBudget
+
+    init(table: FlowTable, lost: @escaping @Sendable () -> UInt64, group: gid_t?, budget: ResponseBudget) {
+        self.table = table; self.lost = lost; self.group = group; self.budget = budget
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -146,15 +151,40 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     /// A request the HTTP decoder could not parse (garbage, an HTTP/2 preface, a header
-    /// past the decoder's limit) has been answered 400 by NIO's error handler: close the
-    /// connection now instead of waiting for the idle timeout.
+    /// past the decoder's limit): the requests before it are answered in order, then this
+    /// one gets a 400 and the connection is closed (never left open until the idle timeout).
+    var failAfterAnswers = false
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
+        // More bytes after an unparsable request come as dataReceivedInErrorState.
+        guard error is HTTPParserError || error is ByteToMessageDecoderError else { context.close(promise: nil); return }
+        if failAfterAnswers { return }
+        if pendingAnswers > 0 || streaming { failAfterAnswers = true; return }
+        refuseUnparsable(context)
     }
 
+    private func refuseUnparsable(_ context: ChannelHandlerContext) {
+        failAfterAnswers = false
+        guard !streaming else { context.close(promise: nil); return }
+        pendingAnswers += 1
+        error(context, .badRequest, "not an HTTP/1.1 request this agent can parse")
+    }
+
+    /// Answers being made or written (pipelined requests wait their turn in NIO's pipeline
+    /// handler, so their answers can queue up behind a large one): a connection is not
+    /// idle while one is on its way, up to `answerLimit` since the last one began.
+    var pendingAnswers = 0
+    var answeringSince: NIODeadline?
+    static let answerLimit = TimeAmount.seconds(60)
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // A client that sends nothing for 10 s is dropped; a watch stream is not.
-        if event is IdleStateHandler.IdleStateEvent, !streaming { context.close(promise: nil); return }
+        // A client that sends nothing for 10 s is dropped; a watch stream is not, nor one
+        // whose answer is still on its way (unless that takes past the limit).
+        if event is IdleStateHandler.IdleStateEvent, !streaming {
+            if pendingAnswers > 0, let since = answeringSince, NIODeadline.now() - since < Self.answerLimit { return }
+            context.close(promise: nil)
+            return
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -165,23 +195,41 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
         case .end:
             guard let h = head else { return }
             head = nil
+            pendingAnswers += 1
+            answeringSince = .now()
             handle(context: context, head: h)
         }
     }
 
-    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, keepAlive: Bool) {
+    /// Error answers are small and not counted against the budget (a refusal must always
+    /// be possible).
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: String, keepAlive: Bool,
+                         budgeted: Bool = true) {
+        let length = body.utf8.count
+        let size = budgeted ? length : 0
+        guard budget.reserve(size) else {
+            return error(context, .tooManyRequests, "the agent is busy answering other large requests: retry later")
+        }
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "application/json")
-        headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+        headers.add(name: "Content-Length", value: "\(length)")
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        let budget = self.budget
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        done.whenComplete { _ in
+            budget.release(size)
+            let handler = bound.value
+            handler.pendingAnswers -= 1
+            if handler.pendingAnswers == 0, handler.failAfterAnswers, context.channel.isActive { handler.refuseUnparsable(context) }
+        }
         if !keepAlive { done.whenComplete { _ in context.close(promise: nil) } }
     }
 
     private func error(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
-        respond(context, status, "{\"error\":\(EventLine.quoted(message))}\n", keepAlive: false)
+        respond(context, status, "{\"error\":\(EventLine.quoted(message))}\n", keepAlive: false, budgeted: false)
     }
 
     private func handle(context: ChannelHandlerContext, head: HTTPRequestHead) {
@@ -247,14 +295,24 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
                 default: rest.append((k, v))
                 }
             }
-            do {
-                let filter = try FlowFilter(query: rest)
+            let filter: FlowFilter
+            do { filter = try FlowFilter(query: rest) } catch { return self.error(context, .badRequest, error.description) }
+            guard budget.startQuery() else {
+                return self.error(context, .tooManyRequests, "the agent is busy with other journal queries: retry later")
+            }
+            let budget = self.budget
+            let answer = budget.queryPool.runIfActive(eventLoop: context.eventLoop) { () -> String in
+                defer { budget.endQuery() }
                 let rows = try journal.history(filter, since: since, until: until, uid: uidFilter, limit: limit)
-                respond(context, .ok, Self.flowsJSON(rows.map { FlowEntry(record: $0, state: .closed) }), keepAlive: keepAlive)
-            } catch let e as FilterError {
-                self.error(context, .badRequest, e.description)
-            } catch {
-                self.error(context, .internalServerError, "journal: \(error)")
+                return Self.flowsJSON(rows.map { FlowEntry(record: $0, state: .closed) })
+            }
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            answer.whenComplete { result in
+                let (handler, context) = bound.value
+                switch result {
+                case .success(let body): handler.respond(context, .ok, body, keepAlive: keepAlive)
+                case .failure(let e): handler.error(context, .internalServerError, "journal: \(String(describing: e).prefix(300))")
+                }
             }
         case "/v1/watch":
             // payload=1: also the bytes capture callouts take from relayed flows.

@@ -111,7 +111,7 @@ final class Agent: @unchecked Sendable {
             } catch let e as Journal.ForeignFile {
                 throw e
             } catch {
-                throw KernelError.system("cannot open the journal \(path): \(error)", EIO)
+                throw KernelError.invalidArgument("cannot open the journal \(path): \(String(describing: error).prefix(500))")
             }
         }
         let programsRef = self.programsRef

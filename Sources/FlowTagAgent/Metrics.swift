@@ -168,7 +168,13 @@ public final class MetricsServer: @unchecked Sendable {
                     try channel.pipeline.syncOperations.addHandler(MetricsHandler(render: render))
                 }
             }
-        channel = try bootstrap.bind(host: host, port: port).wait()
+        do {
+            channel = try bootstrap.bind(host: host, port: port).wait()
+        } catch {
+            try? elg.syncShutdownGracefully()
+            let reason = (error as? IOError).map { String(cString: strerror($0.errnoCode)) } ?? "\(error)"
+            throw KernelError.invalidArgument("cannot serve metrics on \(address): \(reason)\(reason.contains("in use") ? " (another program has the port: pick another with --metrics-address)" : "")")
+        }
         boundPort = channel?.localAddress?.port
     }
 
@@ -185,6 +191,11 @@ final class MetricsHandler: ChannelInboundHandler, @unchecked Sendable {
     var head: HTTPRequestHead?
 
     init(render: @escaping @Sendable () -> String) { self.render = render }
+
+    /// Unparsable input was answered 400 by NIO's error handler: close at once.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil); return }

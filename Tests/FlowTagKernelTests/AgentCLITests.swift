@@ -45,7 +45,7 @@ final class RunningAgent: @unchecked Sendable {
 }
 
 extension Paths {
-    static var flowtag: String { repo + "/.build/debug/flowtag" }
+    static var flowtag: String { build + "/flowtag" }
 }
 
 func withAgent(_ body: (RunningAgent) async throws -> Void) async throws {

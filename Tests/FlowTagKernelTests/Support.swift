@@ -16,7 +16,10 @@ enum Paths {
     }()
     static let peer = repo + "/Tests/Peers/peer.py"
     static let python = "/usr/bin/python3"
-    static var flowtagd: String { repo + "/.build/debug/flowtagd" }
+    /// The binaries under test: the debug build, or FLOWTAG_BUILD's (`make reliability`
+    /// runs the fault suite against the release build).
+    static var build: String { repo + "/.build/" + (ProcessInfo.processInfo.environment["FLOWTAG_BUILD"] ?? "debug") }
+    static var flowtagd: String { build + "/flowtagd" }
 }
 
 struct TestFailure: Error, CustomStringConvertible {

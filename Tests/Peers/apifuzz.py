@@ -8,7 +8,7 @@ every answer: a status line with 2xx or 4xx, and a connection closed after an er
 answer (never left open until the idle timeout). Prints one JSON summary line and exits
 1 on any violation (each one printed, with the request that caused it), 0 otherwise.
 The same SEED sends the same requests."""
-import json, random, socket, sys, time
+import json, random, select, socket, sys, time
 
 SOCK, COUNT, SEED = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(SEED)
@@ -131,37 +131,50 @@ def complete(data, n, head=False):
     # The last answer's body must be all there.
     return True
 
-def exchange(payload, n=1, split=False, watch=False, timeout=3.0):
-    """Sends payload; reads until the server closes or `timeout`. (data, closed, seconds)"""
+def exchange(payload, n=1, split=False, watch=False, timeout=60.0):
+    """Sends payload while reading what comes back (a pipelining client that only reads
+    after sending everything deadlocks against any server that stops reading while its
+    answers queue up); reads until the server closes, the answers are complete, or
+    `timeout`. Returns (data, closed, seconds)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     start = time.monotonic()
     s.connect(SOCK)
+    s.setblocking(False)
+    step = 7 if split else 65536
+    sent, data, closed = 0, b"", False
+    deadline = start + timeout
     try:
-        if split:
-            for k in range(0, len(payload), 7):
-                s.sendall(payload[k:k + 7])
-        else:
-            s.sendall(payload)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    data, closed = b"", False
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                closed = True
-                break
-            data += chunk
-            if watch and b"\r\n\r\n" in data and data.startswith(b"HTTP/1.1 200"):
-                break  # a watch stream: the head is enough
-            if not watch and complete(data, n, payload.startswith(b"HEAD")):
-                break
-    except socket.timeout:
-        pass
-    except ConnectionResetError:
-        closed = True
-    s.close()
+        while time.monotonic() < deadline:
+            want_write = sent < len(payload)
+            r, w, _ = select.select([s], [s] if want_write else [], [], max(0.0, deadline - time.monotonic()))
+            if w:
+                try:
+                    sent += s.send(payload[sent:sent + step])
+                except (BrokenPipeError, ConnectionResetError):
+                    sent = len(payload)
+                except BlockingIOError:
+                    pass
+            if r:
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    closed = True
+                    break
+                if not chunk:
+                    closed = True
+                    break
+                data += chunk
+                if watch and b"\r\n\r\n" in data and data.startswith(b"HTTP/1.1 200"):
+                    break  # a watch stream: the head is enough
+                if not watch and sent >= len(payload) and complete(data, n, payload.startswith(b"HEAD")):
+                    break
+            if not r and not w:
+                break  # timed out
+    finally:
+        s.close()
     return data, closed, time.monotonic() - start
 
 def main():
@@ -210,8 +223,10 @@ def main():
         elif not watch and expect_close and not closed and any(c >= 400 for c in st):
             problem = f"connection still open {secs:.1f} s after an error"
         if problem:
-            violations.append({"request": sent, "kind": kind, "problem": problem,
-                               "payload": payload[:300].decode("latin-1"), "answer": data[:300].decode("latin-1")})
+            violations.append({"request": sent, "kind": kind, "problem": problem, "closed": closed,
+                               "seconds": round(secs, 2), "received": len(data),
+                               "payload": payload[:300].decode("latin-1"), "answer": data[:300].decode("latin-1"),
+                               "full": payload.hex() if len(payload) < 100000 else ""})
             if len(violations) >= 20:
                 break
     print(json.dumps({"seed": SEED, "requests": sent, "kinds": kinds, "answers": answers,

@@ -1,0 +1,550 @@
+import Foundation
+import Testing
+@testable import FlowTagAgent
+@testable import FlowTagKernel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Faults and abuse against the real agent: hostile API requests, stalled watchers,
+/// kill -9 and SIGSTOP under connect storms, a full journal filesystem, two agents on one
+/// pin directory, and every start-up error. `make test` runs this suite on its own, after
+/// the others (its storms load the whole machine); `make reliability` runs it at the
+/// scale RELIABILITY.md reports (FLOWTAG_KILL9_RUNS, FLOWTAG_FUZZ_REQUESTS, …).
+@Suite("Reliability", .serialized)
+struct ReliabilityTests {
+    static func setting(_ name: String, _ fallback: Int) -> Int {
+        ProcessInfo.processInfo.environment[name].flatMap(Int.init) ?? fallback
+    }
+
+    /// A seed from FLOWTAG_FUZZ_SEED, else a fresh one; printed so a failure can be replayed.
+    static func seed(_ what: String) -> UInt64 {
+        let seed = ProcessInfo.processInfo.environment["FLOWTAG_FUZZ_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64(UInt32.max))
+        print("\(what): seed \(seed) (replay with FLOWTAG_FUZZ_SEED=\(seed))")
+        return seed
+    }
+
+    @Test("API fuzzing under a connect storm: every answer is 2xx or 4xx, errors close the connection, the agent lives")
+    func apiFuzz() async throws {
+        let seed = Self.seed("API fuzz")
+        let count = Self.setting("FLOWTAG_FUZZ_REQUESTS", 3000)
+        let (sink, port) = try await startSink("close")
+        defer { sink.kill() }
+        let a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        let storm = try a.storm(port: port, seconds: 600)
+        defer { storm.kill() }
+        let (rc, out, err) = try runCommand([Paths.python, Paths.repo + "/Tests/Peers/apifuzz.py", a.socket, "\(count)", "\(seed)"], timeout: 1200)
+        print("API fuzz: \(out.split(separator: "\n").first ?? "")")
+        #expect(rc == 0, "violations (seed \(seed)):\n\(out.prefix(4000))\(err.prefix(2000))")
+        #expect(a.process.isRunning, "the agent died: \(a.process.stderrText.suffix(2000))")
+        let stats = try a.stats()
+        #expect((stats["flows_closed"] as? Int ?? 0) > 0, "the storm's flows were not seen: \(stats)")
+        storm.kill()
+        try await a.stop()
+    }
+
+    @Test("200 watchers that never read during a storm: RSS stays bounded and comes back; each is dropped and counted")
+    func stalledWatchers() async throws {
+        let (sink, port) = try await startSink("close")
+        defer { sink.kill() }
+        let a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        try await a.warmUp(port: port)
+        let before = a.rss
+        let watchers = try Child([Paths.python, Paths.peer, "watchers", a.socket, "200", "12"])
+        defer { watchers.kill() }
+        _ = try await watchers.waitForLines(1)
+        let storm = try a.storm(port: port, count: 20_000)
+        defer { storm.kill() }
+        var peak = before
+        while storm.isRunning || watchers.isRunning {
+            peak = max(peak, a.rss)
+            _ = try a.stats() // the API answers meanwhile
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        let lines = watchers.jsonLines
+        let closedByAgent = lines.last?["closed_by_agent"] as? Int ?? -1
+        let stats = try a.stats()
+        var after = a.rss
+        for _ in 0..<50 where after > before + (40 << 20) {
+            try await Task.sleep(for: .milliseconds(200))
+            after = a.rss
+        }
+        print("stalled watchers: RSS before \(before >> 20) MiB, peak \(peak >> 20) MiB, after \(after >> 20) MiB; "
+              + "\(stats["watchers_dropped"] ?? "?") dropped, \(closedByAgent) closed by the agent")
+        #expect(peak - before < 200 << 20, "RSS grew by \((peak - before) >> 20) MiB with 200 stalled watchers")
+        #expect(after - before < 40 << 20, "RSS did not come back: \(after >> 20) MiB after, \(before >> 20) MiB before")
+        #expect(stats["watchers_dropped"] as? Int == 200, "\(stats)")
+        #expect(closedByAgent == 200)
+        #expect(stats["watchers"] as? Int == 0)
+        try await a.stop()
+    }
+
+    @Test("kill -9 under a connect storm, then a restart: the journal holds every flow, once")
+    func killNineUnderStorm() async throws {
+        let runs = Self.setting("FLOWTAG_KILL9_RUNS", 1)
+        let connects = Self.setting("FLOWTAG_KILL9_CONNECTS", 20_000)
+        let (sink, port) = try await startSink("close")
+        defer { sink.kill() }
+        var a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        var report: [String] = []
+        for run in 1...runs {
+            let portsFile = tempPath("ports")
+            defer { unlink(portsFile) }
+            let storm = try a.storm(port: port, count: connects, portsFile: portsFile)
+            defer { storm.kill() }
+            // Into the storm, with rows committed and rows waiting: then kill -9 and restart.
+            try await Task.sleep(for: .milliseconds(Int.random(in: 800...1600)))
+            kill(a.process.pid, SIGKILL)
+            _ = try await a.process.wait()
+            a = try await a.restarted()
+            let summary = try await storm.waitForLines(1, timeout: 120)[0]
+            let pid = try #require(summary["pid"] as? Int), made = try #require(summary["connects"] as? Int)
+            let ports = Set(try String(contentsOfFile: portsFile, encoding: .utf8).split(separator: "\n").compactMap { Int($0) })
+            var rows = 0, distinct = 0
+            for _ in 0..<150 {
+                (rows, distinct) = try a.journalCount(pid: pid, remotePort: Int(port))
+                if distinct >= made { break }
+                try await Task.sleep(for: .milliseconds(200))
+            }
+            let journaled = try a.journalPorts(pid: pid, remotePort: Int(port))
+            let missing = ports.subtracting(journaled)
+            report.append("run \(run): \(made) connects, \(distinct) journaled, \(made - distinct) missing, \(rows - distinct) duplicates")
+            #expect(distinct == made && missing.isEmpty, "run \(run): \(made - distinct) flows missing (ports e.g. \(missing.sorted().prefix(10)))")
+            #expect(rows == distinct, "run \(run): \(rows - distinct) duplicate rows")
+        }
+        print("kill -9 under storm: " + report.joined(separator: "; "))
+        try await a.stop()
+    }
+
+    @Test("SIGSTOP for 10 s under a storm: the loss is counted, every flow journaled, no phantom flow stays")
+    func stoppedAgent() async throws {
+        let (sink, port) = try await startSink("close")
+        defer { sink.kill() }
+        let a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        let storm = try a.storm(port: port, seconds: 10)
+        defer { storm.kill() }
+        try await Task.sleep(for: .milliseconds(500))
+        kill(a.process.pid, SIGSTOP)
+        try await Task.sleep(for: .seconds(10))
+        kill(a.process.pid, SIGCONT)
+        let summary = try await storm.waitForLines(1, timeout: 60)[0]
+        let pid = try #require(summary["pid"] as? Int), made = try #require(summary["connects"] as? Int)
+        var distinct = 0, rows = 0
+        for _ in 0..<300 {
+            (rows, distinct) = try a.journalCount(pid: pid, remotePort: Int(port))
+            if distinct >= made { break }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        let stats = try a.stats()
+        print("SIGSTOP 10 s: \(made) connects, \(distinct) journaled, \(stats["kernel_events_lost"] ?? "?") kernel events lost, "
+              + "active flows \(stats["active_flows"] ?? "?") after")
+        #expect((stats["kernel_events_lost"] as? Int ?? 0) > 0, "the storm did not overflow the ring buffer: \(stats)")
+        #expect(distinct == made, "\(made - distinct) flows missing from the journal")
+        #expect(rows == distinct, "\(rows - distinct) duplicate rows")
+        #expect(stats["active_flows"] as? Int == 0, "phantom open flows: \(stats)")
+        let (_, flows, _) = try a.cli(["flows", "--state", "open", "--port", "\(port)", "-o", "json"])
+        #expect(!flows.contains("\"state\":\"open\""), "live flows that ended: \(flows.prefix(500))")
+        try await a.stop()
+    }
+
+    @Test("a full journal filesystem: ingest and the API keep up, writes resume when space returns, SIGTERM stops promptly")
+    func fullJournal() async throws {
+        let mount = tempPath("fulljournal")
+        try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
+        let (mrc, _, merr) = try runCommand(["/bin/mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount])
+        try #require(mrc == 0, "mount tmpfs: \(merr)")
+        defer { _ = try? runCommand(["/bin/umount", "-l", mount]); rmdir(mount) }
+        let (sink, port) = try await startSink("close")
+        defer { sink.kill() }
+        let a = try await AgentUnderTest(journal: mount + "/flows.db")
+        defer { a.cleanUp() }
+        let storm = try a.storm(port: port, count: 20_000)
+        defer { storm.kill() }
+        let made = try #require(try await storm.waitForLines(1, timeout: 120)[0]["connects"] as? Int)
+        // Ingest keeps up although every journal write fails.
+        var closed = 0
+        for _ in 0..<150 {
+            closed = try a.stats()["flows_closed"] as? Int ?? 0
+            if closed >= made { break }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        #expect(closed >= made, "ingest fell behind with a full journal: \(closed) of \(made) closes seen")
+        let metrics = try a.metrics()
+        #expect(Self.metric(metrics, "flowtag_journal_write_errors_total") > 0, "no journal write error counted")
+        #expect(Self.metric(metrics, "flowtag_journal_rows_waiting") > 0)
+        // Space returns: the waiting rows are written.
+        let (rrc, _, rerr) = try runCommand(["/bin/mount", "-o", "remount,size=64m", mount])
+        try #require(rrc == 0, "remount: \(rerr)")
+        let pid = try #require(storm.jsonLines.first?["pid"] as? Int)
+        var rows = 0
+        for _ in 0..<250 {
+            rows = try a.journalCount(pid: pid, remotePort: Int(port)).distinct
+            if rows >= made { break }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        #expect(rows == made, "after space returned the journal holds \(rows) of \(made)")
+        // Full again, with rows waiting: SIGTERM still stops promptly, and says what it lost.
+        let (drc, _, _) = try runCommand(["/bin/dd", "if=/dev/zero", "of=\(mount)/filler", "bs=1M", "count=100"])
+        _ = drc
+        let errorsBefore = Self.metric(try a.metrics(), "flowtag_journal_write_errors_total")
+        let storm2 = try a.storm(port: port, count: 20_000)
+        defer { storm2.kill() }
+        _ = try await storm2.waitForLines(1, timeout: 120)
+        var waiting = 0.0, errors = errorsBefore
+        for _ in 0..<100 {
+            let m = try a.metrics()
+            (waiting, errors) = (Self.metric(m, "flowtag_journal_rows_waiting"), Self.metric(m, "flowtag_journal_write_errors_total"))
+            if waiting > 0 && errors > errorsBefore { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(waiting > 0 && errors > errorsBefore, "the journal did not fail again on the full disk (\(waiting) waiting, \(errors) errors)")
+        let start = ContinuousClock.now
+        kill(a.process.pid, SIGTERM)
+        let status = try await a.process.wait(timeout: 60)
+        let took = ContinuousClock.now - start
+        print("full journal: \(made) closes ingested while writes failed; SIGTERM with a full disk took \(took)")
+        #expect(status == 0)
+        #expect(took < .seconds(15), "SIGTERM took \(took) with a full journal")
+        #expect(a.process.stderrText.contains("could not be written"), "\(a.process.stderrText.suffix(1000))")
+        #expect(a.nothingLeft, "programs or pins left behind")
+    }
+
+    @Test("two agents on one pin directory: the second is refused, the first keeps its pins; a symlinked pin directory is refused")
+    func twoAgentsOnePinDirectory() async throws {
+        let a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        let other = try TestCgroup()
+        defer { other.remove() }
+        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", a.pins,
+                                           "--socket", tempPath("second") + ".sock", "--metrics-address", "", "--journal", ""])
+        #expect(rc == 1)
+        #expect(err.contains("another flowtag agent is running with pins at \(a.pins)"), "\(err)")
+        #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).isEmpty)
+        #expect(KernelPrograms.hasPins(at: a.pins), "the first agent's pins are gone")
+        #expect(try a.stats()["active_flows"] != nil, "the first agent stopped answering")
+        // A pre-planted symlink where the pin directory goes is refused.
+        let target = "/sys/fs/bpf/" + uniqueName("target")
+        let link = "/sys/fs/bpf/" + uniqueName("link")
+        mkdir(target, 0o700)
+        defer { rmdir(target); unlink(link) }
+        let (src, _, serr) = try runCommand(["/usr/bin/ln", "-s", target, link])
+        if src != 0 { print("bpffs refuses symlinks here (\(serr)): the symlink case is moot") } else {
+            let (lrc, _, lerr) = try runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", link,
+                                                 "--socket", "", "--metrics-address", "", "--journal", ""])
+            #expect(lrc == 1 && lerr.contains("symlink"), "\(lerr)")
+            #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).isEmpty)
+        }
+        try await a.stop()
+        #expect(access(a.pins, F_OK) != 0, "the pin directory (the lock) stayed after a clean stop")
+    }
+
+    /// One start-up error: how to provoke it, and what the agent must say.
+    struct StartupFault: Sendable, CustomTestStringConvertible {
+        let name: String
+        let expectedStatus: Int32
+        let says: String
+        var testDescription: String { name }
+    }
+
+    static let startupFaults = [
+        StartupFault(name: "a directory at the socket path", expectedStatus: 1, says: "is a directory"),
+        StartupFault(name: "a regular file at the socket path", expectedStatus: 1, says: "is not a socket"),
+        StartupFault(name: "the metrics port in use", expectedStatus: 1, says: "in use"),
+        StartupFault(name: "another agent answers on the socket", expectedStatus: 1, says: "another agent answers"),
+        StartupFault(name: "a 500 KB socket_group", expectedStatus: 78, says: "socket_group"),
+        StartupFault(name: "a socket_group that does not exist", expectedStatus: 78, says: "socket_group"),
+        StartupFault(name: "a journal of another program", expectedStatus: 1, says: "is not a flowtag journal"),
+        StartupFault(name: "a journal written by a newer flowtag", expectedStatus: 1, says: "newer flowtag"),
+        StartupFault(name: "a directory at the journal path", expectedStatus: 1, says: "journal"),
+    ]
+
+    @Test("each start-up error: a clear error, the right exit status, nothing attached or pinned, files left alone",
+          arguments: startupFaults)
+    func startupError(_ fault: StartupFault) async throws {
+        try ensureBPFFS()
+        let cg = try TestCgroup()
+        defer { cg.remove() }
+        let pins = "/sys/fs/bpf/" + uniqueName("pins")
+        var socket = tempPath("api") + ".sock"
+        var journal = tempPath("journal") + ".db"
+        var metrics = "127.0.0.1:0"
+        var config: String?
+        var cleanup: [() -> Void] = []
+        defer { cleanup.forEach { $0() } }
+        var other: AgentUnderTest?
+        switch fault.name {
+        case "a directory at the socket path":
+            mkdir(socket, 0o755); cleanup.append { [socket] in rmdir(socket) }
+        case "a regular file at the socket path":
+            FileManager.default.createFile(atPath: socket, contents: Data("keep me".utf8)); cleanup.append { [socket] in unlink(socket) }
+        case "the metrics port in use":
+            let l = socketListener()
+            cleanup.append { close(l.fd) }
+            metrics = "127.0.0.1:\(l.port)"
+        case "another agent answers on the socket":
+            let o = try await AgentUnderTest()
+            other = o
+            socket = o.socket
+        case "a 500 KB socket_group":
+            config = "socket_group: \"" + String(repeating: "g", count: 500 << 10) + "\"\n"
+        case "a socket_group that does not exist":
+            config = "socket_group: no-such-group-\(getpid())\n"
+        case "a journal of another program":
+            let (rc, _, _) = try runCommand(["/usr/bin/sqlite3", journal, "CREATE TABLE accounts (id INTEGER, owner TEXT)"])
+            try #require(rc == 0)
+        case "a journal written by a newer flowtag":
+            let j = try Journal(path: journal)
+            try await j.db.write { try $0.execute(sql: "INSERT INTO grdb_migrations (identifier) VALUES ('v99')") }
+        case "a directory at the journal path":
+            journal = tempPath("journaldir")
+            mkdir(journal, 0o755); cleanup.append { [journal] in rmdir(journal) }
+        default:
+            Issue.record("unknown fault \(fault.name)")
+        }
+        let journalPath = journal
+        cleanup.append { for s in ["", "-wal", "-shm"] { unlink(journalPath + s) } }
+        var argv = [Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", socket,
+                    "--metrics-address", metrics, "--journal", journal, "--output", "none"]
+        if let config {
+            let path = tempPath("config") + ".yaml"
+            try config.write(toFile: path, atomically: true, encoding: .utf8)
+            cleanup.append { unlink(path) }
+            argv += ["--config", path]
+        }
+        let (rc, _, err) = try runCommand(argv, timeout: 60)
+        #expect(rc == fault.expectedStatus, "\(fault.name): exit \(rc), stderr: \(err.suffix(1000))")
+        #expect(err.contains(fault.says), "\(fault.name): \(err.suffix(1000))")
+        #expect(err.utf8.count < 8192, "\(fault.name): the error message is \(err.utf8.count) bytes")
+        #expect(try FlowtagdBinaryTests.attachedPrograms(cg.path).isEmpty, "\(fault.name): programs left attached")
+        #expect(access(pins, F_OK) != 0, "\(fault.name): the pin directory was left behind")
+        switch fault.name {
+        case "a regular file at the socket path":
+            #expect((try? String(contentsOfFile: socket, encoding: .utf8)) == "keep me", "the file at the socket path was touched")
+        case "another agent answers on the socket":
+            #expect(try other?.stats()["active_flows"] != nil, "the running agent stopped answering")
+            try await other?.stop()
+        default: break
+        }
+        other?.cleanUp()
+    }
+
+    @Test("config files at and past every limit: refused with the key (78), never a crash or a hang; good ones pass --check-config")
+    func configFiles() throws {
+        let bomb = """
+            a: &a ["x","x","x","x","x","x","x","x","x"]
+            b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+            c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+            d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+            e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+            f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+            g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+            h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+            i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+            """
+        let cases: [(String, [UInt8], Int32, String)] = [
+            ("alias bomb", Array(bomb.utf8), 78, "YAML nodes"),
+            ("a 5 MB file", Array(("output: text\n# " + String(repeating: "x", count: 5 << 20) + "\n").utf8), 78, "larger than"),
+            ("a 5 MB string", Array(("journal: \"/" + String(repeating: "j", count: 5 << 20) + "\"\n").utf8), 78, "larger than"),
+            ("a 5 KB path", Array(("journal: \"/" + String(repeating: "j", count: 5000) + "\"\n").utf8), 78, "journal"),
+            ("binary garbage", (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 7919) }, 78, "config"),
+            ("a group with a shell in it", Array("socket_group: \"$(reboot)\"\n".utf8), 78, "socket_group"),
+            ("a number past Int64", Array("udp_idle_seconds: 99999999999999999999999999\n".utf8), 78, "udp_idle_seconds"),
+            ("deep nesting", Array((String(repeating: "[", count: 5000) + String(repeating: "]", count: 5000) + "\n").utf8), 78, "config"),
+            ("a good file", Array("output: json\nudp_idle_seconds: 30\nsocket_group: \"0\"\n".utf8), 0, "config OK"),
+        ]
+        for (name, bytes, status, says) in cases {
+            let path = tempPath("config") + ".yaml"
+            defer { unlink(path) }
+            FileManager.default.createFile(atPath: path, contents: Data(bytes))
+            let (rc, out, err) = try runCommand([Paths.flowtagd, "--check-config", "--config", path], timeout: 30)
+            #expect(rc == status, "\(name): exit \(rc): \(err.suffix(500))")
+            #expect((out + err).contains(says), "\(name): \((out + err).suffix(500))")
+            #expect(err.utf8.count < 4096, "\(name): a \(err.utf8.count)-byte error message")
+        }
+    }
+
+    @Test("CLI fuzzing: random arguments never crash the CLI or the agent; exit statuses are the documented ones")
+    func cliFuzz() async throws {
+        var rng = SeededGenerator(seed: Self.seed("CLI fuzz"))
+        let runs = Self.setting("FLOWTAG_CLI_FUZZ_RUNS", 300)
+        let a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        let commands = ["flows", "lookup", "watch", "history", "stats", "version", "help", "nope", ""]
+        let options = ["--pid", "--exe", "--comm", "--uid", "--cgroup", "--port", "--local", "--remote", "--proto", "--state",
+                       "-o", "--output", "--no-headers", "--since", "--until", "--limit", "--netns", "--payload", "--help",
+                       "--socket", "--bogus", "-x", "--"]
+        let values = ["", "0", "-1", "65536", "18446744073709551616", "106752d", "2300-01-01T00:00:00Z", "json", "wide", "table",
+                      "yaml", "tcp", "sctp", "open", "10.0.0.0/33", "::1", "1.2.3.4:80", "[::1]:80", "1.2.3.4:99999",
+                      String(repeating: "a", count: 5000), "%00", "-o", "\u{1F600}", "/usr/bin/curl", "closed"]
+        let allowed: Set<Int32> = [0, 1, 64, 69, 75, 76, 77]
+        var statuses: [Int32: Int] = [:]
+        for i in 0..<runs {
+            var args = [commands.randomElement(using: &rng)!].filter { !$0.isEmpty }
+            for _ in 0..<Int.random(in: 0...6, using: &rng) {
+                if Bool.random(using: &rng) { args.append(options.randomElement(using: &rng)!) }
+                if Bool.random(using: &rng) { args.append(values.randomElement(using: &rng)!) }
+            }
+            // Never another socket than the test agent's (nor the watch stream forever).
+            args = args.filter { $0 != "--socket" }
+            if args.first == "watch" { args[0] = "flows" }
+            let (rc, _, err) = try runCommand([Paths.flowtag] + args + ["--socket", a.socket], timeout: 30)
+            statuses[rc, default: 0] += 1
+            #expect(allowed.contains(rc), "run \(i): flowtag \(args.map { String($0.prefix(40)) }) exited \(rc): \(err.prefix(500))")
+            if rc == 64 { #expect(!err.isEmpty, "run \(i): exit 64 without a message") }
+        }
+        print("CLI fuzz: \(runs) runs, exit statuses \(statuses.sorted { $0.key < $1.key })")
+        #expect(a.process.isRunning)
+        try await a.stop()
+    }
+
+    static func metric(_ text: String, _ name: String) -> Double {
+        for line in text.split(separator: "\n") where line.hasPrefix(name + " ") || line.hasPrefix(name + "{") {
+            return Double(line.split(separator: " ").last ?? "") ?? 0
+        }
+        return 0
+    }
+}
+
+/// A listening TCP socket on a free loopback port (to take a port away from the agent).
+func socketListener() -> (fd: Int32, port: UInt16) {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+    listen(fd, 1)
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return (fd, UInt16(bigEndian: addr.sin_port))
+}
+
+/// SplitMix64: a small seeded generator, so a fuzz run can be replayed from its seed.
+struct SeededGenerator: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// The real agent on a private cgroup, pin directory, socket and journal, restartable
+/// on the same ones (kill -9 tests).
+final class AgentUnderTest: @unchecked Sendable {
+    let cgroup: TestCgroup
+    let socket: String
+    let pins: String
+    let journal: String
+    let process: Child
+    private var ownsCgroup: Bool
+
+    init(journal: String? = nil, cgroup: TestCgroup? = nil, pins: String? = nil, socket: String? = nil) async throws {
+        try ensureBPFFS()
+        ownsCgroup = cgroup == nil
+        self.cgroup = try cgroup ?? TestCgroup()
+        self.socket = socket ?? tempPath("api") + ".sock"
+        self.pins = pins ?? "/sys/fs/bpf/" + uniqueName("pins")
+        self.journal = journal ?? tempPath("journal") + ".db"
+        process = try Child([Paths.flowtagd, "--cgroup", self.cgroup.path, "--pin-dir", self.pins, "--socket", self.socket,
+                             "--output", "none", "--metrics-address", "127.0.0.1:0", "--journal", self.journal])
+        for _ in 0..<1000 where !answers && process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        guard answers else {
+            let err = process.stderrText
+            process.kill()
+            if ownsCgroup { self.cgroup.remove() }
+            throw TestFailure("agent did not start: \(err)")
+        }
+    }
+
+    var answers: Bool { (try? APIClient(socketPath: socket).get("/v1/version", timeoutSeconds: 2))?.status == 200 }
+
+    /// The same agent started again on the same cgroup, pins, socket and journal.
+    /// The cgroup goes with the newest agent (the one a test cleans up).
+    func restarted() async throws -> AgentUnderTest {
+        let next = try await AgentUnderTest(journal: journal, cgroup: cgroup, pins: pins, socket: socket)
+        next.ownsCgroup = ownsCgroup
+        ownsCgroup = false
+        return next
+    }
+
+    func stats() throws -> [String: Any] {
+        let r = try APIClient(socketPath: socket).get("/v1/stats")
+        return (try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any]) ?? [:]
+    }
+
+    func metrics() throws -> String {
+        guard let line = process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on http://") }),
+              let url = line.split(separator: " ").first(where: { $0.hasPrefix("http://") }) else { throw TestFailure("no metrics address") }
+        let (_, out, _) = try runCommand(["/usr/bin/curl", "-s", "-m", "10", String(url)])
+        return out
+    }
+
+    func cli(_ args: [String]) throws -> (Int32, String, String) {
+        try runCommand([Paths.flowtag] + args + ["--socket", socket])
+    }
+
+    /// Resident memory of the agent, bytes.
+    var rss: Int {
+        guard let status = try? String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kb = Int(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+        return kb << 10
+    }
+
+    /// A connect loop inside the agent's cgroup (count connects, or for `seconds`).
+    func storm(port: UInt16, count: Int = 0, seconds: Int = 0, portsFile: String? = nil) throws -> Child {
+        try Child(cgroup.wrap([Paths.python, Paths.peer, "connect-loop", "\(port)", "\(count)", portsFile ?? "/dev/null", "\(seconds)"]))
+    }
+
+    /// A first storm, so the agent's memory is at its working size before a measurement.
+    func warmUp(port: UInt16) async throws {
+        let s = try storm(port: port, count: 5000)
+        _ = try await s.waitForLines(1, timeout: 60)
+        try await Task.sleep(for: .seconds(2))
+    }
+
+    /// Journal rows of one client process to one port: (rows, distinct flows).
+    func journalCount(pid: Int, remotePort: Int) throws -> (rows: Int, distinct: Int) {
+        let (rc, out, err) = try runCommand(["/usr/bin/sqlite3", journal,
+                                             "PRAGMA busy_timeout=5000; SELECT COUNT(*), COUNT(DISTINCT flow) FROM flows WHERE pid = \(pid) AND remote_port = \(remotePort)"])
+        guard rc == 0 else { throw TestFailure("sqlite3: \(err)") }
+        let parts = out.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: "|").compactMap { Int($0) }
+        return (parts.first ?? 0, parts.last ?? 0)
+    }
+
+    func journalPorts(pid: Int, remotePort: Int) throws -> Set<Int> {
+        let (_, out, _) = try runCommand(["/usr/bin/sqlite3", journal,
+                                          "PRAGMA busy_timeout=5000; SELECT local_port FROM flows WHERE pid = \(pid) AND remote_port = \(remotePort)"])
+        return Set(out.split(separator: "\n").compactMap { Int($0) })
+    }
+
+    /// Nothing attached to the cgroup, nothing pinned.
+    var nothingLeft: Bool {
+        ((try? FlowtagdBinaryTests.attachedPrograms(cgroup.path)) ?? "x").isEmpty && access(pins, F_OK) != 0
+    }
+
+    /// SIGTERM; the agent must exit 0 and leave nothing behind.
+    func stop() async throws {
+        kill(process.pid, SIGTERM)
+        let status = try await process.wait(timeout: 60)
+        #expect(status == 0, "the agent exited \(status): \(process.stderrText.suffix(1000))")
+        #expect(nothingLeft, "programs or pins left behind after SIGTERM")
+    }
+
+    /// Whatever happened: the agent gone, its pins, cgroup and journal removed.
+    func cleanUp() {
+        process.kill()
+        if access(pins, F_OK) == 0 { try? KernelPrograms.removePins(at: pins); rmdir(pins) }
+        if ownsCgroup { cgroup.remove() }
+        for s in ["", "-wal", "-shm"] { unlink(journal + s) }
+        unlink(socket)
+    }
+}
