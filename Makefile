@@ -11,7 +11,7 @@ BPF_SRC := $(wildcard bpf/*.bpf.c)
 BPF_HDR := $(wildcard bpf/include/*.h)
 PREFIX ?= /usr/local
 
-.PHONY: all build bpf test test-unit test-kernel bench clean deps run install uninstall image
+.PHONY: all build bpf test test-unit test-kernel bench clean deps run install uninstall image reliability
 
 all: build
 
@@ -51,6 +51,13 @@ build: bpf
 
 test: deps
 	scripts/test.sh
+
+# The fault and abuse suite at the scale RELIABILITY.md reports, against the release build.
+reliability: deps bpf
+	$(SWIFT) build -c release
+	$(SWIFT) build --build-tests
+	FLOWTAG_BUILD=release FLOWTAG_KILL9_RUNS=$${FLOWTAG_KILL9_RUNS:-10} FLOWTAG_FUZZ_REQUESTS=$${FLOWTAG_FUZZ_REQUESTS:-100000} \
+		FLOWTAG_CLI_FUZZ_RUNS=$${FLOWTAG_CLI_FUZZ_RUNS:-1000} $(SWIFT) test --skip-build --filter Reliability
 
 # The DaemonSet's container image (buildah, from scratch): .build/flowtagd-image.tar.
 image: deps

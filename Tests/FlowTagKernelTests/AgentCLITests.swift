@@ -237,6 +237,11 @@ struct AgentCLITests {
             let (_, rootOut, _) = try a.cli(["flows", "-o", "json"])
             let all = try JSONDecoder().decode(APIFlowList.self, from: Data(rootOut.utf8))
             #expect(all.flows.contains { $0.record.process.uid == 0 })
+            // Machine-wide counters tell of everyone's flows: refused to an outsider (77).
+            let (src, _, serr) = try a.cli(["stats"], as: 65534)
+            #expect(src == ExitStatus.permission.rawValue && serr.contains("machine-wide"), "\(serr)")
+            let (rootStats, _, _) = try a.cli(["stats"])
+            #expect(rootStats == 0)
             // With the socket back to 0660 root:flowtag, an outsider cannot connect at all.
             chmod(a.socket, 0o660)
             let (rc2, _, err2) = try a.cli(["flows"], as: 65534)

@@ -220,8 +220,12 @@ struct ReliabilityTests {
         defer { a.cleanUp() }
         let other = try TestCgroup()
         defer { other.remove() }
+        // Its socket in another directory (a lock beside the socket once let it start).
+        let elsewhere = tempPath("second")
+        mkdir(elsewhere, 0o755)
+        defer { _ = try? runCommand(["/usr/bin/rm", "-rf", elsewhere]) }
         let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", a.pins,
-                                           "--socket", tempPath("second") + ".sock", "--metrics-address", "", "--journal", ""])
+                                           "--socket", elsewhere + "/api.sock", "--metrics-address", "", "--journal", ""])
         #expect(rc == 1)
         #expect(err.contains("another flowtag agent is running with pins at \(a.pins)"), "\(err)")
         #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).isEmpty)
@@ -241,6 +245,47 @@ struct ReliabilityTests {
         }
         try await a.stop()
         #expect(access(a.pins, F_OK) != 0, "the pin directory (the lock) stayed after a clean stop")
+    }
+
+    @Test("a restart adopts only its own build's pins for the same cgroup; others are replaced, saying so")
+    func adoptionChecks() async throws {
+        let a = try await AgentUnderTest()
+        defer { a.cleanUp() }
+        let before = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
+        kill(a.process.pid, SIGKILL)
+        _ = try await a.process.wait()
+        // The same build, another cgroup: the old programs are detached, new ones attached there.
+        let other = try TestCgroup()
+        defer { other.remove() }
+        let b = try await AgentUnderTest(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
+        defer { b.cleanUp() }
+        #expect(b.process.stderrText.contains("replacing the programs pinned at \(a.pins): they are attached to another cgroup"),
+                "\(b.process.stderrText)")
+        #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path).isEmpty, "the old cgroup still has the programs")
+        #expect(!(try FlowtagdBinaryTests.attachedPrograms(other.path)).isEmpty)
+        #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).split(separator: "\n").count == before.split(separator: "\n").count)
+        let attachedByB = try FlowtagdBinaryTests.attachedPrograms(other.path)
+        kill(b.process.pid, SIGKILL)
+        _ = try await b.process.wait()
+        // Pins that claim another build (an upgrade): replaced, never adopted.
+        let (rc, _, err) = try runCommand(["/usr/sbin/bpftool", "map", "update", "pinned", a.pins + "/maps/ft_build",
+                                           "key", "0", "0", "0", "0", "value"] + Array(repeating: "7", count: 24))
+        try #require(rc == 0, "bpftool: \(err)")
+        let c = try await AgentUnderTest(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
+        defer { c.cleanUp() }
+        #expect(c.process.stderrText.contains("made by another flowtag build"), "\(c.process.stderrText)")
+        let attachedByC = try FlowtagdBinaryTests.attachedPrograms(other.path)
+        #expect(attachedByC != attachedByB, "the other build's programs are still attached")
+        #expect(attachedByC.split(separator: "\n").count == attachedByB.split(separator: "\n").count, "\(attachedByC)")
+        // Its own pins: adopted.
+        kill(c.process.pid, SIGKILL)
+        _ = try await c.process.wait()
+        let attached = try FlowtagdBinaryTests.attachedPrograms(other.path)
+        let d = try await AgentUnderTest(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
+        defer { d.cleanUp() }
+        #expect(d.process.stderrText.contains("resuming the programs pinned"), "\(d.process.stderrText)")
+        #expect(try FlowtagdBinaryTests.attachedPrograms(other.path) == attached, "programs attached twice")
+        try await d.stop()
     }
 
     /// One start-up error: how to provoke it, and what the agent must say.
@@ -383,6 +428,14 @@ struct ReliabilityTests {
                       String(repeating: "a", count: 5000), "%00", "-o", "\u{1F600}", "/usr/bin/curl", "closed"]
         let allowed: Set<Int32> = [0, 1, 64, 69, 75, 76, 77]
         var statuses: [Int32: Int] = [:]
+        // First the cases once seen to crash (exit 132), then random ones.
+        let known: [[String]] = [["history", "--since", "106752d"], ["history", "--until", "2300-01-01T00:00:00Z"],
+                                 ["history", "--since", "9223372036854775807s"], ["flows", "--port", "65536"],
+                                 ["lookup", "1.2.3.4:1", "5.6.7.8:99999"], ["history", "--limit", "18446744073709551616"]]
+        for (i, args) in known.enumerated() {
+            let (rc, _, err) = try runCommand([Paths.flowtag] + args + ["--socket", a.socket], timeout: 30)
+            #expect(rc == 64, "known case \(i): flowtag \(args) exited \(rc): \(err.prefix(500))")
+        }
         for i in 0..<runs {
             var args = [commands.randomElement(using: &rng)!].filter { !$0.isEmpty }
             for _ in 0..<Int.random(in: 0...6, using: &rng) {
