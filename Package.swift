@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "FlowTagCore", targets: ["FlowTagCore"]),
         .library(name: "FlowContext", targets: ["FlowContext"]),
         .library(name: "FlowTagClient", targets: ["FlowTagClient"]),
+        .library(name: "FlowTagRelay", targets: ["FlowTagRelay"]),
         .library(name: "FlowTagAgent", targets: ["FlowTagAgent"]),
         .executable(name: "flowtagd", targets: ["flowtagd"]),
         .executable(name: "flowtag", targets: ["flowtag"]),
@@ -35,8 +36,13 @@ let package = Package(
         // What the CLI needs and nothing more (no NIO, SQLite, libbpf): a small binary
         // starts in a fraction of the time (B4).
         .target(name: "FlowTagClient", dependencies: ["FlowTagCore"]),
+        // The stream relay: stream callouts on selected TCP flows (docs/stream-relay.md).
+        .target(name: "FlowTagRelay", dependencies: [
+            "FlowTagKernel", "FlowContext", "CFlowTagBPF",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "FlowTagAgent", dependencies: [
-            "FlowTagKernel", "FlowContext", "FlowTagClient",
+            "FlowTagKernel", "FlowContext", "FlowTagClient", "FlowTagRelay",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -58,11 +64,12 @@ let package = Package(
         ]),
         .executableTarget(name: "flowtag-bench", dependencies: ["FlowContext"]),
         // The documented example of a user-written stream callout (docs/stream-relay.md).
-        .executableTarget(name: "flowtag-example-uppercase", dependencies: ["FlowContext", "FlowTagAgent"],
+        .executableTarget(name: "flowtag-example-uppercase", dependencies: ["FlowContext", "FlowTagAgent", "FlowTagRelay"],
                           path: "Examples/uppercase-callout"),
-        .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent", "FlowTagClient"]),
+        .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent", "FlowTagClient", "FlowTagRelay"]),
         .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
         .testTarget(name: "FlowTagClientTests", dependencies: ["FlowTagClient"]),
+        .testTarget(name: "FlowTagRelayTests", dependencies: ["FlowTagRelay", "FlowContext"]),
         .testTarget(name: "FlowTagAgentTests", dependencies: ["FlowTagAgent", "FlowTagKernel",
                                                               .product(name: "GRDB", package: "GRDB.swift")]),
     ]

@@ -51,6 +51,21 @@ struct {
     __type(value, struct ft_event);
 } ft_outbox SEC(".maps");
 
+/* An event or a flow entry being built where the stack has no room for it. */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct ft_event);
+} ft_event_scratch SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct ft_tcp_entry);
+} ft_entry_scratch SEC(".maps");
+
 /* Which build pinned these programs, for which cgroup (written by the agent). */
 struct {
     __uint(type, BPF_MAP_TYPE_ARRAY);
@@ -372,7 +387,10 @@ static __always_inline int flow_selected(const struct ft_flow *f)
     if (!n || *n == 0)
         return 0;
     for (__u32 i = 0; i < FT_STREAM_RULES_MAX; i++) {
-        struct ft_stream_rule *r = bpf_map_lookup_elem(&ft_stream_rules, &i);
+        /* The key is a copy: the counter stays in a register, where the verifier keeps
+         * its bounds (through the stack it did not, and saw an infinite loop). */
+        __u32 key = i;
+        struct ft_stream_rule *r = bpf_map_lookup_elem(&ft_stream_rules, &key);
         if (r && rule_matches(r, f))
             return 1;
     }
@@ -593,18 +611,44 @@ static __always_inline void flow_from_sockops(struct bpf_sock_ops *skops, struct
     }
 }
 
+/* A socket connected again after connect(AF_UNSPEC) keeps its cookie: a close of its
+ * previous connection that the agent has not journaled yet moves to the outbox (key
+ * FT_OUTBOX_MOVED | cookie) instead of being overwritten. */
+static __always_inline void keep_unjournaled_close(__u64 cookie)
+{
+    struct ft_tcp_entry *old = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
+    if (!old || !(old->flow.flags & FT_FLOW_CLOSED))
+        return;
+    __u32 zero = 0;
+    struct ft_event *ev = bpf_map_lookup_elem(&ft_event_scratch, &zero);
+    if (!ev)
+        return;
+    ev->kind = FT_EV_CLOSE;
+    ev->close_reason = FT_CLOSE_KERNEL;
+    ev->time_ns = old->closed_ns;
+    __builtin_memcpy(&ev->flow, &old->flow, sizeof(ev->flow));
+    __builtin_memcpy(&ev->stats, &old->stats, sizeof(ev->stats));
+    ev->reserved = 0;
+    __u64 key = FT_OUTBOX_MOVED | cookie;
+    if (bpf_map_update_elem(&ft_outbox, &key, ev, BPF_ANY))
+        count(FT_CNT_FLOWS_DROPPED);
+}
+
 static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir)
 {
-    struct ft_tcp_entry entry;
-    struct ft_flow *fp = &entry.flow;
+    __u32 zero = 0;
+    struct ft_tcp_entry *entry = bpf_map_lookup_elem(&ft_entry_scratch, &zero);
+    if (!entry)
+        return;
+    struct ft_flow *fp = &entry->flow;
     struct bpf_sock *sk = skops->sk;
     if (sk) {
         struct ft_relay_route *own = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
         if (own && own->role != FT_RELAY_NONE)
             return; /* the agent's own relay plumbing is not a flow */
     }
-    __builtin_memset(&entry.stats, 0, sizeof(entry.stats));
-    entry.closed_ns = 0;
+    __builtin_memset(&entry->stats, 0, sizeof(entry->stats));
+    entry->closed_ns = 0;
     flow_from_sockops(skops, fp, dir);
     if (sk && flow_selected(fp))
         relay_take(skops, sk, fp);
@@ -619,8 +663,13 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
         if (st)
             st->owner.attribution = FT_ATTR_INHERITED;
     }
-    if (bpf_map_update_elem(&ft_tcp_flows, &fp->cookie, &entry, BPF_ANY))
+    keep_unjournaled_close(fp->cookie);
+    if (bpf_map_update_elem(&ft_tcp_flows, &fp->cookie, entry, BPF_ANY)) {
+        /* Not tracked (the map is full: the agent is far behind): no open without a
+         * close to follow it. */
         count(FT_CNT_FLOWS_DROPPED);
+        return;
+    }
     if (!(fp->flags & FT_FLOW_PENDING_ACCEPT))
         emit(FT_EV_OPEN, fp, 0);
     bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
@@ -643,8 +692,8 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
             return;
         struct ft_close_stats st = {};
         st.last_state = skops->args[0];
-        st.pad = new_state;
-        emit(FT_EV_RELAY_STATE, rf, &st);
+        st.new_state = new_state;
+        emit(FT_EV_FLOW_STATE, rf, &st);
         return;
     }
     __u64 cookie = bpf_get_socket_cookie(skops);

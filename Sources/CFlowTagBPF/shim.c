@@ -288,8 +288,6 @@ int ftbpf_unpin(struct ftbpf *obj, const char *dir)
         int rc = unlink_all(path);
         if (rc && !first) first = rc;
         rmdir(path);
-        if (rmdir(dir) && errno != ENOENT && !first)
-            first = -errno;
         return first;
     }
     struct bpf_map *map;
@@ -309,8 +307,7 @@ int ftbpf_unpin(struct ftbpf *obj, const char *dir)
     rmdir(path);
     snprintf(path, sizeof(path), "%s/links", dir);
     rmdir(path);
-    if (rmdir(dir) && errno != ENOENT && !first)
-        first = -errno;
+    /* The directory itself is the agent's lock: its holder removes it (PinDirectoryLock). */
     return first;
 }
 
@@ -467,6 +464,23 @@ int ftbpf_map_read_many(int fd, uint64_t *cursor, void *keys, void *values, uint
     if (rc < 0 && n == 0)
         return 0;
     return (int)n;
+}
+
+int ftbpf_expected_links(void)
+{
+    pthread_once(&print_once, install_print);
+    struct flowtag_bpf *skel = flowtag_bpf__open();
+    if (!skel)
+        return -errno;
+    int n = 0;
+    struct bpf_program *prog;
+    bpf_object__for_each_program(prog, skel->obj) {
+        enum bpf_prog_type type = bpf_program__type(prog);
+        if (type != BPF_PROG_TYPE_SK_MSG && type != BPF_PROG_TYPE_SK_SKB)
+            n++;
+    }
+    flowtag_bpf__destroy(skel);
+    return n;
 }
 
 uint64_t ftbpf_object_hash(void)

@@ -89,6 +89,9 @@ public final class APIServer: @unchecked Sendable {
         if let group { chown(staging, 0, group) }
     }
 
+    /// The published socket's inode: `stop` removes the path only while it is still ours.
+    private var publishedInode: ino_t?
+
     /// Puts the bound socket at its path (replacing a stale socket checked by `bind`).
     public func publish() throws {
         guard let staging else { return }
@@ -97,6 +100,7 @@ public final class APIServer: @unchecked Sendable {
             throw KernelError.system("publish the API socket at \(socketPath)", errno)
         }
         self.staging = nil
+        publishedInode = APISocketPath.socketInode(socketPath)
     }
 
     /// Connections served at once; more are answered 503 and closed.
@@ -104,7 +108,8 @@ public final class APIServer: @unchecked Sendable {
 
     public func stop() {
         try? channel?.close().wait()
-        if let staging { unlink(staging) } else { unlink(socketPath) }
+        if let staging { unlink(staging) }
+        if let ours = publishedInode, APISocketPath.socketInode(socketPath) == ours { unlink(socketPath) }
         try? elg.syncShutdownGracefully()
         budget.shutdown()
     }
@@ -246,7 +251,7 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
             guard uidFilter == nil else {
                 return error(context, .forbidden, "stats are machine-wide: root or members of the socket's group only")
             }
-            let data = (try? JSONEncoder().encode(table.stats(lost: lost()))) ?? Data("{}".utf8)
+            let data = (try? JSONEncoder().encode(table.stats())) ?? Data("{}".utf8)
             respond(context, .ok, String(decoding: data, as: UTF8.self) + "\n", keepAlive: keepAlive)
         case "/v1/flows":
             do {

@@ -2,6 +2,7 @@ import FlowContext
 import FlowTagKernel
 import Foundation
 import FlowTagCore
+import FlowTagRelay
 import Logging
 import Synchronization
 
@@ -138,30 +139,51 @@ final class Agent: @unchecked Sendable {
 
     /// Adopts the programs a previous agent of this build left pinned for this cgroup
     /// (it died; they still run), or loads, attaches and pins a fresh copy, replacing
-    /// pins of another build or cgroup.
+    /// pins of another build or cgroup, or an incomplete set (after journaling the closes
+    /// that pins of this build still hold).
     func loadAndAttach() throws {
         let dir = config.bpffs
         if KernelPrograms.hasAnyPins(at: dir) {
-            if KernelPrograms.hasPins(at: dir), let refusal = KernelPrograms.adoptionRefusal(pinsAt: dir, cgroup: cgroup) {
-                log.warning("replacing the programs pinned at \(dir): \(refusal)")
-                try KernelPrograms.removePins(at: dir)
-            } else if KernelPrograms.hasPins(at: dir) {
-                let p = try KernelPrograms(adoptingPinsAt: dir)
-                programs = p
-                programsRef.set(p)
-                log.info("resuming the programs pinned at \(dir)")
-                return
-            } else {
-                log.warning("removing an incomplete set of pins at \(dir) (a start that did not finish)")
-                try KernelPrograms.removePins(at: dir)
+            var refusal = KernelPrograms.hasPins(at: dir) ? KernelPrograms.adoptionRefusal(pinsAt: dir, cgroup: cgroup)
+                                                          : .incomplete("the set is incomplete (a start that did not finish)")
+            if refusal == nil {
+                do {
+                    let p = try KernelPrograms(adoptingPinsAt: dir)
+                    programs = p
+                    programsRef.set(p)
+                    log.info("resuming the programs pinned at \(dir)")
+                    return
+                } catch {
+                    refusal = .incomplete("they cannot be opened (\(error))")
+                }
             }
+            guard let refusal else { return }
+            if case .olderBuild = refusal { try LegacyAgentLock.refuseIfHeld(pinDirectory: dir, socket: config.socket) }
+            if refusal.sameABI { salvageCloses(pinnedAt: dir) }
+            log.warning("replacing the programs pinned at \(dir): \(refusal)")
+            try KernelPrograms.removePins(at: dir)
         }
+        guard lock?.holdsPath == true else { throw KernelError.pin("\(dir) was replaced while this agent held it") }
         let p = try KernelPrograms()
         programs = p
         attachedHere = true
         try p.attach(cgroup: cgroup)
         try p.pin(at: dir)
         programsRef.set(p)
+        try FaultPoint.check("after-attach")
+    }
+
+    /// Journals the closes that pins about to be replaced still hold (this build's maps).
+    private func salvageCloses(pinnedAt dir: String) {
+        guard let old = try? KernelPrograms(adoptingPinsAt: dir) else { return }
+        defer { old.release() }
+        let closes = FlowMonitor.unjournaledCloses(in: old)
+        guard !closes.isEmpty else { return }
+        if let journal {
+            closes.forEach { journal.append($0) }
+            journal.flush()
+        }
+        log.notice("journaled the closes the replaced pins held", metadata: ["closes": "\(closes.count)", "path": "\(dir)"])
     }
 
     /// Starts reading events (after reporting what a previous agent left unjournaled),
@@ -181,8 +203,13 @@ final class Agent: @unchecked Sendable {
             try k.reset()
         }
         try monitor.start()
+        if monitor.recoveredCloses > 0 {
+            log.info("reporting the closes a previous agent had not journaled", metadata: ["closes": "\(monitor.recoveredCloses)"])
+        }
         for r in monitor.initialLiveRecords { table.adopt(r) }
+        reportHealth(programs: programs, monitor: monitor)
         journal?.start()
+        try FaultPoint.check("before-publish")
         try server?.publish()
         let heap = self.heap
         tick = Task.detached {
@@ -191,6 +218,40 @@ final class Agent: @unchecked Sendable {
                 heap.tick()
             }
         }
+    }
+
+    /// What the kernel, the monitor and the journal recovered from or lost, in /v1/stats
+    /// and as metrics.
+    private func reportHealth(programs: KernelPrograms, monitor: FlowMonitor) {
+        let journal = self.journal
+        table.addStatsSource { st in
+            let h = monitor.health
+            st.kernelEventsLost = programs.lostEvents
+            st.kernelFlowsDropped = programs.droppedFlows
+            st.eventsDroppedInAgent = h.eventsDroppedInAgent
+            st.reconciliations = h.reconciliations
+            st.reconciledFlows = h.reconciledFlows
+            st.recoveredCloses = h.recoveredCloses
+            st.journalRowsDropped = journal?.droppedRows ?? 0
+            st.journalRowsWaiting = journal?.pendingRows ?? 0
+        }
+        metrics.register([
+            ReportedValue(metric: "kernel_flows_dropped", unit: "total",
+                          help: "Flows the kernel could not track because its flow map was full (closes waiting for a stalled agent fill it).",
+                          kind: .counter) { programs.droppedFlows },
+            ReportedValue(metric: "agent_events_dropped", unit: "total",
+                          help: "Events the agent dropped because its consumer fell behind; a reconcile reports them again.",
+                          kind: .counter) { UInt64(monitor.health.eventsDroppedInAgent) },
+            ReportedValue(metric: "reconciliations", unit: "total",
+                          help: "Reconciliations of the live flows with the kernel's flow map after lost events.",
+                          kind: .counter) { UInt64(monitor.health.reconciliations) },
+            ReportedValue(metric: "recovered_closes", unit: "total",
+                          help: "Closes a previous agent had not journaled, reported at start.",
+                          kind: .counter) { UInt64(monitor.health.recoveredCloses) },
+            ReportedValue(metric: "outbox_full", unit: "total",
+                          help: "Closes the agent made that found the outbox full (not kept across a crash).",
+                          kind: .counter) { UInt64(monitor.health.outboxFull) },
+        ])
     }
 
     private func startRelay(programs: KernelPrograms, monitor: FlowMonitor) throws {
@@ -208,11 +269,10 @@ final class Agent: @unchecked Sendable {
             writeAll(1, Array((EventLine.payload(c, as: format) + "\n").utf8))
         }) + extraCallouts
         let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules, callouts: callouts, poolSize: config.stream.poolSize)
-        monitor.relayHandler = { r.handle($0) }
         r.start()
-        table.attach(relay: r)
         relayRef.set(r)
-        metrics.countRelay(r)
+        table.register(r.reportedValues)
+        metrics.register(r.reportedValues)
         relay = r
     }
 

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 #endif
 import Yams
+import CYaml
 import Logging
 import FlowTagCore
 
@@ -88,6 +89,7 @@ public struct AgentConfig: Sendable, Equatable {
 
     public static func parse(_ text: String) throws(ConfigError) -> AgentConfig {
         guard text.utf8.count <= maxFileBytes else { throw ConfigError(key: "", reason: "larger than \(maxFileBytes) bytes") }
+        try refuseAliases(text)
         let root: Node?
         do { root = try Yams.compose(yaml: text) } catch {
             throw ConfigError(key: "", reason: "not valid YAML: \(String(describing: error).prefix(512))")
@@ -131,6 +133,28 @@ public struct AgentConfig: Sendable, Equatable {
             }
         }
         return c
+    }
+
+    /// Refuses YAML aliases (`*name`) before anything is built: composing a document hashes
+    /// mapping keys with their aliases expanded, so a few hundred bytes could take hours.
+    /// flowtagd's settings never need one. Malformed YAML is left to the parser's message.
+    static func refuseAliases(_ text: String) throws(ConfigError) {
+        var parser = yaml_parser_t()
+        guard yaml_parser_initialize(&parser) == 1 else { throw ConfigError(key: "", reason: "cannot start the YAML parser") }
+        defer { yaml_parser_delete(&parser) }
+        var bytes = Array(text.utf8)
+        var alias = false
+        bytes.withUnsafeMutableBufferPointer { buf in
+            yaml_parser_set_input_string(&parser, buf.baseAddress, buf.count)
+            var event = yaml_event_t()
+            while yaml_parser_parse(&parser, &event) == 1 {
+                let type = event.type
+                yaml_event_delete(&event)
+                if type == YAML_ALIAS_EVENT { alias = true; break }
+                if type == YAML_STREAM_END_EVENT { break }
+            }
+        }
+        if alias { throw ConfigError(key: "", reason: "YAML aliases (*name) are not accepted in flowtagd's config") }
     }
 
     /// Counts nodes depth-first, aliases expanded, stopping as soon as the budget is spent.

@@ -28,11 +28,21 @@ public final class FlowTable: Sendable {
         /// `watchers.values`, kept as an array: each event reads it, watchers change rarely.
         var watcherList: [Watcher] = []
         var nextWatcher: UInt64 = 1
-        var relay: StreamRelay?
+        var statsSources: [@Sendable (inout AgentStats) -> Void] = []
     }
 
-    /// The stream relay whose counters `stats` reports.
-    public func attach(relay: StreamRelay) { state.withLock { $0.relay = relay } }
+    /// Adds counters kept elsewhere (the kernel's, the journal's, an optional part's) to
+    /// what `stats` reports.
+    public func addStatsSource(_ fill: @escaping @Sendable (inout AgentStats) -> Void) {
+        state.withLock { $0.statsSources.append(fill) }
+    }
+
+    /// Registers an optional part's values that have a stats field (see `ReportedValue`).
+    public func register(_ values: [ReportedValue]) {
+        let shown = values.filter { $0.statsField != nil }
+        guard !shown.isEmpty else { return }
+        addStatsSource { st in for v in shown { st.extra[v.statsField!] = v.value() } }
+    }
 
     struct Watcher {
         let filter: FlowFilter
@@ -201,23 +211,18 @@ public final class FlowTable: Sendable {
 
     public var activeCount: Int { state.withLock { $0.live.count } }
 
-    public func stats(lost: UInt64) -> AgentStats {
-        state.withLock { s in
+    public func stats() -> AgentStats {
+        let (st, sources) = state.withLock { s -> (AgentStats, [@Sendable (inout AgentStats) -> Void]) in
             var st = s.stats
             for (i, a) in Attribution.allCases.enumerated() where s.attributionCounts[i] > 0 {
                 st.attribution[a.rawValue] = s.attributionCounts[i]
             }
-            st.kernelEventsLost = lost
             st.watchers = s.watchers.count
-            if let r = s.relay {
-                st.relayedFlows = r.counters.flows.load(ordering: .relaxed)
-                st.activeRelayedFlows = r.activeFlows
-                st.relayPoolEmpty = r.kernel.poolEmptyCount
-                st.relayBytesUndeliverable = r.counters.bytesUndeliverable.load(ordering: .relaxed)
-                st.relayHopFailures = r.counters.brokenHops.load(ordering: .relaxed)
-            }
-            return st
+            return (st, s.statsSources)
         }
+        var out = st
+        for fill in sources { fill(&out) }
+        return out
     }
 
     /// Sends matching events, as JSON lines, to `sink` until the returned cancel is called.

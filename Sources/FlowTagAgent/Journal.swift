@@ -326,25 +326,32 @@ public final class Journal: Sendable {
         }
     }
 
-    /// Drops rows older than the retention, then the oldest until the file fits `maxBytes`.
+    /// Drops rows older than the retention, then the oldest until the rows fit `maxBytes`
+    /// (pages in use: freed pages are reused, the file is never vacuumed). Deletes in
+    /// chunks, each its own short transaction, so closes keep being committed meanwhile.
     @discardableResult
     public func enforceRetention(now: WallTime = .now()) throws -> Int {
         let cutoff = now.nanoseconds - Int64(retention.components.seconds) * 1_000_000_000
-        var removed = try db.write { db -> Int in
-            try db.execute(sql: "DELETE FROM flows WHERE closed_at < ?", arguments: [cutoff])
-            return db.changesCount
+        var removed = 0
+        while true {
+            let n = try db.write { db -> Int in
+                try db.execute(sql: "DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE closed_at < ? LIMIT 5000)",
+                               arguments: [cutoff])
+                return db.changesCount
+            }
+            removed += n
+            if n < 5000 { break }
         }
         while try sizeBytes() > maxBytes {
             let n = try db.write { db -> Int in
                 try db.execute(sql: """
                     DELETE FROM flows WHERE id IN (SELECT id FROM flows ORDER BY closed_at LIMIT
-                      (SELECT MAX(100, COUNT(*) / 10) FROM flows))
+                      (SELECT MIN(5000, MAX(100, COUNT(*) / 10)) FROM flows))
                     """)
                 return db.changesCount
             }
             if n == 0 { break }
             removed += n
-            try db.writeWithoutTransaction { try $0.execute(sql: "PRAGMA wal_checkpoint(TRUNCATE); VACUUM") }
         }
         return removed
     }

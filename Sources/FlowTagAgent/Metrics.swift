@@ -34,33 +34,20 @@ public final class AgentMetrics: Sendable {
     let mirrored = Mutex<[Mirrored]>([])
     let gauges = Mutex<[(Gauge, @Sendable () -> Double)]>([])
 
-    /// Registers the stream relay's counters (once it runs).
-    public func countRelay(_ relay: StreamRelay) {
-        let c = relay.counters
-        let bytes = Self.name("relay_bytes", "total", "Bytes through the stream relay, by hop.")
-        let list: [Mirrored] = [
-            Mirrored(registry.makeCounter(descriptor: Self.name("relay_flows", "total", "Flows the stream relay took.")),
-                     { c.flows.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_process")]), { c.bytesFromProcess.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "to_peer")]), { c.bytesToPeer.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_peer")]), { c.bytesFromPeer.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: bytes, labels: [("direction", "to_process")]), { c.bytesToProcess.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: Self.name("relay_undeliverable_bytes", "total",
-                                                                "Relayed bytes dropped because their flow ended first (a FIN or reset overtook them).")),
-                     { c.bytesUndeliverable.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: Self.name("relay_hop_failures", "total",
-                                                                "Relayed flows reset because a hop of their relay failed (the kernel dropped their bytes).")),
-                     { c.brokenHops.load(ordering: .relaxed) }),
-            Mirrored(registry.makeCounter(descriptor: Self.name("relay_retransmit_trims", "total",
-                                                                "Relayed segments whose head had already been received (a partial retransmission), cut before relaying.")),
-                     { relay.kernel.retransmitTrimCount }),
-            Mirrored(registry.makeCounter(descriptor: Self.name("relay_pool_empty", "total",
-                                                                "Selected flows left direct because no relay slot was free.")),
-                     { relay.kernel.poolEmptyCount }),
-        ]
-        mirrored.withLock { $0 += list }
-        let active = registry.makeGauge(descriptor: Self.name("relay_active_flows", "", "Flows relayed now."))
-        gauges.withLock { $0.append((active, { Double(relay.activeFlows) })) }
+    /// Registers values kept elsewhere (an optional part's, the kernel's): counters are
+    /// mirrored, gauges set, at each scrape.
+    public func register(_ values: [ReportedValue]) {
+        for v in values {
+            let name = Self.name(v.metric, v.unit, v.help)
+            switch v.kind {
+            case .counter:
+                let c = registry.makeCounter(descriptor: name, labels: v.labels)
+                mirrored.withLock { $0.append(Mirrored(c, v.value)) }
+            case .gauge:
+                let g = registry.makeGauge(descriptor: name, labels: v.labels)
+                gauges.withLock { $0.append((g, { Double(v.value()) })) }
+            }
+        }
     }
 
     /// Where journal write errors are counted (set once the journal is open).

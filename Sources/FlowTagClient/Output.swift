@@ -66,16 +66,19 @@ public enum FlowTableRenderer {
         var lines = [
             ("active flows", "\(s.activeFlows)"), ("flows opened", "\(s.flowsOpened)"), ("flows closed", "\(s.flowsClosed)"),
             ("bytes sent", "\(s.bytesSent)"), ("bytes received", "\(s.bytesReceived)"),
-            ("kernel events lost", "\(s.kernelEventsLost)"), ("resynchronised flows", "\(s.resynchronisedFlows)"),
-            ("watchers", "\(s.watchers)"),
+            ("kernel events lost", "\(s.kernelEventsLost)"), ("kernel flows dropped", "\(s.kernelFlowsDropped)"),
+            ("resynchronised flows", "\(s.resynchronisedFlows)"), ("recovered closes", "\(s.recoveredCloses)"),
+            ("reconciliations", "\(s.reconciliations)"), ("watchers", "\(s.watchers)"), ("watchers dropped", "\(s.watchersDropped)"),
+            ("journal rows waiting", "\(s.journalRowsWaiting)"), ("journal rows dropped", "\(s.journalRowsDropped)"),
         ]
         for (k, v) in s.attribution.sorted(by: { $0.key < $1.key }) { lines.append(("attribution \(k)", "\(v)")) }
-        if s.relayedFlows > 0 || s.relayPoolEmpty > 0 {
-            lines += [("relayed flows", "\(s.relayedFlows)"), ("relayed now", "\(s.activeRelayedFlows)"),
-                      ("relay pool empty", "\(s.relayPoolEmpty)"), ("relay bytes undeliverable", "\(s.relayBytesUndeliverable)"),
-                      ("relay hop failures", "\(s.relayHopFailures)")]
-        }
+        for (k, v) in s.extra.sorted(by: { $0.key < $1.key }) { lines.append((k.replacingUnderscores, "\(v)")) }
         let w = lines.map(\.0.count).max() ?? 0
         return lines.map { $0.0.padded(to: w + 2) + $0.1 }.joined(separator: "\n") + "\n"
     }
+}
+
+extension String {
+    /// `relay_pool_empty` → `relay pool empty` (a stats key as a table label).
+    var replacingUnderscores: String { String(map { $0 == "_" ? " " : $0 }) }
 }

@@ -146,7 +146,9 @@ public struct FlowPayload: Codable, Sendable, Hashable {
 /// agent in between loses nothing: the flow's own entry in the TCP flow map (marked
 /// closed by the kernel), or the agent's outbox map. Given back once journaled.
 public enum CloseReceipt: Sendable, Hashable {
-    case tcpEntry(cookie: UInt64)
+    /// The flow's TCP entry (or the copy the kernel moved to the outbox when the socket
+    /// connected again), named by cookie and the kernel's open time.
+    case tcpEntry(cookie: UInt64, openedNanoseconds: UInt64)
     case outbox(key: UInt64)
 }
 

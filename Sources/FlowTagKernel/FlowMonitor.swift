@@ -6,18 +6,24 @@ import FlowTagCore
 import Foundation
 import Synchronization
 
-/// What the stream relay hears of its flows from the kernel.
-public enum RelayKernelEvent: Sendable {
-    case opened(slot: UInt32, record: FlowRecord)
-    /// The process half-closed (its FIN went out).
-    case finSent(cookie: UInt64)
-    /// The peer half-closed (its FIN arrived).
-    case finReceived(cookie: UInt64)
-    case closed(cookie: UInt64, slot: UInt32, reason: String)
+/// A kernel event about a flow carrying a flag someone watches (`FlowMonitor.watch`).
+public struct FlaggedFlowEvent: Sendable {
+    public enum Kind: Sendable {
+        case opened
+        /// `reason` as in `FlowRecord.closeReason`.
+        case closed(reason: String)
+        /// A TCP state change the kernel reports for flagged flows (old, new TCP state).
+        case stateChanged(from: TCPState, to: TCPState)
+    }
+    public var kind: Kind
+    /// The flow as the kernel holds it (its flags, its relay slot).
+    public var flow: ft_flow
+    public var record: FlowRecord
 }
 
 /// Turns the kernel's ring-buffer records into `FlowEvent`s with the owner resolved,
-/// and ends UDP flows (socket released, or idle for `udpIdleTimeout`).
+/// ends UDP flows (socket released, or idle for `udpIdleTimeout`), and reports every
+/// close exactly once, also across a crash or a ring-buffer overflow (`PendingCloses`).
 ///
 /// It runs on a thread of its own (ring-buffer polling blocks); events reach Swift
 /// concurrency through `events`, an `AsyncStream` that ends when `stop()` is called.
@@ -32,9 +38,12 @@ public final class FlowMonitor: @unchecked Sendable {
     private var batch: [FlowEvent] = []
     private let queued = EventCounter()
 
-    /// Relayed flows' lifecycle, for the stream relay, called on the poll thread. Set
-    /// before `start()`.
-    public var relayHandler: (@Sendable (RelayKernelEvent) -> Void)?
+    /// Flows carrying any of `flags`, reported to `handler` on the poll thread. Set before
+    /// `start()` (the stream relay watches its flows this way).
+    public func watch(flags: UInt8, _ handler: @escaping @Sendable (FlaggedFlowEvent) -> Void) {
+        watched = (flags, handler)
+    }
+    private var watched: (flags: UInt8, handler: @Sendable (FlaggedFlowEvent) -> Void)?
 
     /// When set (before `start()`): TCP connections already open in this cgroup subtree are
     /// reported at start (attribution `seeded`) and followed with sock_diag until they end.
@@ -43,25 +52,20 @@ public final class FlowMonitor: @unchecked Sendable {
     /// Events handed to `events` and not yet taken by its consumer.
     public var pendingEvents: Int { queued.value.load(ordering: .relaxed) }
     private let processes: ProcessTable
+    private let pending: PendingCloses
     private let stopping = Atomic<Bool>(false)
-    private let finished = Mutex<Bool>(false)
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
     /// Live flows the kernel's maps held at `start()` (the caller adopts them).
     public private(set) var initialLiveRecords: [FlowRecord] = []
-    /// Closes handed back once journaled (`release`), deleted from the maps by the poll thread.
-    private let releases = Mutex<[CloseReceipt]>([])
+    /// Closes a previous agent left unjournaled, reported at `start()`.
+    public private(set) var recoveredCloses = 0
+    private let counters = MonitorCounters()
     // Poll-thread state.
-    /// TCP flows whose open was reported and whose close was not: a replayed or late
-    /// ring-buffer open for one of them is not reported twice.
-    private var liveTCP: Set<UInt64> = []
-    /// TCP flows whose close was reported and whose map entry is not yet released: their
-    /// ring-buffer events (replayed after a restart, or seen again by a reconcile) are
-    /// not reported twice.
-    private var closedTCP: Set<UInt64> = []
-    private var nextOutboxKey: UInt64 = 1
     private var lostSeen: UInt64 = 0
     private var lastLossCheck: UInt64 = 0
+    /// Set when this agent dropped events itself: reconcile at the next check.
+    private var mustReconcile = false
     private var udpByCookie: [UInt64: Set<UDPKey>] = [:]
     private var seededTCP: [UInt64: FlowRecord] = [:]
     private var lastSeededScan: UInt64 = 0
@@ -77,6 +81,7 @@ public final class FlowMonitor: @unchecked Sendable {
         self.programs = programs
         self.udpIdleTimeout = udpIdleTimeout
         self.processes = ProcessTable(programs: programs)
+        pending = PendingCloses(programs: programs)
         let (stream, continuation) = AsyncStream.makeStream(of: [FlowEvent].self, bufferingPolicy: .unbounded)
         self.continuation = continuation
         self.bufferLimit = bufferLimit
@@ -98,8 +103,8 @@ public final class FlowMonitor: @unchecked Sendable {
                 emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: now), record: record))
             }
             lastSeededScan = now
-            flushBatch()
         }
+        flushBatch()
         let ctx = Unmanaged.passUnretained(self).toOpaque()
         let rc = programs.openEvents({ ctx, data, len in
             guard let ctx, let data else { return 0 }
@@ -116,11 +121,11 @@ public final class FlowMonitor: @unchecked Sendable {
                 expireIdleUDP()
                 followSeededTCP()
                 flushBatch()
-                deleteReleased()
+                pending.deleteReleased()
             }
             _ = programs.pollEvents(timeoutMilliseconds: 0) // drain what is left
             flushBatch()
-            deleteReleased()
+            pending.deleteReleased()
             continuation.finish()
             done.signal()
         }
@@ -129,32 +134,68 @@ public final class FlowMonitor: @unchecked Sendable {
         t.start()
     }
 
+    /// Stops reading, drains the ring buffer and ends `events`. Idempotent.
+    public func stop() {
+        let wasStopped = stopping.exchange(true, ordering: .relaxed)
+        guard !wasStopped, thread != nil else { return }
+        done.wait()
+    }
+
+    /// Gives back closes the journal now holds (or that need not be kept): their kernel
+    /// copies are deleted by the poll thread. Any thread.
+    public func release(_ receipts: [CloseReceipt]) { pending.release(receipts) }
+
+    /// Closes released whose kernel copies are still waiting to be deleted.
+    public var pendingReleases: Int { pending.waitingRelease }
+
+    /// What went wrong and was recovered, as counters (stats and metrics).
+    public var health: MonitorHealth {
+        MonitorHealth(eventsDroppedInAgent: counters.droppedEvents.load(ordering: .relaxed),
+                      outboxFull: pending.outboxFull.load(ordering: .relaxed),
+                      reconciliations: counters.reconciled.load(ordering: .relaxed),
+                      reconciledFlows: counters.reconciledFlows.load(ordering: .relaxed),
+                      recoveredCloses: recoveredCloses)
+    }
+
+    // MARK: - Recovery
+
+    /// The closes pinned maps hold that no journal has (their agent died), read without
+    /// taking the maps over: for pins about to be replaced (another cgroup).
+    public static func unjournaledCloses(in programs: KernelPrograms) -> [FlowRecord] {
+        let processes = ProcessTable(programs: programs)
+        var out: [FlowRecord] = []
+        for e in programs.tcpEntries() where e.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) != 0 {
+            var r = FlowRecordBuilder.record(e.flow, processes: processes)
+            applyClose(e.stats, at: e.closed_ns, to: &r)
+            out.append(r)
+        }
+        for (_, ev) in programs.outboxEntries() {
+            var r = FlowRecordBuilder.record(ev.flow, processes: processes)
+            applyClose(ev.stats, at: ev.time_ns, to: &r)
+            if let reason = outboxReason(ev.close_reason) { r.closeReason = reason }
+            out.append(r)
+        }
+        return out
+    }
+
     /// Closes a previous agent reported but did not journal (kill -9): the TCP map's
     /// closed entries and the outbox, reported first; live flows are kept for adoption.
     private func recoverPending(_ entries: [ft_tcp_entry]) {
         var live: [FlowRecord] = []
         for e in entries {
             if e.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) != 0 {
-                closedTCP.insert(e.flow.cookie)
-                var record = makeRecord(e.flow)
-                Self.applyClose(e.stats, at: e.closed_ns, to: &record)
-                emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: e.closed_ns), record: record,
-                               receipt: .tcpEntry(cookie: e.flow.cookie)))
+                _ = pending.closes(e.flow)
+                emitClose(e.flow, e.stats, at: e.closed_ns)
+                recoveredCloses += 1
             } else {
-                if e.flow.flags & UInt8(FT_FLOW_PENDING_ACCEPT.rawValue) == 0 { liveTCP.insert(e.flow.cookie) }
+                if e.flow.flags & UInt8(FT_FLOW_PENDING_ACCEPT.rawValue) == 0 { pending.adopting(e.flow) }
                 live.append(makeRecord(e.flow))
             }
         }
         for (key, ev) in programs.outboxEntries() {
-            nextOutboxKey = max(nextOutboxKey, key + 1)
-            var record = makeRecord(ev.flow)
-            record.bytesSent = ev.stats.bytes_sent
-            record.bytesReceived = ev.stats.bytes_received
-            record.closedAt = WallTime(bootNanoseconds: ev.time_ns)
-            record.closeReason = Self.outboxReason(ev.close_reason) ?? Self.tcpCloseReason(lastState: ev.stats.last_state)
-            record.stats = CloseStats(segmentsOut: ev.stats.segs_out, segmentsIn: ev.stats.segs_in,
-                                      retransmits: ev.stats.retransmits, smoothedRTTMicroseconds: ev.stats.srtt_us)
-            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record, receipt: .outbox(key: key)))
+            pending.reporting(outboxKey: key, ev)
+            emitOutboxClose(key, ev)
+            recoveredCloses += 1
         }
         for (_, u) in programs.liveUDPFlows() {
             var r = makeRecord(u.flow)
@@ -164,6 +205,118 @@ public final class FlowMonitor: @unchecked Sendable {
             udpByCookie[u.flow.cookie, default: []].insert(UDPKey(u.flow))
         }
         initialLiveRecords = live
+    }
+
+    /// After lost events (the ring buffer was full: the agent stopped or too slow, or this
+    /// agent dropped a batch itself) the kernel's maps are the truth: closes never
+    /// reported come from their closed entries and the outbox, opens from live entries.
+    /// Checked once a second.
+    private func reconcileAfterLoss() {
+        let now = BootClock.nowNanoseconds()
+        guard now &- lastLossCheck >= 1_000_000_000 else { return }
+        lastLossCheck = now
+        let lost = programs.lostEvents
+        guard lost != lostSeen || mustReconcile else { return }
+        lostSeen = lost
+        mustReconcile = false
+        var found = 0
+        for e in programs.tcpEntries() {
+            if e.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) != 0 {
+                let (report, openLost) = pending.closes(e.flow)
+                guard report else { continue }
+                if openLost { emitOpen(e.flow) }
+                emitClose(e.flow, e.stats, at: e.closed_ns)
+                found += 1
+            } else if e.flow.flags & UInt8(FT_FLOW_PENDING_ACCEPT.rawValue) == 0, pending.opens(e.flow) {
+                emitOpen(e.flow)
+                found += 1
+            }
+        }
+        for (key, ev) in programs.outboxEntries() where !pending.isReported(outboxKey: key, ev) {
+            pending.reporting(outboxKey: key, ev)
+            emitOutboxClose(key, ev)
+            found += 1
+        }
+        counters.reconciled.add(1, ordering: .relaxed)
+        counters.reconciledFlows.add(found, ordering: .relaxed)
+    }
+
+    // MARK: - Poll thread
+
+    private func emit(_ e: FlowEvent) {
+        batch.append(e)
+    }
+
+    /// Hands the events gathered since the last call to the consumer. Past `bufferLimit`
+    /// waiting events a batch is dropped (counted), and its closes are forgotten so the
+    /// next reconcile reports them again from their kernel copies.
+    private func flushBatch() {
+        guard !batch.isEmpty else { return }
+        let n = batch.count
+        if queued.value.load(ordering: .relaxed) + n > bufferLimit {
+            counters.droppedEvents.add(n, ordering: .relaxed)
+            for e in batch { if let r = e.receipt { pending.forget(r) } }
+            mustReconcile = true
+        } else {
+            queued.value.add(n, ordering: .relaxed)
+            if case .terminated = continuation.yield(batch) { queued.value.subtract(n, ordering: .relaxed) }
+        }
+        batch = []
+        batch.reserveCapacity(64)
+    }
+
+    private func handle(_ data: UnsafeRawPointer, _ len: Int) {
+        guard len >= MemoryLayout<ft_event>.size else { return }
+        let ev = data.loadUnaligned(as: ft_event.self)
+        let tcp = ev.flow.tuple.protocol == UInt8(IPPROTO_TCP)
+        switch ev.kind {
+        case FT_EV_OPEN.rawValue:
+            // A TCP open reported already (adopted at start, by a reconcile) or closed already.
+            guard !tcp || pending.opens(ev.flow) else { return }
+            let record = emitOpen(ev.flow, at: ev.time_ns)
+            if record.protocol == .udp { udpByCookie[ev.flow.cookie, default: []].insert(UDPKey(ev.flow)) }
+        case FT_EV_CLOSE.rawValue:
+            let (report, openLost) = pending.closes(ev.flow)
+            guard report else { return } // reported at start or by a reconcile
+            if openLost { emitOpen(ev.flow) }
+            emitClose(ev.flow, ev.stats, at: ev.time_ns)
+        case FT_EV_FLOW_STATE.rawValue:
+            tellWatcher(.stateChanged(from: TCPState(ev.stats.last_state), to: TCPState(ev.stats.new_state)), ev.flow, nil)
+        case FT_EV_SOCK_RELEASE.rawValue:
+            closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
+        default:
+            break
+        }
+    }
+
+    @discardableResult
+    private func emitOpen(_ flow: ft_flow, at time: UInt64? = nil) -> FlowRecord {
+        let record = makeRecord(flow)
+        tellWatcher(.opened, flow, record)
+        emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: time ?? flow.opened_ns), record: record))
+        return record
+    }
+
+    private func emitClose(_ flow: ft_flow, _ stats: ft_close_stats, at time: UInt64) {
+        var record = makeRecord(flow)
+        Self.applyClose(stats, at: time, to: &record)
+        tellWatcher(.closed(reason: record.closeReason ?? "closed"), flow, record)
+        emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record,
+                       receipt: .tcpEntry(cookie: flow.cookie, openedNanoseconds: flow.opened_ns)))
+    }
+
+    private func emitOutboxClose(_ key: UInt64, _ ev: ft_event) {
+        var record = makeRecord(ev.flow)
+        Self.applyClose(ev.stats, at: ev.time_ns, to: &record)
+        if let reason = Self.outboxReason(ev.close_reason) { record.closeReason = reason }
+        emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record,
+                       receipt: key & FT_OUTBOX_MOVED != 0 ? .tcpEntry(cookie: ev.flow.cookie, openedNanoseconds: ev.flow.opened_ns)
+                                                           : .outbox(key: key)))
+    }
+
+    private func tellWatcher(_ kind: FlaggedFlowEvent.Kind, _ flow: ft_flow, _ record: FlowRecord?) {
+        guard let watched, flow.flags & watched.flags != 0 else { return }
+        watched.handler(FlaggedFlowEvent(kind: kind, flow: flow, record: record ?? makeRecord(flow)))
     }
 
     static func outboxReason(_ reason: UInt32) -> String? {
@@ -179,147 +332,12 @@ public final class FlowMonitor: @unchecked Sendable {
         record.bytesSent = s.bytes_sent
         record.bytesReceived = s.bytes_received
         record.closedAt = WallTime(bootNanoseconds: time)
-        record.closeReason = tcpCloseReason(lastState: s.last_state)
+        record.closeReason = TCPState(s.last_state).closeReason
         record.stats = CloseStats(segmentsOut: s.segs_out, segmentsIn: s.segs_in, retransmits: s.retransmits,
                                   smoothedRTTMicroseconds: s.srtt_us)
     }
 
-    /// Gives back closes the journal now holds (or that need not be kept): their kernel
-    /// entries are deleted by the poll thread. Any thread.
-    public func release(_ receipts: [CloseReceipt]) {
-        guard !receipts.isEmpty else { return }
-        releases.withLock { $0 += receipts }
-    }
-
-    /// Closes released so far whose entries are still waiting to be deleted.
-    public var pendingReleases: Int { releases.withLock { $0.count } }
-
-    private func deleteReleased() {
-        let receipts = releases.withLock { r in defer { r.removeAll(keepingCapacity: true) }; return r }
-        guard !receipts.isEmpty else { return }
-        var cookies: [UInt64] = [], keys: [UInt64] = []
-        for r in receipts {
-            switch r {
-            case .tcpEntry(let cookie): cookies.append(cookie); closedTCP.remove(cookie)
-            case .outbox(let key): keys.append(key)
-            }
-        }
-        programs.deleteEntries(FTBPF_MAP_TCP_FLOWS, keys: cookies)
-        programs.deleteEntries(FTBPF_MAP_OUTBOX, keys: keys)
-    }
-
-    /// After the kernel lost events (ring buffer full: the agent was stopped or too slow),
-    /// the TCP map is the truth: closes never reported are reported from their closed
-    /// entries, opens never reported from live ones. Checked once a second.
-    private func reconcileAfterLoss() {
-        let now = BootClock.nowNanoseconds()
-        guard now &- lastLossCheck >= 1_000_000_000 else { return }
-        lastLossCheck = now
-        let lost = programs.lostEvents
-        guard lost != lostSeen else { return }
-        lostSeen = lost
-        var opened = 0, closed = 0
-        for e in programs.tcpEntries() {
-            let cookie = e.flow.cookie
-            if e.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) != 0 {
-                guard !closedTCP.contains(cookie) else { continue }
-                closedTCP.insert(cookie)
-                if liveTCP.remove(cookie) == nil {
-                    // Its open was lost too: report it, so the close has a flow to end.
-                    emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: e.flow.opened_ns), record: makeRecord(e.flow)))
-                }
-                var record = makeRecord(e.flow)
-                Self.applyClose(e.stats, at: e.closed_ns, to: &record)
-                emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: e.closed_ns), record: record, receipt: .tcpEntry(cookie: cookie)))
-                closed += 1
-            } else if e.flow.flags & UInt8(FT_FLOW_PENDING_ACCEPT.rawValue) == 0, !liveTCP.contains(cookie) {
-                liveTCP.insert(cookie)
-                emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: e.flow.opened_ns), record: makeRecord(e.flow)))
-                opened += 1
-            }
-        }
-        reconciled.add(1, ordering: .relaxed)
-        reconciledFlows.add(opened + closed, ordering: .relaxed)
-    }
-
-    /// Times the live flows were reconciled with the kernel's map after lost events, and
-    /// the opens and closes that recovered.
-    public var reconciliations: Int { reconciled.load(ordering: .relaxed) }
-    public var reconciledFlowCount: Int { reconciledFlows.load(ordering: .relaxed) }
-    private let reconciled = Atomic<Int>(0)
-    private let reconciledFlows = Atomic<Int>(0)
-
-    /// Stops reading, drains the ring buffer and ends `events`. Idempotent.
-    public func stop() {
-        let wasStopped = stopping.exchange(true, ordering: .relaxed)
-        guard !wasStopped, thread != nil else { return }
-        done.wait()
-    }
-
-    // MARK: - Poll thread
-
-    private func emit(_ e: FlowEvent) {
-        batch.append(e)
-    }
-
-    /// Hands the events gathered since the last call to the consumer. Past `bufferLimit`
-    /// waiting events a batch is dropped (and counted) rather than growing without bound.
-    private func flushBatch() {
-        guard !batch.isEmpty else { return }
-        let n = batch.count
-        if queued.value.load(ordering: .relaxed) + n > bufferLimit {
-            droppedEvents.add(n, ordering: .relaxed)
-        } else {
-            queued.value.add(n, ordering: .relaxed)
-            if case .terminated = continuation.yield(batch) { queued.value.subtract(n, ordering: .relaxed) }
-        }
-        batch = []
-        batch.reserveCapacity(64)
-    }
-
-    /// Events dropped because the consumer fell more than `bufferLimit` behind.
-    public var eventsDroppedInAgent: Int { droppedEvents.load(ordering: .relaxed) }
-    private let droppedEvents = Atomic<Int>(0)
-
-    private func handle(_ data: UnsafeRawPointer, _ len: Int) {
-        guard len >= MemoryLayout<ft_event>.size else { return }
-        let ev = data.loadUnaligned(as: ft_event.self)
-        switch ev.kind {
-        case FT_EV_OPEN.rawValue:
-            if ev.flow.tuple.protocol == 6 {
-                // Already reported (adopted at start, or by a reconcile), or closed already.
-                guard !closedTCP.contains(ev.flow.cookie), liveTCP.insert(ev.flow.cookie).inserted else { return }
-            }
-            let record = makeRecord(ev.flow)
-            if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
-                relayHandler?(.opened(slot: ev.flow.relay_slot, record: record))
-            }
-            if record.protocol == .udp { udpByCookie[ev.flow.cookie, default: []].insert(UDPKey(ev.flow)) }
-            emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.time_ns), record: record))
-        case FT_EV_CLOSE.rawValue:
-            let cookie = ev.flow.cookie
-            guard closedTCP.insert(cookie).inserted else { return } // reported at start or by a reconcile
-            if liveTCP.remove(cookie) == nil {
-                // Its open was lost (ring buffer full): report it first, so the close ends a flow.
-                emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: ev.flow.opened_ns), record: makeRecord(ev.flow)))
-            }
-            var record = makeRecord(ev.flow)
-            Self.applyClose(ev.stats, at: ev.time_ns, to: &record)
-            if ev.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0 {
-                relayHandler?(.closed(cookie: cookie, slot: ev.flow.relay_slot, reason: record.closeReason ?? "closed"))
-            }
-            emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record,
-                           receipt: .tcpEntry(cookie: cookie)))
-        case FT_EV_RELAY_STATE.rawValue:
-            // FIN_WAIT1: the process sent its FIN; CLOSE_WAIT: the peer's arrived.
-            let cookie = ev.flow.cookie
-            relayHandler?(ev.stats.pad == 4 ? .finSent(cookie: cookie) : .finReceived(cookie: cookie))
-        case FT_EV_SOCK_RELEASE.rawValue:
-            closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
-        default:
-            break
-        }
-    }
+    // MARK: - Flows older than the agent, and UDP
 
     /// Flows found at start end when sock_diag no longer lists them (they get no
     /// sock_ops callback); their counters are the last seen.
@@ -341,29 +359,11 @@ public final class FlowMonitor: @unchecked Sendable {
             seededTCP.removeValue(forKey: cookie)
             record.closedAt = WallTime(bootNanoseconds: now)
             record.closeReason = "closed"
-            let receipt = keep(FlowRecordBuilder.kernelFlow(record), stats: nil, at: now, reason: FT_CLOSE_SEEDED, bytes: (record.bytesSent, record.bytesReceived))
+            var stats = ft_close_stats()
+            stats.bytes_sent = record.bytesSent
+            stats.bytes_received = record.bytesReceived
+            let receipt = pending.keep(Self.outboxEvent(FlowRecordBuilder.kernelFlow(record), stats, at: now, reason: FT_CLOSE_SEEDED))
             emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: now), record: record, receipt: receipt))
-        }
-    }
-
-    /// A live relayed TCP flow as the kernel holds it now (its open may not be reported
-    /// yet: inbound flows are reported at accept, their bytes can come first).
-    public func liveRelayedFlow(cookie: UInt64) -> (slot: UInt32, record: FlowRecord)? {
-        var key = cookie
-        var entry = ft_tcp_entry()
-        guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_TCP_FLOWS), &key, &entry) == 0,
-              entry.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0,
-              entry.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) == 0 else { return nil }
-        return (entry.flow.relay_slot, makeRecord(entry.flow))
-    }
-
-    /// From the TCP state before TCP_CLOSE: straight from ESTABLISHED or a handshake state
-    /// is a reset; from the FIN states an orderly close.
-    static func tcpCloseReason(lastState: UInt32) -> String {
-        switch lastState {
-        case 1, 2, 3: return "reset"        // ESTABLISHED, SYN_SENT, SYN_RECV
-        case 4, 5, 6, 8, 9, 11: return "fin" // FIN_WAIT1/2, TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
-        default: return "closed"
         }
     }
 
@@ -380,46 +380,30 @@ public final class FlowMonitor: @unchecked Sendable {
     }
 
     private func emitUDPClose(_ value: ft_udp_flow, at time: UInt64, reason: ft_close_reason) {
-        var record = makeRecord(value.flow)
-        record.closeReason = Self.outboxReason(reason.rawValue)
-        record.bytesSent = value.bytes_sent
-        record.bytesReceived = value.bytes_received
-        record.closedAt = WallTime(bootNanoseconds: time)
-        record.stats = CloseStats(segmentsOut: UInt32(truncatingIfNeeded: value.packets_sent),
-                                  segmentsIn: UInt32(truncatingIfNeeded: value.packets_received))
         var stats = ft_close_stats()
+        stats.bytes_sent = value.bytes_sent
+        stats.bytes_received = value.bytes_received
         stats.segs_out = UInt32(truncatingIfNeeded: value.packets_sent)
         stats.segs_in = UInt32(truncatingIfNeeded: value.packets_received)
-        let receipt = keep(value.flow, stats: stats, at: time, reason: reason, bytes: (value.bytes_sent, value.bytes_received))
+        var record = makeRecord(value.flow)
+        Self.applyClose(stats, at: time, to: &record)
+        record.closeReason = Self.outboxReason(reason.rawValue)
+        record.stats = CloseStats(segmentsOut: stats.segs_out, segmentsIn: stats.segs_in)
+        let receipt = pending.keep(Self.outboxEvent(value.flow, stats, at: time, reason: reason))
         emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record, receipt: receipt))
     }
 
-    /// Writes a close the agent made into the pinned outbox, where it survives a crash of
-    /// the agent until journaled; nil when the outbox is full (counted).
-    private func keep(_ flow: ft_flow, stats: ft_close_stats?, at time: UInt64, reason: ft_close_reason,
-                      bytes: (UInt64, UInt64)) -> CloseReceipt? {
+    static func outboxEvent(_ flow: ft_flow, _ stats: ft_close_stats, at time: UInt64, reason: ft_close_reason) -> ft_event {
         var ev = ft_event()
         ev.kind = FT_EV_CLOSE.rawValue
         ev.close_reason = reason.rawValue
         ev.time_ns = time
         ev.flow = flow
-        if let stats { ev.stats = stats }
-        ev.stats.bytes_sent = bytes.0
-        ev.stats.bytes_received = bytes.1
-        var key = nextOutboxKey
-        guard ftbpf_map_update(programs.mapFD(FTBPF_MAP_OUTBOX), &key, &ev, 1 /* BPF_NOEXIST */) == 0 else {
-            outboxFull.add(1, ordering: .relaxed)
-            return nil
-        }
-        nextOutboxKey += 1
-        return .outbox(key: key)
+        ev.stats = stats
+        return ev
     }
 
-    /// Agent-made closes that found the outbox full (journal far behind): not crash-safe.
-    public var outboxFullCount: Int { outboxFull.load(ordering: .relaxed) }
-    private let outboxFull = Atomic<Int>(0)
-
-    /// UDP has no close: a flow idle for `udpIdleTimeout` ends (checked every few seconds).
+    /// UDP has no close: a flow idle for `udpIdleTimeout` ends (checked every second).
     private func expireIdleUDP() {
         let now = BootClock.nowNanoseconds()
         guard now - lastIdleScan >= 1_000_000_000 else { return }
@@ -441,126 +425,21 @@ public final class FlowMonitor: @unchecked Sendable {
     }
 }
 
-/// Converts kernel flows into records (shared by the monitor and resynchronisation).
-public enum FlowRecordBuilder {
-    /// The kernel form of a record made in user space (a flow older than the agent), for
-    /// the outbox: the owner is found again by pid in the process table.
-    static func kernelFlow(_ r: FlowRecord) -> ft_flow {
-        var f = ft_flow()
-        f.cookie = r.flow
-        f.netns_cookie = r.netns
-        f.opened_ns = r.openedBootNanoseconds != 0 ? r.openedBootNanoseconds
-            : UInt64(bitPattern: r.openedAt.nanoseconds &- BootClock.realtimeOffset)
-        f.direction = UInt8(r.direction == .inbound ? FT_DIR_INBOUND.rawValue : FT_DIR_OUTBOUND.rawValue)
-        let v4 = r.local.address.isIPv4 && r.remote.address.isIPv4
-        f.tuple.family = UInt8(v4 ? AF_INET : AF_INET6)
-        f.tuple.protocol = r.protocol == .udp ? 17 : 6
-        f.tuple.local_port = r.local.port
-        f.tuple.remote_port = r.remote.port
-        withUnsafeMutableBytes(of: &f.tuple.local) { raw in for (i, b) in r.local.address.bytes(v4: v4).enumerated() { raw[i] = b } }
-        withUnsafeMutableBytes(of: &f.tuple.remote) { raw in for (i, b) in r.remote.address.bytes(v4: v4).enumerated() { raw[i] = b } }
-        f.owner.tgid = r.process.pid
-        f.owner.tid = r.process.tid
-        f.owner.uid = r.process.uid
-        f.owner.gid = r.process.gid
-        f.owner.cgroup_id = r.process.cgroup
-        f.owner.attribution = UInt8(r.attribution == .unknown ? FT_ATTR_UNKNOWN.rawValue : FT_ATTR_KERNEL.rawValue)
-        setCString(&f.owner.comm, r.process.comm)
-        return f
-    }
-
-    public static func record(_ f: ft_flow, processes: ProcessTable) -> FlowRecord {
-        var f = f
-        let t = f.tuple
-        let family = Int32(t.family)
-        let local = withUnsafeBytes(of: t.local) { IPAddress(raw: $0, family: family) }
-        let remote = withUnsafeBytes(of: t.remote) { IPAddress(raw: $0, family: family) }
-        let wireFamily: AddressFamily = (remote.isIPv4 || (local.isIPv4 && remote.isUnspecified)) ? .ipv4 : .ipv6
-        let owner = f.owner
-        let entry = processes.resolve(tgid: owner.tgid, startNanoseconds: owner.proc_start_ns)
-        let attribution: Attribution
-        switch owner.attribution {
-        case UInt8(FT_ATTR_KERNEL.rawValue): attribution = entry?.seeded == true ? .seeded : .kernel
-        case UInt8(FT_ATTR_INHERITED.rawValue): attribution = .inherited
-        default: attribution = .unknown
-        }
-        let process = ProcessOwner(pid: owner.tgid, tid: owner.tid, exe: entry?.exe ?? "",
-                                   comm: cString(&f.owner.comm), uid: owner.uid, gid: owner.gid,
-                                   cgroup: owner.cgroup_id)
-        var record = FlowRecord(
-            flow: f.cookie, netns: f.netns_cookie,
-            protocol: t.protocol == 17 ? .udp : .tcp, family: wireFamily,
-            direction: f.direction == UInt8(FT_DIR_INBOUND.rawValue) ? .inbound : .outbound,
-            local: Endpoint(address: local, port: t.local_port),
-            remote: Endpoint(address: remote, port: t.remote_port),
-            process: process, attribution: attribution,
-            openedAt: WallTime(bootNanoseconds: f.opened_ns))
-        record.openedBootNanoseconds = f.opened_ns
-        return record
-    }
+/// What the monitor had to recover from, for stats and metrics.
+public struct MonitorHealth: Sendable, Equatable {
+    /// Events dropped because the consumer fell too far behind (reported again by a reconcile).
+    public var eventsDroppedInAgent: Int
+    /// Agent-made closes that found the outbox full (not crash-safe).
+    public var outboxFull: Int
+    /// Reconciliations with the kernel's maps after lost events, and the flows they reported.
+    public var reconciliations: Int
+    public var reconciledFlows: Int
+    /// Closes a previous agent left unjournaled, reported at start.
+    public var recoveredCloses: Int
 }
 
-/// A UDP flow-map key as a hashable value (its raw bytes).
-struct UDPKey: Hashable {
-    var raw: ft_udp_key
-
-    init(raw: ft_udp_key) { self.raw = raw }
-    init(_ f: ft_flow) {
-        raw = ft_udp_key()
-        raw.netns_cookie = f.netns_cookie
-        raw.tuple = f.tuple
-    }
-
-    static func == (a: UDPKey, b: UDPKey) -> Bool {
-        var x = a.raw, y = b.raw
-        return memcmp(&x, &y, MemoryLayout<ft_udp_key>.size) == 0
-    }
-
-    func hash(into h: inout Hasher) {
-        var x = raw
-        withUnsafeBytes(of: &x) { h.combine(bytes: $0) }
-    }
-}
-
-final class EventCounter: Sendable {
-    let value = Atomic<Int>(0)
-}
-
-/// The monitor's events; counts what its consumer takes, so a consumer can tell when a
-/// burst has ended (`FlowMonitor.pendingEvents == 0`) and flush its output then.
-public struct FlowEvents: AsyncSequence, Sendable {
-    public typealias Element = FlowEvent
-    let base: AsyncStream<[FlowEvent]>
-    let counter: EventCounter
-
-    public struct AsyncIterator: AsyncIteratorProtocol {
-        var base: AsyncStream<[FlowEvent]>.AsyncIterator
-        let counter: EventCounter
-        var current: [FlowEvent] = []
-        var index = 0
-
-        public mutating func next() async -> FlowEvent? {
-            while index == current.count {
-                guard let batch = await base.next() else { return nil }
-                current = batch
-                index = 0
-            }
-            defer { index += 1 }
-            counter.value.subtract(1, ordering: .relaxed)
-            return current[index]
-        }
-    }
-
-    public func makeAsyncIterator() -> AsyncIterator {
-        AsyncIterator(base: base.makeAsyncIterator(), counter: counter)
-    }
-}
-
-extension IPAddress {
-    /// The 16 ABI bytes for a socket of family AF_INET (`v4`) or AF_INET6 (an IPv4
-    /// address then as `::ffff:a.b.c.d`).
-    func bytes(v4: Bool) -> [UInt8] {
-        guard !v4, case .v4(let a) = self else { return bytes }
-        return Array(repeating: 0, count: 10) + [0xff, 0xff, UInt8(a >> 24), UInt8(a >> 16 & 0xff), UInt8(a >> 8 & 0xff), UInt8(a & 0xff)]
-    }
+final class MonitorCounters: Sendable {
+    let droppedEvents = Atomic<Int>(0)
+    let reconciled = Atomic<Int>(0)
+    let reconciledFlows = Atomic<Int>(0)
 }

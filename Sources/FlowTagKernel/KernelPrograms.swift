@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CFlowTagBPF
+import Foundation
 import Synchronization
 
 /// Sizes of the kernel maps. Zero keeps the object's default.
@@ -133,17 +134,49 @@ public final class KernelPrograms: @unchecked Sendable {
         return info
     }
 
-    /// Why the pins at `directory` are not this build's for `cgroup`, or nil when they are.
-    public static func adoptionRefusal(pinsAt directory: String, cgroup: String) -> String? {
-        guard let info = pinnedBuild(at: directory) else { return "they were made by an older flowtag build" }
+    /// Why the pins at `directory` cannot be adopted for `cgroup`, or nil when they can.
+    public static func adoptionRefusal(pinsAt directory: String, cgroup: String) -> AdoptionRefusal? {
+        guard let info = pinnedBuild(at: directory) else { return .olderBuild }
         if info.object_hash != objectHash || info.abi_version != UInt32(FT_ABI_VERSION) {
-            return "they were made by another flowtag build (object \(hex(info.object_hash)), this one \(hex(objectHash)))"
+            return .otherBuild("they were made by another flowtag build (object \(hex(info.object_hash)), this one \(hex(objectHash)))")
         }
         let id = Cgroup2.id(of: cgroup) ?? 0
         if info.cgroup_id != id {
-            return "they are attached to another cgroup (id \(info.cgroup_id), not \(cgroup), id \(id))"
+            return .otherCgroup("they are attached to another cgroup (id \(info.cgroup_id), not \(cgroup), id \(id))")
+        }
+        let links = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/links"))?.count ?? 0
+        let expected = Int(ftbpf_expected_links())
+        if links != expected {
+            return .incomplete("the set is incomplete (\(links) of \(expected) links: a start that did not finish)")
         }
         return nil
+    }
+
+    /// Why pins are not adopted; the cases say what their maps can still be read for.
+    public enum AdoptionRefusal: Sendable, CustomStringConvertible {
+        /// No build identity: maps of another ABI, and possibly an agent of that build still running.
+        case olderBuild
+        /// Another ABI: nothing in them can be read.
+        case otherBuild(String)
+        /// This build's maps, another cgroup: their unjournaled closes can be read first.
+        case otherCgroup(String)
+        /// This build, pinned partly.
+        case incomplete(String)
+
+        public var description: String {
+            switch self {
+            case .olderBuild: return "they were made by an older flowtag build"
+            case .otherBuild(let why), .otherCgroup(let why), .incomplete(let why): return why
+            }
+        }
+
+        /// Whether the maps are this build's (their closes can be read before they go).
+        public var sameABI: Bool {
+            switch self {
+            case .otherCgroup, .incomplete: return true
+            case .olderBuild, .otherBuild: return false
+            }
+        }
     }
 
     /// Removes whatever is pinned under `directory` (links detach their programs as their
@@ -199,9 +232,11 @@ public final class KernelPrograms: @unchecked Sendable {
         if Self.hasAnyPins(at: directory) {
             throw KernelError.pin("\(directory) already holds pins: another flowtag agent may be running (if none is, remove them with: rm -r \(directory))")
         }
+        createdPinDirectory = access(directory, F_OK) != 0
         let rc = ftbpf_pin(handle, directory)
         guard rc == 0 else {
             _ = ftbpf_unpin(handle, directory)
+            if createdPinDirectory { rmdir(directory) }
             throw KernelError.pin("\(directory): \(errnoText(-rc))")
         }
         pinDirectory = directory
@@ -210,9 +245,16 @@ public final class KernelPrograms: @unchecked Sendable {
     /// Detaches, unpins and frees everything. Safe to call more than once.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        if let dir = pinDirectory { _ = ftbpf_unpin(handle, dir) }
+        if let dir = pinDirectory {
+            _ = ftbpf_unpin(handle, dir)
+            // A directory `pin` made goes too; one that was there (an agent's lock) stays.
+            if createdPinDirectory { rmdir(dir) }
+        }
         ftbpf_destroy(handle)
     }
+
+    /// Whether `pin` created the pin directory (tests pin without an agent's lock).
+    private var createdPinDirectory = false
 
     /// Frees this object's handles and leaves the pins (and so the adopted programs)
     /// as they were, for the next agent to adopt. Safe to call more than once.

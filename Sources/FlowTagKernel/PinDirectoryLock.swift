@@ -45,8 +45,14 @@ public final class PinDirectoryLock: @unchecked Sendable {
     /// clean stop, after the pins are gone.
     public func releaseRemovingDirectory() {
         guard fd >= 0 else { return }
-        rmdir(path)
+        if holdsPath { rmdir(path) } // never a directory another agent made and locked since
         release()
+    }
+
+    /// Whether the path still names the directory this lock holds.
+    public var holdsPath: Bool {
+        var held = stat(), named = stat()
+        return fd >= 0 && fstat(fd, &held) == 0 && lstat(path, &named) == 0 && held.st_dev == named.st_dev && held.st_ino == named.st_ino
     }
 
     /// Lets go of the lock and leaves the directory.

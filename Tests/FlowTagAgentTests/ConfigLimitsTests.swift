@@ -9,12 +9,23 @@ struct ConfigLimitsTests {
         do { _ = try AgentConfig.parse(yaml); return nil } catch { return error }
     }
 
-    @Test("an alias bomb is refused after a bounded walk, naming the limit")
+    @Test("an alias bomb is refused before anything is built, also as a mapping key")
     func aliasBomb() {
         var yaml = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
         for i in 1...12 { yaml += "a\(i): &a\(i) [" + Array(repeating: "*a\(i - 1)", count: 10).joined(separator: ", ") + "]\n" }
         let e = Self.refusal(yaml)
-        #expect(e?.reason.contains("YAML nodes") == true, "\(String(describing: e))")
+        #expect(e?.reason.contains("YAML aliases") == true, "\(String(describing: e))")
+        let key = Self.refusal("a0: &a0 [x, x, x]\na1: &a1 [*a0, *a0, *a0]\nk: {*a1: 1}\n")
+        #expect(key?.reason.contains("YAML aliases") == true, "\(String(describing: key))")
+    }
+
+    @Test("more nodes than the limit, without aliases, are refused; at the limit they parse")
+    func nodeBudget() {
+        let over = "x: [" + Array(repeating: "1", count: AgentConfig.maxNodes).joined(separator: ",") + "]\n"
+        #expect(Self.refusal(over)?.reason.contains("YAML nodes") == true)
+        // The document, the mapping, the key and the list are 4 nodes: this many items fit.
+        let at = "x: [" + Array(repeating: "1", count: AgentConfig.maxNodes - 4).joined(separator: ",") + "]\n"
+        #expect(Self.refusal(at)?.reason.contains("YAML nodes") != true)
     }
 
     @Test("a file past 1 MiB is refused")

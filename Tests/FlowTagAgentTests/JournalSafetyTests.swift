@@ -50,13 +50,45 @@ struct JournalSafetyTests {
         defer { Self.remove(p) }
         let released = Released()
         let j = try Journal(path: p, release: { released.add($0) })
-        j.append(Self.record(1, closedAt: 1), receipt: .tcpEntry(cookie: 1))
+        j.append(Self.record(1, closedAt: 1), receipt: .tcpEntry(cookie: 1, openedNanoseconds: 5))
         j.append(Self.record(2, closedAt: 2), receipt: .outbox(key: 9))
         j.append(Self.record(3, closedAt: 3), receipt: nil)
         #expect(released.all.isEmpty)
         #expect(j.flush() == 3)
-        #expect(released.all == [.tcpEntry(cookie: 1), .outbox(key: 9)])
+        #expect(released.all == [.tcpEntry(cookie: 1, openedNanoseconds: 5), .outbox(key: 9)])
         #expect(j.pendingRows == 0)
+    }
+
+    @Test("while writes fail, receipts are held; past maxPending the oldest rows are dropped and their receipts given back; writes resume")
+    func failingWrites() async throws {
+        let p = Self.path()
+        defer { Self.remove(p) }
+        let released = Released()
+        let j = try Journal(path: p, maxPending: 10, release: { released.add($0) })
+        // The database may not grow past its current pages: every new row fails (SQLITE_FULL).
+        let pages = try await j.db.read { try Int.fetchOne($0, sql: "PRAGMA page_count") ?? 0 }
+        try await j.db.writeWithoutTransaction { try $0.execute(sql: "PRAGMA max_page_count = \(pages)") }
+        // Each row carries a long path: it needs new pages, which the limit refuses.
+        func big(_ i: Int) -> FlowRecord {
+            var r = Self.record(i, closedAt: Int64(1000 + i))
+            r.process.exe = "/" + String(repeating: "x", count: 20_000)
+            return r
+        }
+        for i in 0..<20 { j.append(big(i), receipt: .outbox(key: UInt64(i))) }
+        #expect(j.flush() == 0)
+        #expect(j.isFailing && j.writeErrors == 1)
+        // Failing: the queue is cut to maxPending, the 10 oldest dropped and given back.
+        #expect(j.pendingRows == 10 && j.droppedRows == 10)
+        #expect(Set(released.all) == Set((0..<10).map { CloseReceipt.outbox(key: UInt64($0)) }))
+        j.append(big(20), receipt: .outbox(key: 20))
+        #expect(j.pendingRows == 10 && j.droppedRows == 11, "a row past the bound while failing drops the oldest")
+        #expect(released.all.contains(.outbox(key: 10)))
+        // Space returns: what waits is written, then given back.
+        try await j.db.writeWithoutTransaction { try $0.execute(sql: "PRAGMA max_page_count = 1000000") }
+        #expect(j.flush() == 10)
+        #expect(!j.isFailing && j.pendingRows == 0)
+        #expect(Set(released.all) == Set((0...20).map { CloseReceipt.outbox(key: UInt64($0)) }))
+        #expect(try j.count() == 10)
     }
 
     @Test("a file of another program is refused, naming it; so is one of a newer flowtag")

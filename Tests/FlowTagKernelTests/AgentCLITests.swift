@@ -179,7 +179,12 @@ struct AgentCLITests {
             let port = try await waitForPort(portFile)
             let watcher = try Child([Paths.flowtag, "watch", "--port", "\(port)", "-o", "json", "--socket", a.socket])
             defer { watcher.kill() }
-            try await Task.sleep(for: .milliseconds(300))
+            // Until the agent counts the watcher (a fixed pause lost the race on a loaded machine).
+            for _ in 0..<250 {
+                let (_, out, _) = try a.cli(["stats", "-o", "json"])
+                if out.contains("\"watchers\":1") { break }
+                try await Task.sleep(for: .milliseconds(20))
+            }
             let (rc, _, _) = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
             #expect(rc == 0)
             let lines = try await watcher.waitForLines(2)
@@ -389,6 +394,30 @@ struct AgentCLITests {
         #expect(rows >= committed, "\(rows) rows after kill -9, \(committed) were committed before")
         storm.kill()
         _ = try? runCommand(["/usr/bin/rm", "-rf", a.pins])
+    }
+
+    @Test("a socket connected again after connect(AF_UNSPEC) keeps its cookie: two flows, both journaled once")
+    func reconnectedSocket() async throws {
+        let (sink, port) = try await startSink("drain")
+        defer { sink.kill() }
+        try await withAgent { a in
+            let client = try Child(a.cgroup.wrap([Paths.python, Paths.peer, "reconnect", "\(port)"]))
+            defer { client.kill() }
+            let line = try await client.waitForLines(1)[0]
+            let pid = try #require(line["pid"] as? Int)
+            var rows: [[String: Any]] = []
+            for _ in 0..<100 {
+                let (_, out, _) = try a.cli(["history", "--pid", "\(pid)", "--port", "\(port)", "-o", "json"])
+                rows = ((try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
+                if rows.count >= 2 { break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(rows.count == 2, "\(rows)")
+            #expect(Set(rows.compactMap { $0["flow"] as? Int }).count == 1, "one socket, one cookie")
+            #expect(rows.compactMap { $0["bytes_sent"] as? Int }.sorted() == [5, 7], "\(rows)")
+            let (_, live, _) = try a.cli(["flows", "--pid", "\(pid)", "--state", "open", "-o", "json"])
+            #expect(!live.contains("\"state\":\"open\""), "a flow of the reconnected socket stayed open: \(live)")
+        }
     }
 
     @Test("a bad config is refused at start with the key and the reason")

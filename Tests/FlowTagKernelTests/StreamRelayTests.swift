@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import FlowTagAgent
 @testable import FlowTagKernel
+@testable import FlowTagRelay
 import CFlowTagBPF
 
 #if canImport(Glibc)

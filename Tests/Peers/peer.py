@@ -158,12 +158,14 @@ def storm(port, count, exes, parallel):
             running.pop(0).wait()
     for p in running: p.wait()
 
-def connect_loop(port, count, ports_file, seconds="0"):
+def connect_loop(port, count, ports_file, seconds="0", udp_port="0"):
     """Connects `count` times (or for `seconds`, if nonzero) to 127.0.0.1:port, one
-    connection after the other, each closed at once. Writes every local port, one a line,
-    to `ports_file` (the ground truth), then prints {"pid", "connects"}."""
+    connection after the other, each closed at once; with `udp_port`, every fourth time
+    also one datagram from a new UDP socket, closed at once (a UDP flow each). Writes every
+    local port, one a line, to `ports_file` (UDP ones to ports_file.udp: the ground
+    truth), then prints {"pid", "connects", "datagrams"}."""
     deadline = time.monotonic() + float(seconds) if float(seconds) > 0 else None
-    ports, n = [], 0
+    ports, udp, n = [], [], 0
     while (deadline is None and n < int(count)) or (deadline is not None and time.monotonic() < deadline):
         try:
             c = socket.create_connection(("127.0.0.1", int(port)))
@@ -173,9 +175,38 @@ def connect_loop(port, count, ports_file, seconds="0"):
         ports.append(c.getsockname()[1])
         c.close()
         n += 1
+        if int(udp_port) and n % 4 == 0:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.sendto(b"x", ("127.0.0.1", int(udp_port)))
+            udp.append(u.getsockname()[1])
+            u.close()
     with open(ports_file, "w") as f:
         f.write("\n".join(map(str, ports)) + "\n")
-    print(json.dumps({"pid": os.getpid(), "connects": n}), flush=True)
+    if int(udp_port):
+        with open(ports_file + ".udp", "w") as f:
+            f.write("\n".join(map(str, udp)) + "\n")
+    print(json.dumps({"pid": os.getpid(), "connects": n, "datagrams": len(udp)}), flush=True)
+
+def reconnect(port):
+    """One TCP socket connected twice: connect, send, connect(AF_UNSPEC) (disconnects and
+    keeps the socket, and so its cookie), connect again, send, close. Prints its ports."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    s = socket.socket()
+    s.connect(("127.0.0.1", int(port)))
+    first = s.getsockname()[1]
+    s.sendall(b"first")
+    time.sleep(0.1)
+    unspec = (ctypes.c_ubyte * 16)()  # sa_family 0: AF_UNSPEC
+    if libc.connect(s.fileno(), ctypes.byref(unspec), 16) != 0:
+        raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+    time.sleep(0.1)
+    s.connect(("127.0.0.1", int(port)))
+    s.sendall(b"second!")
+    second = s.getsockname()[1]
+    time.sleep(0.1)
+    s.close()
+    print(json.dumps({"pid": os.getpid(), "first": first, "second": second}), flush=True)
 
 def watchers(sock_path, count, seconds):
     """`count` clients that ask /v1/watch and never read, for `seconds`; prints how many
@@ -218,5 +249,6 @@ if __name__ == "__main__":
      "accept-variants": accept_variants,
      "storm": lambda: storm(args[0], args[1], args[2], args[3]),
      "connect-loop": lambda: connect_loop(*args),
+     "reconnect": lambda: reconnect(args[0]),
      "watchers": lambda: watchers(*args),
      }[cmd]()

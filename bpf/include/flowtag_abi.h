@@ -126,8 +126,8 @@ struct ft_close_stats {
     ft_u32 segs_in;
     ft_u32 retransmits;
     ft_u32 srtt_us;
-    ft_u32 last_state; /* TCP state before TCP_CLOSE */
-    ft_u32 pad;
+    ft_u32 last_state; /* TCP state before TCP_CLOSE (FT_EV_FLOW_STATE: the old state) */
+    ft_u32 new_state;  /* FT_EV_FLOW_STATE: the new state; else 0 */
 };
 
 /* Value of the TCP flow map: the flow, and once FT_FLOW_CLOSED its close. 192 bytes. */
@@ -141,8 +141,8 @@ enum ft_event_kind {
     FT_EV_OPEN = 1,
     FT_EV_CLOSE = 2,
     FT_EV_SOCK_RELEASE = 3, /* a UDP socket was released: its flows end */
-    FT_EV_RELAY_STATE = 4,  /* a relayed flow sent (FIN_WAIT1) or got (CLOSE_WAIT) a FIN:
-                               stats.last_state is the old state, stats.pad the new one */
+    FT_EV_FLOW_STATE = 4,   /* a watched (relayed) flow sent (FIN_WAIT1) or got (CLOSE_WAIT) a
+                               FIN: stats.last_state is the old TCP state, stats.new_state the new */
 };
 
 /* Why the agent closed a flow it keeps in the outbox (ft_event.close_reason). */
@@ -166,6 +166,10 @@ struct ft_event {
 /* Closes the agent made itself (UDP idle or release, flows older than the agent) wait
  * in the pinned outbox map, keyed by the agent's sequence number, until journaled. */
 #define FT_OUTBOX_MAX 65536
+/* Outbox keys with this bit are the kernel's: the unjournaled close of a socket's earlier
+ * connection (reconnected after connect(AF_UNSPEC)), keyed by its cookie. The agent's own
+ * keys are sequence numbers below it. */
+#define FT_OUTBOX_MOVED (1ULL << 63)
 
 /* Identity of the programs pinned in a directory: a restarted agent adopts them only
  * when they are its own build, attached to the cgroup it was asked for. 24 bytes. */

@@ -99,6 +99,10 @@ int ftbpf_map_delete_many(int fd, const void *keys, uint32_t key_size, uint32_t 
  * keys and values packed). Returns the count, 0 at the end, or -errno. */
 int ftbpf_map_read_many(int fd, uint64_t *cursor, void *keys, void *values, uint32_t cap);
 
+/* How many links a complete set of this build's pins holds (programs not attached to a
+ * sockhash), or -errno. */
+int ftbpf_expected_links(void);
+
 /* FNV-1a of the BPF object this shim was built with: names the program build. */
 uint64_t ftbpf_object_hash(void);
 /* A duplicate of fd `target` of process `pid` (pidfd_open + pidfd_getfd), or -errno. */

@@ -7,6 +7,27 @@ import FlowContext
 import FlowTagKernel
 import Synchronization
 
+/// What the relay hears of its flows from the kernel (translated from the flow monitor's
+/// events about flows flagged FT_FLOW_RELAYED).
+enum RelayKernelEvent: Sendable {
+    case opened(slot: UInt32, record: FlowRecord)
+    /// The process half-closed (its FIN went out).
+    case finSent(cookie: UInt64)
+    /// The peer half-closed (its FIN arrived).
+    case finReceived(cookie: UInt64)
+    case closed(cookie: UInt64, slot: UInt32, reason: String)
+
+    init?(_ e: FlaggedFlowEvent) {
+        switch e.kind {
+        case .opened: self = .opened(slot: e.flow.relay_slot, record: e.record)
+        case .closed(let reason): self = .closed(cookie: e.flow.cookie, slot: e.flow.relay_slot, reason: reason)
+        case .stateChanged(_, .finWait1): self = .finSent(cookie: e.flow.cookie)
+        case .stateChanged(_, .closeWait): self = .finReceived(cookie: e.flow.cookie)
+        case .stateChanged: return nil
+        }
+    }
+}
+
 /// Counters of the stream relay (exported as metrics).
 public final class RelayCounters: Sendable {
     public let flows = Atomic<UInt64>(0)
@@ -34,6 +55,7 @@ public final class RelayCounters: Sendable {
 public final class StreamRelay: @unchecked Sendable {
     public let kernel: RelayKernel
     public let counters = RelayCounters()
+    private let processes: ProcessTable
     private let monitor: FlowMonitor
     private let callouts: [StreamCallout]
     private let poolSize: Int
@@ -65,6 +87,7 @@ public final class StreamRelay: @unchecked Sendable {
 
     public init(programs: KernelPrograms, monitor: FlowMonitor, rules: [StreamRule], callouts: [StreamCallout], poolSize: Int = 32) throws {
         self.kernel = RelayKernel(programs: programs)
+        self.processes = ProcessTable(programs: programs)
         self.monitor = monitor
         self.callouts = callouts
         self.poolSize = max(1, min(poolSize, Int(RelayKernel.maxSlots) / 2))
@@ -78,6 +101,9 @@ public final class StreamRelay: @unchecked Sendable {
         add(wakeFD)
         // Rules last: no flow is selected before the pool is ready.
         try kernel.setRules(rules)
+        monitor.watch(flags: UInt8(FT_FLOW_RELAYED.rawValue)) { [weak self] e in
+            if let event = RelayKernelEvent(e) { self?.handle(event) }
+        }
     }
 
     deinit {
@@ -86,7 +112,7 @@ public final class StreamRelay: @unchecked Sendable {
     }
 
     /// Kernel events about relayed flows (from the flow monitor's thread).
-    public func handle(_ event: RelayKernelEvent) {
+    func handle(_ event: RelayKernelEvent) {
         inbox.withLock { $0.append(event) }
         var one: UInt64 = 1
         _ = write(wakeFD, &one, 8)
@@ -116,6 +142,37 @@ public final class StreamRelay: @unchecked Sendable {
 
     /// Flows being relayed now.
     public var activeFlows: Int { activeCount.load(ordering: .relaxed) }
+
+    /// The relay's counters, for the agent's metrics and /v1/stats.
+    public var reportedValues: [ReportedValue] {
+        let c = counters, kernel = self.kernel
+        let bytes = "Bytes through the stream relay, by hop."
+        return [
+            ReportedValue(metric: "relay_flows", unit: "total", help: "Flows the stream relay took.", kind: .counter,
+                          statsField: "relayed_flows") { c.flows.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_active_flows", unit: "", help: "Flows relayed now.", kind: .gauge,
+                          statsField: "active_relayed_flows") { [weak self] in UInt64(self?.activeFlows ?? 0) },
+            ReportedValue(metric: "relay_bytes", unit: "total", help: bytes, labels: [("direction", "from_process")], kind: .counter) {
+                c.bytesFromProcess.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_bytes", unit: "total", help: bytes, labels: [("direction", "to_peer")], kind: .counter) {
+                c.bytesToPeer.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_bytes", unit: "total", help: bytes, labels: [("direction", "from_peer")], kind: .counter) {
+                c.bytesFromPeer.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_bytes", unit: "total", help: bytes, labels: [("direction", "to_process")], kind: .counter) {
+                c.bytesToProcess.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_undeliverable_bytes", unit: "total",
+                          help: "Relayed bytes dropped because their flow ended first (a FIN or reset overtook them).",
+                          kind: .counter, statsField: "relay_bytes_undeliverable") { c.bytesUndeliverable.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_hop_failures", unit: "total",
+                          help: "Relayed flows reset because a hop of their relay failed (the kernel dropped their bytes).",
+                          kind: .counter, statsField: "relay_hop_failures") { c.brokenHops.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_retransmit_trims", unit: "total",
+                          help: "Relayed segments whose head had already been received (a partial retransmission), cut before relaying.",
+                          kind: .counter) { kernel.retransmitTrimCount },
+            ReportedValue(metric: "relay_pool_empty", unit: "total", help: "Selected flows left direct because no relay slot was free.",
+                          kind: .counter, statsField: "relay_pool_empty") { kernel.poolEmptyCount },
+        ]
+    }
 
     /// The record of a flow being relayed (for reports about it, e.g. captures).
     public func record(flow: UInt64) -> FlowRecord? { records.withLock { $0[flow] } }
@@ -328,7 +385,7 @@ public final class StreamRelay: @unchecked Sendable {
             s.reportedLiveOwnerFailure = true
             FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): pid \(s.ownerPID) is alive but its socket was not reached: \(AppSocket.whyUnreachable(pid: s.ownerPID, cookie: c))\n".utf8))
         }
-        if unread == nil, let (_, record) = monitor.liveRelayedFlow(cookie: c), record.process.pid != 0, record.process.pid != s.ownerPID,
+        if unread == nil, let (_, record) = kernel.liveRelayedFlow(cookie: c, processes: processes), record.process.pid != 0, record.process.pid != s.ownerPID,
            AppSocket.isRunning(pid: record.process.pid) {
             // The socket changed hands (fd passing, the process that accepted): follow it.
             s.ownerPID = record.process.pid
@@ -430,7 +487,7 @@ public final class StreamRelay: @unchecked Sendable {
 
     private func bindFromKernel(_ s: RelaySlot) {
         guard let entry = kernel.slotEntry(s.number), entry.active, entry.appCookie != 0 else { return }
-        if let (slot, record) = monitor.liveRelayedFlow(cookie: entry.appCookie), slot == s.number {
+        if let (slot, record) = kernel.liveRelayedFlow(cookie: entry.appCookie, processes: processes), slot == s.number {
             bind(s, record: record)
         } else {
             // The flow map entry is gone (closed already): relay with the cookie alone.

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CFlowTagBPF
 import FlowTagCore
+import FlowTagKernel
 
 /// Which TCP flows the kernel hands to the stream relay. Every condition set must hold;
 /// a rule with none selects every TCP flow of the attached cgroup.
@@ -62,6 +63,17 @@ public final class RelayKernel: @unchecked Sendable {
     public static let maxSlots = UInt32(FT_RELAY_SLOTS_MAX)
 
     public init(programs: KernelPrograms) { self.programs = programs }
+
+    /// A live relayed TCP flow as the kernel holds it now (its open may not be reported
+    /// yet: inbound flows are reported at accept, their bytes can come first).
+    func liveRelayedFlow(cookie: UInt64, processes: ProcessTable) -> (slot: UInt32, record: FlowRecord)? {
+        var key = cookie
+        var entry = ft_tcp_entry()
+        guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_TCP_FLOWS), &key, &entry) == 0,
+              entry.flow.flags & UInt8(FT_FLOW_RELAYED.rawValue) != 0,
+              entry.flow.flags & UInt8(FT_FLOW_CLOSED.rawValue) == 0 else { return nil }
+        return (entry.flow.relay_slot, FlowRecordBuilder.record(entry.flow, processes: processes))
+    }
 
     deinit { if listener >= 0 { close(listener) } }
 
@@ -453,7 +465,7 @@ public enum AppSocket {
     static func cookieOf(_ fd: Int32) -> UInt64? {
         var value: UInt64 = 0
         var len = socklen_t(MemoryLayout<UInt64>.size)
-        return getsockopt(fd, SOL_SOCKET, 57 /* SO_COOKIE */, &value, &len) == 0 ? value : nil
+        return getsockopt(fd, SOL_SOCKET, SO_COOKIE, &value, &len) == 0 ? value : nil
     }
 
     /// A duplicate of the owner's fd for the socket with this cookie (close it after use).
