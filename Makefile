@@ -32,7 +32,7 @@ $(GEN)/flowtag.skel.h: $(BPF_BUILD)/flowtag.bpf.o
 	@mkdir -p $(GEN)
 	$(BPFTOOL) gen skeleton $< name flowtag_bpf > $@.tmp && mv $@.tmp $@
 	@# SwiftPM does not track the generated header: make the shim rebuild
-	touch Sources/CFlowTagBPF/shim.c
+	touch Sources/CFlowTagBPF/lifecycle.c
 
 bpf: $(GEN)/flowtag.skel.h
 

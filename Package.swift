@@ -30,19 +30,21 @@ let package = Package(
                        providers: [.apt(["libbpf-dev", "libelf-dev", "zlib1g-dev"])]),
         .target(name: "CFlowTagBPF", dependencies: ["CLibbpf"],
                 exclude: ["generated"]),
+        // Linux system calls Swift's Glibc cannot make directly (epoll, sock_diag, …).
+        .target(name: "CLinuxCalls"),
         .target(name: "FlowTagCore"),
-        .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF", "FlowTagCore"]),
+        .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF", "CLinuxCalls", "FlowTagCore"]),
         .target(name: "FlowContext", dependencies: ["FlowTagCore"]),
         // What the CLI needs and nothing more (no NIO, SQLite, libbpf): a small binary
         // starts in a fraction of the time (B4).
         .target(name: "FlowTagClient", dependencies: ["FlowTagCore"]),
         // The stream relay: stream callouts on selected TCP flows (docs/stream-relay.md).
         .target(name: "FlowTagRelay", dependencies: [
-            "FlowTagKernel", "FlowContext", "CFlowTagBPF",
+            "FlowTagKernel", "FlowContext", "CFlowTagBPF", "CLinuxCalls",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "FlowTagAgent", dependencies: [
-            "FlowTagKernel", "FlowContext", "FlowTagClient", "FlowTagRelay",
+            "FlowTagKernel", "FlowContext", "FlowTagClient", "FlowTagRelay", "CLinuxCalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,4 +1,4 @@
-import CFlowTagBPF
+import CLinuxCalls
 import Synchronization
 
 /// Gives the heap back after a burst of flows ended: their freed rows, batches, records and
@@ -23,6 +23,6 @@ final class HeapTrimmer: Sendable {
             s.trimmedAt = now
             return true
         }
-        if trim { ftbpf_heap_trim() }
+        if trim { lc_heap_trim() }
     }
 }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CFlowTagBPF
+import CLinuxCalls
 import FlowTagCore
 
 /// A TCP socket as sock_diag reports it.
@@ -28,7 +29,7 @@ public enum SockDiag {
         let box = Box()
         for family in [AF_INET, AF_INET6] {
             let rc = withExtendedLifetime(box) {
-                ftbpf_tcp_dump(family, states, { ctx, raw in
+                lc_tcp_dump(family, states, { ctx, raw in
                     guard let ctx, let raw else { return 0 }
                     let box = Unmanaged<Box>.fromOpaque(ctx).takeUnretainedValue()
                     var s = raw.pointee

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CFlowTagBPF
+import CLinuxCalls
 
 /// Why the kernel side could not start or stop. Every case names the problem and what
 /// to do about it; `exitCode` is what executables return.
@@ -82,7 +83,7 @@ public enum Cgroup2 {
 
     public static func isCgroup2(_ path: String) -> Bool {
         var type: Int64 = 0
-        return ftbpf_statfs_type(path, &type) == 0 && Int(type) == magic
+        return lc_statfs_type(path, &type) == 0 && Int(type) == magic
     }
 
     /// Opens a cgroup v2 directory for attaching; the caller closes the fd.
@@ -121,7 +122,7 @@ public enum BPFFS {
 
     public static func isMounted(at path: String) -> Bool {
         var type: Int64 = 0
-        return ftbpf_statfs_type(path, &type) == 0 && Int(type) == magic
+        return lc_statfs_type(path, &type) == 0 && Int(type) == magic
     }
 
     /// Finds the bpffs a pin directory would live on: the directory itself or its parent.

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CFlowTagBPF
+import CLinuxCalls
 import FlowTagCore
 import FlowTagKernel
 
@@ -345,7 +346,7 @@ public enum AppSocket {
     /// with a reset: ECONNRESET). Returns how it was done, nil when neither reached it.
     public static func reset(_ r: FlowRecord?, pid: UInt32, cookie: UInt64) -> String? {
         if let r, r.protocol == .tcp {
-            let rc = ftbpf_tcp_destroy(Int32(r.family == .ipv4 ? AF_INET : AF_INET6), r.local.address.bytes, r.local.port,
+            let rc = lc_tcp_destroy(Int32(r.family == .ipv4 ? AF_INET : AF_INET6), r.local.address.bytes, r.local.port,
                                        r.remote.address.bytes, r.remote.port, cookie)
             if rc == 0 { return "socket destroyed" }
         }
@@ -363,7 +364,7 @@ public enum AppSocket {
         defer { close(fd) }
         var state: UInt8 = 0
         var received: UInt64 = 0
-        guard ftbpf_tcp_progress(fd, &state, &received) == 0 else { return nil }
+        guard lc_tcp_progress(fd, &state, &received) == 0 else { return nil }
         // TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING: the peer's FIN came.
         return ([6, 7, 8, 9, 11].contains(state), received)
     }
@@ -390,7 +391,7 @@ public enum AppSocket {
         guard r.protocol == .tcp else { return nil }
         let family = r.family == .ipv4 ? AF_INET : AF_INET6
         var inode: UInt32 = 0
-        let rc = ftbpf_tcp_inode(Int32(family), r.local.address.bytes, r.local.port, r.remote.address.bytes, r.remote.port,
+        let rc = lc_tcp_inode(Int32(family), r.local.address.bytes, r.local.port, r.remote.address.bytes, r.remote.port,
                                  r.flow, &inode)
         return rc == 0 ? UInt64(inode) : nil
     }
@@ -429,7 +430,7 @@ public enum AppSocket {
         while let entry = readdir(dir) {
             let name = direntName(entry)
             guard let target = Int32(name), let link = readLink("/proc/\(pid)/fd/\(name)"), wanted(link) else { continue }
-            let fd = ftbpf_pidfd_getfd(Int32(bitPattern: pid), target)
+            let fd = lc_pidfd_getfd(Int32(bitPattern: pid), target)
             if visit(target, fd) { return true }
             if fd >= 0 { close(fd) }
         }
@@ -444,7 +445,7 @@ public enum AppSocket {
     /// still names the socket, else found again (and `hint` updated). Close it after use.
     static func duplicate(pid: UInt32, cookie: UInt64, hint: inout Int32?) -> Int32? {
         if let h = hint {
-            let d = ftbpf_pidfd_getfd(Int32(bitPattern: pid), h)
+            let d = lc_pidfd_getfd(Int32(bitPattern: pid), h)
             if d >= 0, cookieOf(d) == cookie { return d }
             if d >= 0 { close(d) }
         }

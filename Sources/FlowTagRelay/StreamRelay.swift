@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import CFlowTagBPF
+import CLinuxCalls
 import FlowContext
 import FlowTagKernel
 import Synchronization
@@ -59,8 +60,7 @@ public final class StreamRelay: @unchecked Sendable {
     private let monitor: FlowMonitor
     private let callouts: [StreamCallout]
     private let poolSize: Int
-    private let epfd: Int32
-    private let wakeFD: Int32
+    private let epoll: Epoll
     private let inbox = Mutex<[RelayKernelEvent]>([])
     private let stopping = Atomic<Bool>(false)
     private let done = DispatchSemaphore(value: 0)
@@ -92,13 +92,10 @@ public final class StreamRelay: @unchecked Sendable {
         self.callouts = callouts
         self.poolSize = max(1, min(poolSize, Int(RelayKernel.maxSlots) / 2))
         unusedNumbers = Array((0..<RelayKernel.maxSlots).reversed())
-        epfd = ftbpf_epoll_create()
-        wakeFD = ftbpf_eventfd()
-        guard epfd >= 0, wakeFD >= 0 else { throw KernelError.system("relay epoll", epfd < 0 ? -epfd : -wakeFD) }
+        epoll = try Epoll()
         try kernel.reset()
         try kernel.openListener()
         for _ in 0..<self.poolSize { try makeAndOffer() }
-        add(wakeFD)
         // Rules last: no flow is selected before the pool is ready.
         try kernel.setRules(rules)
         monitor.watch(flags: UInt8(FT_FLOW_RELAYED.rawValue)) { [weak self] e in
@@ -106,23 +103,17 @@ public final class StreamRelay: @unchecked Sendable {
         }
     }
 
-    deinit {
-        close(epfd)
-        close(wakeFD)
-    }
-
     /// Kernel events about relayed flows (from the flow monitor's thread).
     func handle(_ event: RelayKernelEvent) {
         inbox.withLock { $0.append(event) }
-        var one: UInt64 = 1
-        _ = write(wakeFD, &one, 8)
+        epoll.wake()
     }
 
     public func start() {
         let t = Thread { [self] in
             // Relayed bytes wait for this thread: it runs ahead of ordinary processes so a
             // busy machine does not slow every relayed flow (needs CAP_SYS_NICE; else as is).
-            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(ftbpf_gettid()), -10)
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(lc_gettid()), -10)
             run()
             done.signal()
         }
@@ -135,8 +126,7 @@ public final class StreamRelay: @unchecked Sendable {
     /// flow cleanly (shutdown: FIN to the peer, EOF to the process) and frees every slot.
     public func stop() {
         guard !stopping.exchange(true, ordering: .relaxed), thread != nil else { return }
-        var one: UInt64 = 1
-        _ = write(wakeFD, &one, 8)
+        epoll.wake()
         done.wait()
     }
 
@@ -182,32 +172,21 @@ public final class StreamRelay: @unchecked Sendable {
     // MARK: - Relay thread
 
     private func run() {
-        var fds = [Int32](repeating: 0, count: 64)
-        var events = [UInt32](repeating: 0, count: 64)
         var lastBusy = ContinuousClock.now
         while !stopping.load(ordering: .relaxed) {
             let waiting = slots.values.contains { $0.hasPendingOutput || $0.isPaused }
             // Busy-poll briefly after activity: the answer to what was just relayed often
             // comes within tens of µs, and a sleeping thread's wake-up costs about that.
             let spinning = ContinuousClock.now - lastBusy < Self.busyPoll
-            let n = ftbpf_epoll_wait(epfd, &fds, &events, 64, spinning ? 0 : waiting ? 1 : 100)
-            if n > 0 { lastBusy = ContinuousClock.now }
-            if n > 0 {
-                for i in 0..<Int(n) {
-                    let fd = fds[i]
-                    if fd == wakeFD {
-                        var v: UInt64 = 0
-                        _ = Glibc.read(wakeFD, &v, 8)
-                        continue
-                    }
-                    if let number = kernelEnds[fd] {
-                        if let s = slots[number] { hopBroke(s, why: "its kernel end: \(Self.socketError(fd))") }
-                        continue
-                    }
-                    if events[i] & 4 != 0, let (number, _) = byFD[fd], let s = slots[number] { flush(s) } // EPOLLOUT
-                    if events[i] & ~4 != 0 { readable(fd) }
+            let n = epoll.wait(milliseconds: spinning ? 0 : waiting ? 1 : 100) { fd, events in
+                if let number = kernelEnds[fd] {
+                    if let s = slots[number] { hopBroke(s, why: "its kernel end: \(Self.socketError(fd))") }
+                    return
                 }
+                if events.contains(.writable), let (number, _) = byFD[fd], let s = slots[number] { flush(s) }
+                if !events.subtracting(.writable).isEmpty { readable(fd) }
             }
+            if n > 0 { lastBusy = ContinuousClock.now }
             processInbox()
             // Also slots whose input is paused: their output may have drained meanwhile
             // (sessions deliver, and write, from inside indicate).
@@ -327,7 +306,7 @@ public final class StreamRelay: @unchecked Sendable {
     private func hopBroke(_ s: RelaySlot, why: String) {
         // Its sockets keep reporting the error or EOF: stop watching them.
         for fd in [s.sendFD, s.receiveFD] + s.sockets.kernelFDs {
-            _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)
+            epoll.remove(fd)
             interest.removeValue(forKey: fd)
         }
         guard !s.hopBroken else { return }
@@ -477,9 +456,9 @@ public final class StreamRelay: @unchecked Sendable {
             // receive queue through R'), whose room epoll cannot watch through the
             // agent's own socket: that one is always writable, and waiting for EPOLLOUT
             // on it spun. What could not be written is retried on the loop's 1 ms tick.
-            let want: UInt32 = s.readingEnabled(d) ? 1 : 0
+            let want: UInt32 = s.readingEnabled(d) ? Epoll.Events.readable.rawValue : 0
             if interest[fd] != want {
-                _ = ftbpf_epoll_ctl(epfd, 3, fd, want)
+                epoll.change(fd, to: Epoll.Events(rawValue: want))
                 interest[fd] = want
             }
         }
@@ -521,7 +500,7 @@ public final class StreamRelay: @unchecked Sendable {
         }
         if s.session != nil { activeCount.subtract(1, ordering: .relaxed) } else { offered -= 1 }
         for fd in [s.sendFD, s.receiveFD] + s.sockets.kernelFDs {
-            _ = ftbpf_epoll_ctl(epfd, 2, fd, 0)
+            epoll.remove(fd)
             byFD.removeValue(forKey: fd)
             kernelEnds.removeValue(forKey: fd)
             interest.removeValue(forKey: fd)
@@ -554,7 +533,7 @@ public final class StreamRelay: @unchecked Sendable {
             add(s.sendFD)
             add(s.receiveFD)
             for fd in sockets.kernelFDs {
-                _ = ftbpf_epoll_ctl(epfd, 1, fd, 0) // EPOLLERR and EPOLLHUP only: always reported
+                epoll.add(fd, for: []) // errors and hang-ups only: always reported
                 kernelEnds[fd] = number
             }
             try kernel.offer(number)
@@ -566,8 +545,8 @@ public final class StreamRelay: @unchecked Sendable {
     }
 
     private func add(_ fd: Int32) {
-        _ = ftbpf_epoll_ctl(epfd, 1, fd, 1 /* EPOLLIN */)
-        interest[fd] = 1
+        epoll.add(fd, for: .readable)
+        interest[fd] = Epoll.Events.readable.rawValue
     }
 
     private func setReading(_ s: RelaySlot, _ d: StreamDirection, _ on: Bool) {

@@ -105,51 +105,6 @@ int ftbpf_expected_links(void);
 
 /* FNV-1a of the BPF object this shim was built with: names the program build. */
 uint64_t ftbpf_object_hash(void);
-/* A duplicate of fd `target` of process `pid` (pidfd_open + pidfd_getfd), or -errno. */
-int ftbpf_pidfd_getfd(int pid, int target);
-
-/* A TCP socket's state and the payload bytes it has received (TCP_INFO), or -errno. */
-int ftbpf_tcp_progress(int fd, uint8_t *state, uint64_t *bytes_received);
-
-/* epoll and eventfd for the stream relay, without epoll_event's packed layout. */
-int ftbpf_epoll_create(void);
-int ftbpf_epoll_ctl(int epfd, int op, int fd, uint32_t events); /* op: 1 add, 2 del, 3 mod */
-/* Waits; fills fds/events; returns the count or -errno. */
-int ftbpf_epoll_wait(int epfd, int *fds, uint32_t *events, int max, int timeout_ms);
-int ftbpf_eventfd(void);
-int ftbpf_gettid(void);
-
-/* One TCP socket from sock_diag (NETLINK_SOCK_DIAG, INET_DIAG_INFO). */
-struct ftbpf_diag_sock {
-    uint8_t family;     /* AF_INET or AF_INET6 */
-    uint8_t state;      /* TCP state */
-    uint16_t local_port; /* host order */
-    uint16_t remote_port;
-    uint16_t pad;
-    uint32_t uid;
-    uint32_t inode;
-    uint8_t local[16];  /* network order; IPv4 in the first 4 bytes */
-    uint8_t remote[16];
-    uint64_t cookie;
-    uint64_t bytes_acked;    /* payload bytes sent (bytes_sent - bytes_retrans) */
-    uint64_t bytes_received; /* payload bytes received */
-};
-typedef int (*ftbpf_diag_fn)(void *ctx, const struct ftbpf_diag_sock *sock);
-/* Dumps the TCP sockets of one family in this network namespace, in the given states
- * (bit per TCP state). Returns the count, or -errno. */
-int ftbpf_tcp_dump(int family, uint32_t states, ftbpf_diag_fn fn, void *ctx);
-
-/* The inode of one TCP socket of this network namespace, by its exact 4-tuple and
- * cookie (addresses in network order, IPv4 in the first 4 bytes). 0, or -errno
- * (-ENOENT: no such socket in this namespace). */
-int ftbpf_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                    uint16_t remote_port, uint64_t cookie, uint32_t *inode);
-/* Aborts one TCP socket of this network namespace, found the same way (SOCK_DESTROY,
- * as `ss -K`: RST to the peer, ECONNABORTED to the process). 0, or -errno (-ENOENT:
- * no such socket; -EOPNOTSUPP: a kernel without CONFIG_INET_DIAG_DESTROY). */
-int ftbpf_tcp_destroy(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                      uint16_t remote_port, uint64_t cookie);
-
 /* Queue maps: push a value; pop one (-ENOENT when empty). */
 int ftbpf_queue_push(int fd, const void *value);
 int ftbpf_queue_pop(int fd, void *value);
@@ -159,12 +114,6 @@ int ftbpf_percpu_sum(int fd, uint32_t index, uint64_t *sum);
 /* Feature probe: 0 when this kernel can run the programs; otherwise -errno and
  * *missing names the first missing program or map type. */
 int ftbpf_probe(char *missing, size_t missing_len);
-
-/* statfs(2) f_type of a path (bpffs and cgroup2 checks); Swift's Glibc lacks statfs. */
-int ftbpf_statfs_type(const char *path, int64_t *type);
-
-/* Returns freed heap memory to the kernel (malloc_trim; Swift's Glibc lacks it). */
-void ftbpf_heap_trim(void);
 
 /* Number of possible CPUs (per-CPU map value counts). */
 int ftbpf_num_cpus(void);

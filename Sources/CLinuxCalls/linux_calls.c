@@ -1,0 +1,240 @@
+#include "linux_calls.h"
+
+#include <errno.h>
+#include <malloc.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/vfs.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
+#include <linux/tcp.h>
+
+void lc_heap_trim(void) { malloc_trim(0); }
+int lc_statfs_type(const char *path, int64_t *type)
+{
+    struct statfs st;
+    if (statfs(path, &st))
+        return -errno;
+    *type = (int64_t)st.f_type;
+    return 0;
+}
+
+int lc_pidfd_getfd(int pid, int target)
+{
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0)
+        return -errno;
+    int fd = (int)syscall(SYS_pidfd_getfd, pidfd, target, 0);
+    int rc = fd < 0 ? -errno : fd;
+    close(pidfd);
+    return rc;
+}
+
+int lc_tcp_progress(int fd, uint8_t *state, uint64_t *bytes_received)
+{
+    struct tcp_info info = {0};
+    socklen_t len = sizeof(info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0)
+        return -errno;
+    *state = info.tcpi_state;
+    *bytes_received = info.tcpi_bytes_received;
+    return 0;
+}
+
+int lc_epoll_create(void)
+{
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int lc_epoll_ctl(int epfd, enum lc_epoll_op op, int fd, uint32_t events)
+{
+    struct epoll_event ev = { .events = events, .data.fd = fd };
+    return epoll_ctl(epfd, (int)op, fd, &ev) ? -errno : 0;
+}
+
+int lc_epoll_wait(int epfd, int *fds, uint32_t *events, int max, int timeout_ms)
+{
+    struct epoll_event evs[64];
+    if (max > 64)
+        max = 64;
+    int n = epoll_wait(epfd, evs, max, timeout_ms);
+    if (n < 0)
+        return -errno;
+    for (int i = 0; i < n; i++) {
+        fds[i] = evs[i].data.fd;
+        events[i] = evs[i].events;
+    }
+    return n;
+}
+
+int lc_eventfd(void)
+{
+    int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    return fd < 0 ? -errno : fd;
+}
+
+int lc_gettid(void) { return (int)syscall(SYS_gettid); }
+
+/* Sends one TCP sock_diag request (a dump when `id` is NULL, else the one socket `id`
+ * names); returns the netlink socket to read the answer from, or -errno. */
+static int diag_request(uint16_t type, int family, uint32_t states, uint8_t ext, const struct inet_diag_sockid *id)
+{
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0)
+        return -errno;
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 req;
+    } msg = {0};
+    msg.nlh.nlmsg_len = sizeof(msg);
+    msg.nlh.nlmsg_type = type;
+    msg.nlh.nlmsg_flags = NLM_F_REQUEST | (id ? 0 : NLM_F_DUMP) | (type == SOCK_DESTROY ? NLM_F_ACK : 0);
+    msg.req.sdiag_family = (uint8_t)family;
+    msg.req.sdiag_protocol = IPPROTO_TCP;
+    msg.req.idiag_states = states;
+    msg.req.idiag_ext = ext;
+    if (id)
+        msg.req.id = *id;
+    struct sockaddr_nl nl = { .nl_family = AF_NETLINK };
+    if (sendto(fd, &msg, sizeof(msg), 0, (struct sockaddr *)&nl, sizeof(nl)) < 0) {
+        int rc = -errno;
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+static struct inet_diag_sockid exact_sockid(int family, const uint8_t local[16], uint16_t local_port,
+                                            const uint8_t remote[16], uint16_t remote_port, uint64_t cookie)
+{
+    struct inet_diag_sockid id = {0};
+    id.idiag_sport = htons(local_port);
+    id.idiag_dport = htons(remote_port);
+    memcpy(id.idiag_src, local, family == AF_INET ? 4 : 16);
+    memcpy(id.idiag_dst, remote, family == AF_INET ? 4 : 16);
+    id.idiag_cookie[0] = (uint32_t)cookie;
+    id.idiag_cookie[1] = (uint32_t)(cookie >> 32);
+    return id;
+}
+
+/* One request about one socket, by exact 4-tuple and cookie, and its one reply in buf:
+ * the reply's length, or -errno. */
+static ssize_t diag_exact(uint16_t type, int family, const uint8_t local[16], uint16_t local_port,
+                          const uint8_t remote[16], uint16_t remote_port, uint64_t cookie, char *buf, size_t len)
+{
+    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
+    int fd = diag_request(type, family, ~0u, 0, &id);
+    if (fd < 0)
+        return fd;
+    ssize_t n;
+    do { n = recv(fd, buf, len, 0); } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        n = -errno;
+    close(fd);
+    return n;
+}
+
+int lc_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
+{
+    char buf[4096];
+    ssize_t n = diag_exact(SOCK_DIAG_BY_FAMILY, family, local, local_port, remote, remote_port, cookie, buf, sizeof(buf));
+    if (n < 0)
+        return (int)n;
+    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+        if (h->nlmsg_type == NLMSG_ERROR) {
+            struct nlmsgerr *e = NLMSG_DATA(h);
+            return e->error < 0 ? e->error : -EIO;
+        }
+        if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
+            *inode = ((struct inet_diag_msg *)NLMSG_DATA(h))->idiag_inode;
+            return 0;
+        }
+    }
+    return -EIO;
+}
+
+int lc_tcp_destroy(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
+                      uint16_t remote_port, uint64_t cookie)
+{
+    char buf[1024];
+    ssize_t n = diag_exact(SOCK_DESTROY, family, local, local_port, remote, remote_port, cookie, buf, sizeof(buf));
+    if (n < 0)
+        return (int)n;
+    struct nlmsghdr *h = (struct nlmsghdr *)buf;
+    if (NLMSG_OK(h, (size_t)n) && h->nlmsg_type == NLMSG_ERROR)
+        return ((struct nlmsgerr *)NLMSG_DATA(h))->error; /* 0: acknowledged */
+    return -EIO;
+}
+
+int lc_tcp_dump(int family, uint32_t states, lc_diag_fn fn, void *ctx)
+{
+    int fd = diag_request(SOCK_DIAG_BY_FAMILY, family, states, 1 << (INET_DIAG_INFO - 1), NULL);
+    if (fd < 0)
+        return fd;
+    static __thread char buf[1 << 16];
+    int count = 0, rc = 0;
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof(buf), 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        int done = 0;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+            if (h->nlmsg_type == NLMSG_DONE) { done = 1; break; }
+            if (h->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *e = NLMSG_DATA(h);
+                rc = e->error < 0 ? e->error : -EIO;
+                done = 1;
+                break;
+            }
+            struct inet_diag_msg *m = NLMSG_DATA(h);
+            struct lc_diag_sock s = {0};
+            s.family = m->idiag_family;
+            s.state = m->idiag_state;
+            s.local_port = ntohs(m->id.idiag_sport);
+            s.remote_port = ntohs(m->id.idiag_dport);
+            s.uid = m->idiag_uid;
+            s.inode = m->idiag_inode;
+            memcpy(s.local, m->id.idiag_src, 16);
+            memcpy(s.remote, m->id.idiag_dst, 16);
+            s.cookie = ((uint64_t)m->id.idiag_cookie[1] << 32) | m->id.idiag_cookie[0];
+            int len = h->nlmsg_len - NLMSG_LENGTH(sizeof(*m));
+            for (struct rtattr *a = (struct rtattr *)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+                if (a->rta_type == INET_DIAG_INFO) {
+                    struct tcp_info info = {0};
+                    size_t l = RTA_PAYLOAD(a) < sizeof(info) ? RTA_PAYLOAD(a) : sizeof(info);
+                    memcpy(&info, RTA_DATA(a), l);
+                    /* Payload only: what was sent less retransmissions (bytes_acked also
+                     * counts the SYN), and what arrived less a received FIN. */
+                    s.bytes_acked = info.tcpi_bytes_sent - info.tcpi_bytes_retrans;
+                    s.bytes_received = info.tcpi_bytes_received;
+                    int fin_in = s.state == 8 || s.state == 9 || s.state == 11 || s.state == 6;
+                    if (fin_in && s.bytes_received)
+                        s.bytes_received -= 1;
+                }
+            }
+            count++;
+            if (fn && fn(ctx, &s))
+                done = 1;
+        }
+        if (done)
+            break;
+    }
+    close(fd);
+    return rc < 0 ? rc : count;
+}
