@@ -8,7 +8,7 @@ CONFIG ?= debug
 BPF_BUILD := .build-bpf
 GEN := Sources/CFlowTagBPF/generated
 BPF_SRC := $(wildcard bpf/*.bpf.c)
-BPF_HDR := $(wildcard bpf/include/*.h)
+BPF_HDR := $(wildcard bpf/include/*.h bpf/*/*.h)
 PREFIX ?= /usr/local
 
 .PHONY: all build bpf test test-unit test-kernel bench clean deps run install uninstall image reliability
@@ -24,7 +24,7 @@ $(BPF_BUILD)/vmlinux.h:
 
 $(BPF_BUILD)/flowtag.bpf.o: $(BPF_SRC) $(BPF_HDR) $(BPF_BUILD)/vmlinux.h
 	$(CLANG) -target bpf -g -O2 -Wall -Wno-default-const-init-var-unsafe -Wno-unknown-warning-option \
-		-D__TARGET_ARCH_$(ARCH) -I$(BPF_BUILD) -Ibpf/include -c bpf/flowtag.bpf.c -o $(BPF_BUILD)/flowtag.tmp.o
+		-D__TARGET_ARCH_$(ARCH) -I$(BPF_BUILD) -Ibpf/include -Ibpf -c bpf/flowtag.bpf.c -o $(BPF_BUILD)/flowtag.tmp.o
 	# link step strips DWARF; BTF stays for CO-RE
 	$(BPFTOOL) gen object $@ $(BPF_BUILD)/flowtag.tmp.o
 
@@ -49,8 +49,17 @@ build: bpf
 	@# thing a static glibc program would still load shared libraries for.
 	[ "$(CONFIG)" != release ] || $(SWIFT) build -c release --product flowtag -Xswiftc -static-executable
 
+# Everything (root): unit tests, then the real-kernel tests.
 test: deps
-	scripts/test.sh
+	scripts/test.sh all
+
+# Pure logic, no root: seconds.
+test-unit:
+	scripts/test.sh unit
+
+# Real programs, the agent, the relay and the deployment (root).
+test-kernel: deps
+	scripts/test.sh kernel
 
 # The fault and abuse suite at the scale RELIABILITY.md reports, against the release build.
 reliability: deps bpf

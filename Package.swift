@@ -8,6 +8,7 @@ let package = Package(
         .library(name: "FlowTagKernel", targets: ["FlowTagKernel"]),
         .library(name: "FlowTagCore", targets: ["FlowTagCore"]),
         .library(name: "FlowContext", targets: ["FlowContext"]),
+        .library(name: "FlowTagWire", targets: ["FlowTagWire"]),
         .library(name: "FlowTagClient", targets: ["FlowTagClient"]),
         .library(name: "FlowTagRelay", targets: ["FlowTagRelay"]),
         .library(name: "FlowTagAgent", targets: ["FlowTagAgent"]),
@@ -35,16 +36,19 @@ let package = Package(
         .target(name: "FlowTagCore"),
         .target(name: "FlowTagKernel", dependencies: ["CFlowTagBPF", "CLinuxCalls", "FlowTagCore"]),
         .target(name: "FlowContext", dependencies: ["FlowTagCore"]),
+        // What the agent and the CLI both speak: filters, stats, event lines, request
+        // targets, time bounds (no NIO, SQLite, libbpf).
+        .target(name: "FlowTagWire", dependencies: ["FlowTagCore"]),
         // What the CLI needs and nothing more (no NIO, SQLite, libbpf): a small binary
         // starts in a fraction of the time (B4).
-        .target(name: "FlowTagClient", dependencies: ["FlowTagCore"]),
+        .target(name: "FlowTagClient", dependencies: ["FlowTagWire", "FlowTagCore"]),
         // The stream relay: stream callouts on selected TCP flows (docs/stream-relay.md).
         .target(name: "FlowTagRelay", dependencies: [
             "FlowTagKernel", "FlowContext", "CFlowTagBPF", "CLinuxCalls",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "FlowTagAgent", dependencies: [
-            "FlowTagKernel", "FlowContext", "FlowTagClient", "FlowTagRelay", "CLinuxCalls",
+            "FlowTagKernel", "FlowContext", "FlowTagWire", "FlowTagRelay", "CLinuxCalls",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -56,7 +60,7 @@ let package = Package(
             .product(name: "DequeModule", package: "swift-collections"),
         ]),
         .executableTarget(name: "flowtagd", dependencies: [
-            "FlowTagAgent", "FlowTagKernel", "FlowTagClient",
+            "FlowTagAgent", "FlowTagKernel", "FlowTagWire",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -68,11 +72,21 @@ let package = Package(
         // The documented example of a user-written stream callout (docs/stream-relay.md).
         .executableTarget(name: "flowtag-example-uppercase", dependencies: ["FlowContext", "FlowTagAgent", "FlowTagRelay"],
                           path: "Examples/uppercase-callout"),
-        .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel", "FlowTagAgent", "FlowTagClient", "FlowTagRelay"]),
+        // Unit tests: no root, no kernel (make test-unit).
         .testTarget(name: "FlowContextTests", dependencies: ["FlowContext"]),
-        .testTarget(name: "FlowTagClientTests", dependencies: ["FlowTagClient"]),
-        .testTarget(name: "FlowTagRelayTests", dependencies: ["FlowTagRelay", "FlowContext"]),
-        .testTarget(name: "FlowTagAgentTests", dependencies: ["FlowTagAgent", "FlowTagKernel",
+        .testTarget(name: "FlowTagWireTests", dependencies: ["FlowTagWire"]),
+        .testTarget(name: "FlowTagClientTests", dependencies: ["FlowTagClient", "FlowTagWire"]),
+        .testTarget(name: "FlowTagKernelTests", dependencies: ["FlowTagKernel"]),
+        .testTarget(name: "FlowTagAgentTests", dependencies: ["FlowTagAgent", "FlowTagKernel", "FlowTagWire",
                                                               .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(name: "FlowTagRelayTests", dependencies: ["FlowTagRelay", "FlowContext"]),
+        // Real-kernel tests: root, private cgroups, real peers (make test-kernel).
+        .target(name: "FlowTagTestSupport", dependencies: ["FlowTagKernel", "FlowTagAgent", "FlowTagClient"],
+                path: "Tests/Support"),
+        .testTarget(name: "KernelTests", dependencies: ["FlowTagKernel", "FlowTagTestSupport"]),
+        .testTarget(name: "AgentTests", dependencies: ["FlowTagAgent", "FlowTagKernel", "FlowTagClient", "FlowTagTestSupport"]),
+        .testTarget(name: "RelayTests", dependencies: ["FlowTagRelay", "FlowTagAgent", "FlowTagKernel", "FlowTagClient",
+                                                       "FlowTagTestSupport"]),
+        .testTarget(name: "DeployTests", dependencies: ["FlowTagKernel", "FlowTagClient", "FlowTagTestSupport"]),
     ]
 )

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-version=$(sed -n 's/^public let flowtagVersion = "\(.*\)"$/\1/p' Sources/FlowTagClient/Arguments.swift)
+version=$(sed -n 's/^public let flowtagVersion = "\(.*\)"$/\1/p' Sources/FlowTagWire/Version.swift)
 IMAGE=${IMAGE:-ghcr.io/flowtag/flowtagd:$version}
 OUT=${OUT:-.build/flowtagd-image.tar}
 

@@ -72,8 +72,10 @@ public struct FlowHandle: Sendable, Hashable, CustomStringConvertible {
     public var description: String { "flow(\(cookie)@\(netns))" }
 }
 
-public enum Direction: String, Sendable, Hashable { case outbound, inbound }
-public enum TransportProtocol: UInt8, Sendable, Hashable { case tcp = 6, udp = 17 }
+/// The flow's direction and transport as flowtag reports them everywhere (FlowTagCore's
+/// types): WFP's FWPS_FIELD_*_DIRECTION and _IP_PROTOCOL conditions test these.
+public typealias Direction = FlowDirection
+public typealias TransportProtocol = FlowProtocol
 
 /// Incoming values of a classify: what the packet or connection says.
 public struct IncomingValues: Sendable, Hashable {

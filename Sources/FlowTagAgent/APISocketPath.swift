@@ -1,3 +1,4 @@
+import FlowTagWire
 import FlowTagKernel
 #if canImport(Glibc)
 import Glibc

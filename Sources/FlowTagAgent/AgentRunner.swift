@@ -1,3 +1,4 @@
+import FlowTagWire
 import FlowContext
 import FlowTagKernel
 import Foundation

@@ -1,3 +1,4 @@
+import FlowTagWire
 import Foundation
 #if canImport(Glibc)
 import Glibc

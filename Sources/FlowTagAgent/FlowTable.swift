@@ -1,3 +1,4 @@
+import FlowTagWire
 import FlowContext
 import FlowTagKernel
 import Foundation
@@ -102,8 +103,7 @@ public final class FlowTable: Sendable {
     static func classifyValues(_ r: FlowRecord) -> (Layer, IncomingValues, Metadata) {
         let v: IPVersion = r.family == .ipv4 ? .v4 : .v6
         let values = IncomingValues(localAddress: r.local.address, localPort: r.local.port, remoteAddress: r.remote.address,
-                                    remotePort: r.remote.port, protocol: r.protocol == .tcp ? .tcp : .udp,
-                                    direction: r.direction == .outbound ? .outbound : .inbound)
+                                    remotePort: r.remote.port, protocol: r.protocol, direction: r.direction)
         let meta = Metadata(flow: handle(r), processID: r.process.pid, threadID: r.process.tid, processPath: r.process.exe,
                             userID: r.process.uid, cgroupID: r.process.cgroup)
         return (.aleFlowEstablished(v), values, meta)
@@ -218,6 +218,7 @@ public final class FlowTable: Sendable {
                 st.attribution[a.rawValue] = s.attributionCounts[i]
             }
             st.watchers = s.watchers.count
+            st.flowContextsDeleted = taggedFlowsEnded
             return (st, s.statsSources)
         }
         var out = st

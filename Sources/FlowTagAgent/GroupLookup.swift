@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import FlowTagWire
 import Glibc
 #endif
 

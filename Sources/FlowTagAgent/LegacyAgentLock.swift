@@ -1,3 +1,4 @@
+import FlowTagWire
 import FlowTagKernel
 import Foundation
 #if canImport(Glibc)

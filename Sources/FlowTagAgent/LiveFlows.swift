@@ -1,3 +1,4 @@
+import FlowTagWire
 import FlowTagKernel
 
 /// The live flows, kept compact: the agent tracks every socket on the machine, so a

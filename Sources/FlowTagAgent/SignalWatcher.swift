@@ -1,3 +1,4 @@
+import FlowTagWire
 import Dispatch
 import Synchronization
 #if canImport(Glibc)

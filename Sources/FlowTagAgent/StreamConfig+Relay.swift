@@ -1,3 +1,4 @@
+import FlowTagWire
 import Foundation
 import FlowContext
 import FlowTagCore

@@ -1,3 +1,4 @@
+import FlowTagWire
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1

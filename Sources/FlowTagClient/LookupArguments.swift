@@ -4,7 +4,7 @@
 /// (help, an unknown or repeated option, a bad value) returns nil, and the full parser
 /// then answers with its usual help or error.
 public struct LookupArguments: Equatable, Sendable {
-    public var socket = "/run/flowtag/flowtag.sock"
+    public var socket = GlobalOptions.defaultSocket
     public var format = OutputFormat.table
     public var noHeaders = false
     public var local: String

@@ -7,8 +7,8 @@ import Glibc
 
 /// Options every command shares.
 struct Common: ParsableArguments {
-    @Option(name: .long, help: "The agent's unix socket.")
-    var socket: String = "/run/flowtag/flowtag.sock"
+    @Option(name: .long, help: "The agent's unix socket (default: FLOWTAG_SOCKET, else /run/flowtag/flowtag.sock).")
+    var socket: String = GlobalOptions.defaultSocket
 
     @Option(name: .shortAndLong, help: "Output: table, wide or json.")
     var output: String = "table"
@@ -88,6 +88,8 @@ func printFlows(_ r: APIResponse, _ common: Common) throws {
 func printFlows(_ r: APIResponse, format: OutputFormat, noHeaders: Bool) throws {
     if format == .json {
         writeAll(1, bytes: r.body.last == 10 ? r.body : r.body + [10])
+        // The answer printed as it came; an empty list is still "nothing found" (exit 1).
+        if r.body.starts(with: Array("{\"flows\":[]}".utf8)) { exit(ExitStatus.nothingFound.rawValue) }
         return
     }
     let list = try JSONDecoder().decode(APIFlowList.self, from: Data(r.body))
@@ -117,7 +119,13 @@ struct FlowtagCommand: ParsableCommand {
             do { try lookup(l) } catch { fail(.protocolError, "\(error)") }
             Glibc.exit(0)
         }
-        main(nil)
+        // Global options may come before the command (`flowtag --socket S flows`).
+        let arguments = GlobalOptions.commandFirst(Array(CommandLine.arguments.dropFirst()))
+        if let l = LookupArguments(fastPath: arguments) {
+            do { try lookup(l) } catch { fail(.protocolError, "\(error)") }
+            Glibc.exit(0)
+        }
+        main(arguments)
     }
 
     struct History: ParsableCommand {
@@ -198,7 +206,11 @@ struct FlowtagCommand: ParsableCommand {
                 if r.status == 400 { fail(.usage, errorText(r)) }
                 if r.status != 200 { fail(.protocolError, "HTTP \(r.status): \(errorText(r))") }
             } catch let e as ClientError {
-                fail(e == .permissionDenied(common.socket) ? .permission : .agentDown, e.description)
+                switch e {
+                case .agentNotRunning: fail(.agentDown, e.description)
+                case .permissionDenied: fail(.permission, e.description)
+                case .protocolError: fail(.protocolError, e.description)
+                }
             }
         }
     }
@@ -215,7 +227,8 @@ struct FlowtagCommand: ParsableCommand {
 
     struct Version: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Versions of this CLI and of the agent.")
-        @Option(name: .long, help: "The agent's unix socket.") var socket: String = "/run/flowtag/flowtag.sock"
+        @Option(name: .long, help: "The agent's unix socket (default: FLOWTAG_SOCKET, else /run/flowtag/flowtag.sock).")
+        var socket: String = GlobalOptions.defaultSocket
         func run() {
             print("flowtag \(flowtagVersion)")
             do {

@@ -1,6 +1,7 @@
+import FlowTagWire
 import ArgumentParser
 import FlowTagAgent
-import FlowTagClient
+
 import Logging
 import Foundation
 

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import FlowTagAgent
+import FlowTagWire
 @testable import FlowTagKernel
 
 /// The journal as the outbox of record: one row per flow, kernel entries given back only

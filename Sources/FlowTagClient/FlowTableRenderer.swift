@@ -1,38 +1,6 @@
 import FlowTagCore
 import FoundationEssentials
 
-/// CLI output formats, kubectl-style.
-public enum OutputFormat: String, Sendable, CaseIterable {
-    case table, wide, json
-}
-
-/// Exit codes of the CLI (sysexits.h where one fits).
-public enum ExitStatus: Int32, Sendable {
-    case ok = 0
-    case nothingFound = 1
-    case usage = 64         // EX_USAGE: a bad argument or filter
-    case agentDown = 69     // EX_UNAVAILABLE: the agent is not running
-    case tempFailure = 75   // EX_TEMPFAIL: the agent ended a watch that read too slowly
-    case protocolError = 76 // EX_PROTOCOL
-    case permission = 77    // EX_NOPERM
-}
-
-/// A flow as the API returns it: the record's fields plus `state`.
-public struct APIFlow: Decodable, Sendable {
-    public var state: FlowState
-    public var record: FlowRecord
-
-    enum CodingKeys: String, CodingKey { case state }
-    public init(from decoder: any Decoder) throws {
-        state = try decoder.container(keyedBy: CodingKeys.self).decode(FlowState.self, forKey: .state)
-        record = try FlowRecord(from: decoder)
-    }
-}
-
-public struct APIFlowList: Decodable, Sendable {
-    public var flows: [APIFlow]
-}
-
 /// Renders flows as an aligned table.
 public enum FlowTableRenderer {
     public static func render(_ flows: [(FlowRecord, FlowState)], wide: Bool, headers: Bool) -> String {

@@ -1,5 +1,5 @@
 import Testing
-@testable import FlowTagClient
+@testable import FlowTagWire
 
 /// The API's request-target parser takes any string a client sends (`/v1/flows?=` once
 /// crashed the agent: an empty split indexed at 0).

@@ -1,7 +1,6 @@
 import Foundation
 import Testing
-@testable import FlowTagAgent
-@testable import FlowTagKernel
+@testable import FlowTagWire
 
 @Suite("Event lines")
 struct EventLineTests {

@@ -54,3 +54,26 @@ struct LookupArgumentsTests {
         }
     }
 }
+
+@Suite("global options before the command")
+struct GlobalOptionsTests {
+    @Test("moved after the command; everything else as it was", arguments: [
+        (["--socket", "/s", "flows", "--port", "80"], ["flows", "--socket", "/s", "--port", "80"]),
+        (["--socket=/s", "-o", "json", "--no-headers", "history"], ["history", "--socket=/s", "-o", "json", "--no-headers"]),
+        (["flows", "--socket", "/s"], ["flows", "--socket", "/s"]),
+        (["--socket", "/s"], ["--socket", "/s"]),
+        (["--socket"], ["--socket"]),
+        (["--bogus", "flows"], ["--bogus", "flows"]),
+        (["-o", "wide", "lookup", "1.2.3.4:1", "5.6.7.8:2"], ["lookup", "-o", "wide", "1.2.3.4:1", "5.6.7.8:2"]),
+        ([], []),
+    ])
+    func reordered(_ given: [String], _ expected: [String]) {
+        #expect(GlobalOptions.commandFirst(given) == expected)
+    }
+
+    @Test("a reordered lookup takes the fast path")
+    func lookupFastPath() throws {
+        let l = try #require(LookupArguments(fastPath: GlobalOptions.commandFirst(["--socket", "/x.sock", "lookup", "1.2.3.4:1", "5.6.7.8:2"])))
+        #expect(l.socket == "/x.sock")
+    }
+}

@@ -1,5 +1,7 @@
 import Foundation
 import Testing
+import FlowTagClient
+@testable import FlowTagTestSupport
 @testable import FlowTagKernel
 
 #if canImport(Glibc)
@@ -80,7 +82,7 @@ struct DeployTests {
                 try await Task.sleep(for: .milliseconds(25))
             }
             if dropped == nil {
-                #expect(exe == KernelFlowTests.pythonExe, "with every capability the root process is named")
+                #expect(exe == Paths.pythonExe, "with every capability the root process is named")
             } else {
                 // Without CAP_SYS_PTRACE the agent still runs, but cannot name root's older processes.
                 #expect(exe == "", "without sys_ptrace: \(exe ?? "no event")")
@@ -158,7 +160,7 @@ struct DeployTests {
             exe = flows.first { ($0["direction"] as? String) == "outbound" }.flatMap { ($0["process"] as? [String: Any])?["exe"] as? String }
             if exe == nil { try await Task.sleep(for: .milliseconds(50)) }
         }
-        #expect(exe == KernelFlowTests.pythonExe)
+        #expect(exe == Paths.pythonExe)
         kill(agent.pid, SIGTERM)
         #expect(try await agent.wait(timeout: 30) == 0, "\(agent.stderrText)")
         #expect(access(pins, F_OK) != 0, "the agent left its pins")

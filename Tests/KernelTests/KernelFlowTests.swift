@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+@testable import FlowTagTestSupport
 @testable import FlowTagKernel
 
 #if canImport(Glibc)
@@ -10,7 +11,7 @@ import Glibc
 /// cores and several of these start hundreds of processes.
 @Suite("Kernel flow stamps", .serialized)
 struct KernelFlowTests {
-    static let pythonExe = URL(fileURLWithPath: Paths.python).resolvingSymlinksInPath().path
+    static let pythonExe = Paths.pythonExe
 
     @Test("curl and a local HTTP server: owners and byte counts")
     func curlAgainstHTTPServer() async throws {

@@ -1,7 +1,6 @@
 import Foundation
 import Synchronization
-import Testing
-@testable import FlowTagKernel
+import FlowTagKernel
 
 #if canImport(Glibc)
 import Glibc
@@ -14,6 +13,9 @@ enum Paths {
         for _ in 0..<3 { url.deleteLastPathComponent() }
         return url.path
     }()
+    static var flowtag: String { build + "/flowtag" }
+    /// The python3 executable as the kernel names it (symlinks resolved).
+    static let pythonExe = URL(fileURLWithPath: python).resolvingSymlinksInPath().path
     static let peer = repo + "/Tests/Peers/peer.py"
     static let python = "/usr/bin/python3"
     /// The binaries under test: the debug build, or FLOWTAG_BUILD's (`make reliability`
@@ -306,4 +308,10 @@ final class Locked<T>: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         return try body(&value)
     }
+}
+
+/// Programs attached to a cgroup, as bpftool sees them ("" when none).
+func attachedPrograms(_ cgroup: String) throws -> String {
+    let (_, out, _) = try runCommand(["/usr/sbin/bpftool", "cgroup", "show", cgroup])
+    return out.trimmingCharacters(in: .whitespacesAndNewlines)
 }

@@ -1,5 +1,7 @@
 import Foundation
 import Testing
+import FlowTagClient
+@testable import FlowTagTestSupport
 @testable import FlowTagAgent
 @testable import FlowTagKernel
 @testable import FlowTagRelay

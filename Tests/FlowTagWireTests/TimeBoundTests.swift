@@ -1,5 +1,5 @@
 import Testing
-@testable import FlowTagClient
+@testable import FlowTagWire
 
 /// `--since`/`--until` and the API's `since`/`until`: every value a client can send is
 /// either a time or nil, never a trap (a duration of 106752d once killed the agent).

@@ -1,5 +1,7 @@
 import Foundation
 import Testing
+import FlowTagClient
+@testable import FlowTagTestSupport
 @testable import FlowTagAgent
 @testable import FlowTagKernel
 
@@ -31,7 +33,7 @@ struct ReliabilityTests {
         let count = Self.setting("FLOWTAG_FUZZ_REQUESTS", 3000)
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         let storm = try a.storm(port: port, seconds: 600)
         defer { storm.kill() }
@@ -42,14 +44,14 @@ struct ReliabilityTests {
         let stats = try a.stats()
         #expect((stats["flows_closed"] as? Int ?? 0) > 0, "the storm's flows were not seen: \(stats)")
         storm.kill()
-        try await a.stop()
+        try await a.stopCleanly()
     }
 
     @Test("200 watchers that never read during a storm: RSS stays bounded and comes back; each is dropped and counted")
     func stalledWatchers() async throws {
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         try await a.warmUp(port: port)
         let before = a.rss
@@ -79,16 +81,17 @@ struct ReliabilityTests {
         #expect(stats["watchers_dropped"] as? Int == 200, "\(stats)")
         #expect(closedByAgent == 200)
         #expect(stats["watchers"] as? Int == 0)
-        try await a.stop()
+        try await a.stopCleanly()
     }
 
     @Test("kill -9 under a connect storm, then a restart: the journal holds every flow, once")
     func killNineUnderStorm() async throws {
         let runs = Self.setting("FLOWTAG_KILL9_RUNS", 1)
+        var rng = SeededGenerator(seed: Self.seed("kill -9 timing"))
         let connects = Self.setting("FLOWTAG_KILL9_CONNECTS", 20_000)
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        var a = try await AgentUnderTest()
+        var a = try await RunningAgent()
         defer { a.cleanUp() }
         var report: [String] = []
         for run in 1...runs {
@@ -99,7 +102,7 @@ struct ReliabilityTests {
             let storm = try a.storm(port: port, count: connects, portsFile: portsFile, udpPort: udpPort)
             defer { storm.kill() }
             // Into the storm, with rows committed and rows waiting: then kill -9 and restart.
-            try await Task.sleep(for: .milliseconds(Int.random(in: 800...1600)))
+            try await Task.sleep(for: .milliseconds(Int.random(in: 800...1600, using: &rng)))
             kill(a.process.pid, SIGKILL)
             _ = try await a.process.wait()
             a = try await a.restarted()
@@ -130,14 +133,14 @@ struct ReliabilityTests {
             #expect(rows == distinct && udpRows == udpDistinct, "run \(run): duplicate rows")
         }
         print("kill -9 under storm: " + report.joined(separator: "; "))
-        try await a.stop()
+        try await a.stopCleanly()
     }
 
     @Test("SIGSTOP for 10 s under a storm: the loss is counted, every flow journaled, no phantom flow stays")
     func stoppedAgent() async throws {
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         let storm = try a.storm(port: port, seconds: 10)
         defer { storm.kill() }
@@ -165,7 +168,7 @@ struct ReliabilityTests {
         #expect(stats["active_flows"] as? Int == 0, "phantom open flows: \(stats)")
         let (_, flows, _) = try a.cli(["flows", "--state", "open", "--port", "\(port)", "-o", "json"])
         #expect(!flows.contains("\"state\":\"open\""), "live flows that ended: \(flows.prefix(500))")
-        try await a.stop()
+        try await a.stopCleanly()
     }
 
     @Test("a full journal filesystem: ingest and the API keep up, writes resume when space returns, SIGTERM stops promptly")
@@ -177,7 +180,7 @@ struct ReliabilityTests {
         defer { _ = try? runCommand(["/bin/umount", "-l", mount]); rmdir(mount) }
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
-        let a = try await AgentUnderTest(journal: mount + "/flows.db")
+        let a = try await RunningAgent(journal: mount + "/flows.db")
         defer { a.cleanUp() }
         let storm = try a.storm(port: port, count: 20_000)
         defer { storm.kill() }
@@ -232,7 +235,7 @@ struct ReliabilityTests {
 
     @Test("two agents on one pin directory: the second is refused, the first keeps its pins; a symlinked pin directory is refused")
     func twoAgentsOnePinDirectory() async throws {
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         let other = try TestCgroup()
         defer { other.remove() }
@@ -259,13 +262,13 @@ struct ReliabilityTests {
             #expect(lrc == 1 && lerr.contains("symlink"), "\(lerr)")
             #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).isEmpty)
         }
-        try await a.stop()
+        try await a.stopCleanly()
         #expect(access(a.pins, F_OK) != 0, "the pin directory (the lock) stayed after a clean stop")
     }
 
     @Test("a restart adopts only its own build's pins for the same cgroup; others are replaced, saying so")
     func adoptionChecks() async throws {
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         let before = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
         kill(a.process.pid, SIGKILL)
@@ -273,7 +276,7 @@ struct ReliabilityTests {
         // The same build, another cgroup: the old programs are detached, new ones attached there.
         let other = try TestCgroup()
         defer { other.remove() }
-        let b = try await AgentUnderTest(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
+        let b = try await RunningAgent(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
         defer { b.cleanUp() }
         #expect(b.process.stderrText.contains("replacing the programs pinned at \(a.pins): they are attached to another cgroup"),
                 "\(b.process.stderrText)")
@@ -287,7 +290,7 @@ struct ReliabilityTests {
         let (rc, _, err) = try runCommand(["/usr/sbin/bpftool", "map", "update", "pinned", a.pins + "/maps/ft_build",
                                            "key", "0", "0", "0", "0", "value"] + Array(repeating: "7", count: 24))
         try #require(rc == 0, "bpftool: \(err)")
-        let c = try await AgentUnderTest(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
+        let c = try await RunningAgent(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
         defer { c.cleanUp() }
         #expect(c.process.stderrText.contains("made by another flowtag build"), "\(c.process.stderrText)")
         let attachedByC = try FlowtagdBinaryTests.attachedPrograms(other.path)
@@ -297,16 +300,16 @@ struct ReliabilityTests {
         kill(c.process.pid, SIGKILL)
         _ = try await c.process.wait()
         let attached = try FlowtagdBinaryTests.attachedPrograms(other.path)
-        let d = try await AgentUnderTest(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
+        let d = try await RunningAgent(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
         defer { d.cleanUp() }
         #expect(d.process.stderrText.contains("resuming the programs pinned"), "\(d.process.stderrText)")
         #expect(try FlowtagdBinaryTests.attachedPrograms(other.path) == attached, "programs attached twice")
-        try await d.stop()
+        try await d.stopCleanly()
     }
 
     @Test("a start that fails after adopting a dead agent's programs leaves them attached and pinned for the next")
     func failedStartAfterAdoption() async throws {
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         let attached = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
         kill(a.process.pid, SIGKILL)
@@ -320,7 +323,7 @@ struct ReliabilityTests {
         let b = try await a.restarted()
         defer { b.cleanUp() }
         #expect(b.process.stderrText.contains("resuming the programs pinned"), "\(b.process.stderrText)")
-        try await b.stop()
+        try await b.stopCleanly()
     }
 
     /// One start-up error: how to provoke it, and what the agent must say.
@@ -359,7 +362,7 @@ struct ReliabilityTests {
         var failAt: String?
         var cleanup: [() -> Void] = []
         defer { cleanup.forEach { $0() } }
-        var other: AgentUnderTest?
+        var other: RunningAgent?
         switch fault.name {
         case "a directory at the socket path":
             mkdir(socket, 0o755); cleanup.append { [socket] in rmdir(socket) }
@@ -370,7 +373,7 @@ struct ReliabilityTests {
             cleanup.append { close(l.fd) }
             metrics = "127.0.0.1:\(l.port)"
         case "another agent answers on the socket":
-            let o = try await AgentUnderTest()
+            let o = try await RunningAgent()
             other = o
             socket = o.socket
         case "a 500 KB socket_group":
@@ -416,7 +419,7 @@ struct ReliabilityTests {
             #expect((try? String(contentsOfFile: socket, encoding: .utf8)) == "keep me", "the file at the socket path was touched")
         case "another agent answers on the socket":
             #expect(try other?.stats()["active_flows"] != nil, "the running agent stopped answering")
-            try await other?.stop()
+            try await other?.stopCleanly()
         default: break
         }
         other?.cleanUp()
@@ -467,7 +470,7 @@ struct ReliabilityTests {
     func cliFuzz() async throws {
         var rng = SeededGenerator(seed: Self.seed("CLI fuzz"))
         let runs = Self.setting("FLOWTAG_CLI_FUZZ_RUNS", 300)
-        let a = try await AgentUnderTest()
+        let a = try await RunningAgent()
         defer { a.cleanUp() }
         let commands = ["flows", "lookup", "watch", "history", "stats", "version", "help", "nope", ""]
         let options = ["--pid", "--exe", "--comm", "--uid", "--cgroup", "--port", "--local", "--remote", "--proto", "--state",
@@ -502,7 +505,7 @@ struct ReliabilityTests {
         }
         print("CLI fuzz: \(runs) runs, exit statuses \(statuses.sorted { $0.key < $1.key })")
         #expect(a.process.isRunning)
-        try await a.stop()
+        try await a.stopCleanly()
     }
 
     static func metric(_ text: String, _ name: String) -> Double {
@@ -513,144 +516,3 @@ struct ReliabilityTests {
     }
 }
 
-/// A listening TCP socket on a free loopback port (to take a port away from the agent).
-func socketListener() -> (fd: Int32, port: UInt16) {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
-    listen(fd, 1)
-    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-    return (fd, UInt16(bigEndian: addr.sin_port))
-}
-
-/// SplitMix64: a small seeded generator, so a fuzz run can be replayed from its seed.
-struct SeededGenerator: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-/// The real agent on a private cgroup, pin directory, socket and journal, restartable
-/// on the same ones (kill -9 tests).
-final class AgentUnderTest: @unchecked Sendable {
-    let cgroup: TestCgroup
-    let socket: String
-    let pins: String
-    let journal: String
-    let process: Child
-    private var ownsCgroup: Bool
-
-    init(journal: String? = nil, cgroup: TestCgroup? = nil, pins: String? = nil, socket: String? = nil) async throws {
-        try ensureBPFFS()
-        ownsCgroup = cgroup == nil
-        self.cgroup = try cgroup ?? TestCgroup()
-        self.socket = socket ?? tempPath("api") + ".sock"
-        self.pins = pins ?? "/sys/fs/bpf/" + uniqueName("pins")
-        self.journal = journal ?? tempPath("journal") + ".db"
-        process = try Child([Paths.flowtagd, "--cgroup", self.cgroup.path, "--pin-dir", self.pins, "--socket", self.socket,
-                             "--output", "none", "--metrics-address", "127.0.0.1:0", "--journal", self.journal])
-        for _ in 0..<1000 where !answers && process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
-        guard answers else {
-            let err = process.stderrText
-            process.kill()
-            if ownsCgroup { self.cgroup.remove() }
-            throw TestFailure("agent did not start: \(err)")
-        }
-    }
-
-    var answers: Bool { (try? APIClient(socketPath: socket).get("/v1/version", timeoutSeconds: 2))?.status == 200 }
-
-    /// The same agent started again on the same cgroup, pins, socket and journal.
-    /// The cgroup goes with the newest agent (the one a test cleans up).
-    func restarted() async throws -> AgentUnderTest {
-        let next = try await AgentUnderTest(journal: journal, cgroup: cgroup, pins: pins, socket: socket)
-        next.ownsCgroup = ownsCgroup
-        ownsCgroup = false
-        return next
-    }
-
-    func stats() throws -> [String: Any] {
-        let r = try APIClient(socketPath: socket).get("/v1/stats")
-        return (try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any]) ?? [:]
-    }
-
-    func metrics() throws -> String {
-        guard let line = process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on http://") }),
-              let url = line.split(separator: " ").first(where: { $0.hasPrefix("http://") }) else { throw TestFailure("no metrics address") }
-        let (_, out, _) = try runCommand(["/usr/bin/curl", "-s", "-m", "10", String(url)])
-        return out
-    }
-
-    func cli(_ args: [String]) throws -> (Int32, String, String) {
-        try runCommand([Paths.flowtag] + args + ["--socket", socket])
-    }
-
-    /// Resident memory of the agent, bytes.
-    var rss: Int {
-        guard let status = try? String(contentsOfFile: "/proc/\(process.pid)/status", encoding: .utf8),
-              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
-              let kb = Int(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
-        return kb << 10
-    }
-
-    /// A connect loop inside the agent's cgroup (count connects, or for `seconds`).
-    func storm(port: UInt16, count: Int = 0, seconds: Int = 0, portsFile: String? = nil, udpPort: UInt16 = 0) throws -> Child {
-        try Child(cgroup.wrap([Paths.python, Paths.peer, "connect-loop", "\(port)", "\(count)", portsFile ?? "/dev/null",
-                               "\(seconds)", "\(udpPort)"]))
-    }
-
-    /// A first storm, so the agent's memory is at its working size before a measurement.
-    func warmUp(port: UInt16) async throws {
-        let s = try storm(port: port, count: 5000)
-        _ = try await s.waitForLines(1, timeout: 60)
-        try await Task.sleep(for: .seconds(2))
-    }
-
-    /// Journal rows of one client process to one port: (rows, distinct flows: cookie and local port).
-    func journalCount(pid: Int, remotePort: Int, proto: String = "tcp") throws -> (rows: Int, distinct: Int) {
-        let (rc, out, err) = try runCommand(["/usr/bin/sqlite3", journal,
-                                             "PRAGMA busy_timeout=5000; SELECT COUNT(*), COUNT(DISTINCT flow || ':' || local_port) FROM flows WHERE pid = \(pid) "
-                                             + "AND remote_port = \(remotePort) AND protocol = '\(proto)'"])
-        guard rc == 0 else { throw TestFailure("sqlite3: \(err)") }
-        let parts = out.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: "|").compactMap { Int($0) }
-        return (parts.first ?? 0, parts.last ?? 0)
-    }
-
-    func journalPorts(pid: Int, remotePort: Int, proto: String = "tcp") throws -> Set<Int> {
-        let (_, out, _) = try runCommand(["/usr/bin/sqlite3", journal,
-                                          "PRAGMA busy_timeout=5000; SELECT local_port FROM flows WHERE pid = \(pid) AND remote_port = \(remotePort) "
-                                          + "AND protocol = '\(proto)'"])
-        return Set(out.split(separator: "\n").compactMap { Int($0) })
-    }
-
-    /// Nothing attached to the cgroup, nothing pinned.
-    var nothingLeft: Bool {
-        ((try? FlowtagdBinaryTests.attachedPrograms(cgroup.path)) ?? "x").isEmpty && access(pins, F_OK) != 0
-    }
-
-    /// SIGTERM; the agent must exit 0 and leave nothing behind.
-    func stop() async throws {
-        kill(process.pid, SIGTERM)
-        let status = try await process.wait(timeout: 60)
-        #expect(status == 0, "the agent exited \(status): \(process.stderrText.suffix(1000))")
-        #expect(nothingLeft, "programs or pins left behind after SIGTERM")
-    }
-
-    /// Whatever happened: the agent gone, its pins, cgroup and journal removed.
-    func cleanUp() {
-        process.kill()
-        if access(pins, F_OK) == 0 { try? KernelPrograms.removePins(at: pins); rmdir(pins) }
-        if ownsCgroup { cgroup.remove() }
-        for s in ["", "-wal", "-shm"] { unlink(journal + s) }
-        unlink(socket)
-    }
-}

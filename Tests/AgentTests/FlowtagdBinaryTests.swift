@@ -1,5 +1,7 @@
 import Foundation
 import Testing
+import FlowTagClient
+@testable import FlowTagTestSupport
 @testable import FlowTagKernel
 
 #if canImport(Glibc)
@@ -9,11 +11,7 @@ import Glibc
 /// The real `flowtagd` binary: its JSON stream, its shutdown, its errors.
 @Suite("flowtagd binary", .serialized)
 struct FlowtagdBinaryTests {
-    /// Programs attached to a cgroup, as bpftool sees them.
-    static func attachedPrograms(_ cgroup: String) throws -> String {
-        let (_, out, _) = try runCommand(["/usr/sbin/bpftool", "cgroup", "show", cgroup])
-        return out.trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+    static func attachedPrograms(_ cgroup: String) throws -> String { try FlowTagTestSupport.attachedPrograms(cgroup) }
 
     @Test("--json prints one object per event with the documented keys; SIGINT detaches")
     func jsonStream() async throws {

@@ -24,6 +24,9 @@ public struct AgentStats: Sendable, Codable, Hashable {
     public var reconciledFlows = 0
     /// Closes a previous agent left unjournaled, reported by this one at start.
     public var recoveredCloses = 0
+    /// Flow contexts removed, their flowDelete run (the built-in tagging callout's: one
+    /// per flow that ended while the agent ran).
+    public var flowContextsDeleted = 0
     /// Counters of optional parts (`relayed_flows`, …), by their JSON key.
     public var extra: [String: UInt64] = [:]
 
@@ -36,7 +39,7 @@ public struct AgentStats: Sendable, Codable, Hashable {
         case resynchronisedFlows = "resynchronised_flows", watchers, watchersDropped = "watchers_dropped"
         case journalRowsDropped = "journal_rows_dropped", journalRowsWaiting = "journal_rows_waiting"
         case eventsDroppedInAgent = "events_dropped_in_agent", reconciliations, reconciledFlows = "reconciled_flows"
-        case recoveredCloses = "recovered_closes"
+        case recoveredCloses = "recovered_closes", flowContextsDeleted = "flow_contexts_deleted"
     }
 
     struct AnyKey: CodingKey {
@@ -59,6 +62,7 @@ public struct AgentStats: Sendable, Codable, Hashable {
         journalRowsDropped = try int(.journalRowsDropped); journalRowsWaiting = try int(.journalRowsWaiting)
         eventsDroppedInAgent = try int(.eventsDroppedInAgent); reconciliations = try int(.reconciliations)
         reconciledFlows = try int(.reconciledFlows); recoveredCloses = try int(.recoveredCloses)
+        flowContextsDeleted = try int(.flowContextsDeleted)
         let known = Set(CodingKeys.allCases.map(\.stringValue))
         let all = try decoder.container(keyedBy: AnyKey.self)
         for key in all.allKeys where !known.contains(key.stringValue) {
@@ -76,7 +80,7 @@ public struct AgentStats: Sendable, Codable, Hashable {
         try c.encode(watchersDropped, forKey: .watchersDropped); try c.encode(journalRowsDropped, forKey: .journalRowsDropped)
         try c.encode(journalRowsWaiting, forKey: .journalRowsWaiting); try c.encode(eventsDroppedInAgent, forKey: .eventsDroppedInAgent)
         try c.encode(reconciliations, forKey: .reconciliations); try c.encode(reconciledFlows, forKey: .reconciledFlows)
-        try c.encode(recoveredCloses, forKey: .recoveredCloses)
+        try c.encode(recoveredCloses, forKey: .recoveredCloses); try c.encode(flowContextsDeleted, forKey: .flowContextsDeleted)
         var all = encoder.container(keyedBy: AnyKey.self)
         for (k, v) in extra { try all.encode(v, forKey: AnyKey(stringValue: k)) }
     }

@@ -1,2 +1,0 @@
-// The agent speaks the client's types (records, filters, stats, event lines).
-@_exported import FlowTagClient
