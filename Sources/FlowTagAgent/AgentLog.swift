@@ -1,6 +1,7 @@
 import FlowTagWire
 import Foundation
 import Logging
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,16 +12,16 @@ import Glibc
 public enum AgentLog {
     private static let bootstrapped = BootstrapOnce()
 
-    /// Installs the handler once per process, at `level` (later calls change nothing).
+    /// Installs the handler (once per process) and sets the level every logger follows.
     public static func bootstrap(level: Logger.Level) {
+        currentLevel.withLock { $0 = level }
         bootstrapped.run {
-            LoggingSystem.bootstrap { label in
-                var h = StderrLogHandler(label: label)
-                h.logLevel = level
-                return h
-            }
+            LoggingSystem.bootstrap { label in StderrLogHandler(label: label) }
         }
     }
+
+    /// The least severe level printed, for every logger (`--log-level`, `log_level`).
+    static let currentLevel = Mutex<Logger.Level>(.info)
 
     /// `--log-level` values.
     public static let levels = Logger.Level.allCases.map(\.rawValue)
@@ -43,7 +44,10 @@ final class BootstrapOnce: @unchecked Sendable {
 /// never interleave.
 struct StderrLogHandler: LogHandler {
     let label: String
-    var logLevel: Logger.Level = .info
+    var logLevel: Logger.Level {
+        get { AgentLog.currentLevel.withLock { $0 } }
+        set { AgentLog.currentLevel.withLock { $0 = newValue } }
+    }
     var metadata: Logger.Metadata = [:]
 
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {

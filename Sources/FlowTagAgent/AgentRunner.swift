@@ -5,6 +5,7 @@ import Foundation
 import FlowTagCore
 import FlowTagRelay
 import Logging
+import ServiceLifecycle
 import Synchronization
 
 /// The agent: load, attach, pin, serve the query API and mirror every flow event into
@@ -29,11 +30,11 @@ public enum AgentRunner {
             try agent.startServices()
         } catch {
             agent.undoStart()
-            writeAll(2, Array("flowtagd: error: \(error)\n".utf8))
+            agent.log.error("\(error)")
             return error is ConfigError ? 78 : 1
         }
         await agent.run(until: shutdown)
-        await agent.shutDown()
+        agent.detach()
         return 0
     }
 }
@@ -75,7 +76,6 @@ final class Agent: @unchecked Sendable {
     private var monitor: FlowMonitor?
     private var relay: StreamRelay?
     private let heap = HeapTrimmer()
-    private var tick: Task<Void, Never>?
 
     init(_ config: AgentConfig, extraCallouts: [StreamCallout]) {
         self.config = config
@@ -212,13 +212,6 @@ final class Agent: @unchecked Sendable {
         journal?.start()
         try FaultPoint.check("before-publish")
         try server?.publish()
-        let heap = self.heap
-        tick = Task.detached {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(1))
-                heap.tick()
-            }
-        }
     }
 
     /// What the kernel, the monitor and the journal recovered from or lost, in /v1/stats
@@ -260,14 +253,13 @@ final class Agent: @unchecked Sendable {
         let format = self.format
         let relayRef = LateBound<StreamRelay>() // for the capture callout, made before the relay
         let callouts = config.stream.streamCallouts(capture: { c in
-            // To `watch --payload` clients, and the agent's own output.
-            if let record = relayRef.value?.record(flow: c.flow) {
-                table.publish(FlowEvent(kind: .payload, time: WallTime(bootNanoseconds: BootClock.nowNanoseconds()),
-                                        record: record,
-                                        payload: FlowPayload(direction: c.direction.rawValue, offset: c.offset, data: c.data)))
-            }
+            // One payload event: to `watch --payload` clients, and the agent's own output.
+            guard let record = relayRef.value?.record(flow: c.flow) else { return }
+            let event = FlowEvent(kind: .payload, time: WallTime(bootNanoseconds: BootClock.nowNanoseconds()), record: record,
+                                  payload: FlowPayload(direction: c.direction.rawValue, offset: c.offset, data: c.data))
+            table.publish(event)
             guard let format else { return }
-            writeAll(1, Array((EventLine.payload(c, as: format) + "\n").utf8))
+            writeAll(1, Array((EventLine.render(event, as: format) + "\n").utf8))
         }) + extraCallouts
         let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules, callouts: callouts, poolSize: config.stream.poolSize)
         r.start()
@@ -291,47 +283,35 @@ final class Agent: @unchecked Sendable {
         lock?.releaseRemovingDirectory()
     }
 
-    /// Mirrors every kernel event into the flow table (and stdout) until a stop request.
-    /// Lines are batched into one write per burst of events (a write per event would
-    /// cost more than the event), and flushed as soon as no more are waiting.
+    /// Runs the services until a stop request (SIGTERM/SIGINT, caught since the first
+    /// moment), then shuts them down in the reverse of their order, which is WFP's orderly
+    /// unload (see AgentServices): relay, API and watchers, ingest and flow contexts, journal.
     func run(until shutdown: ShutdownRequest) async {
         guard let monitor else { return }
-        shutdown.whenRequested { monitor.stop() }
-        var buffer = [UInt8]()
-        var iterator = monitor.events.makeAsyncIterator()
-        while let event = await iterator.next() {
-            table.apply(event)
-            if event.kind == .close { heap.released() }
-            guard let format else { continue }
-            if format == .json {
-                EventLine.appendJSON(event, to: &buffer)
-            } else {
-                buffer.append(contentsOf: EventLine.render(event, as: format).utf8)
-            }
-            buffer.append(10)
-            if buffer.count >= 1 << 16 || monitor.pendingEvents == 0 {
-                writeAll(1, buffer)
-                buffer.removeAll(keepingCapacity: true)
-            }
+        let journal = self.journal, log = self.log
+        var parts: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        if let journal {
+            parts.append(.agentPart(AgentServices.Stoppable(description: "journal") {
+                let left = journal.stop()
+                if left > 0 {
+                    log.error("journal: \(left) closed flows could not be written before stopping; they are lost",
+                              metadata: ["path": "\(journal.path)"])
+                }
+            }))
         }
-        writeAll(1, buffer)
+        parts.append(.agentPart(AgentServices.Ingest(monitor: monitor, table: table, heap: heap, format: format)))
+        if let metricsServer { parts.append(.agentPart(AgentServices.Stoppable(description: "metrics") { metricsServer.stop() })) }
+        if let server { parts.append(.agentPart(AgentServices.Stoppable(description: "api") { server.stop() })) }
+        if let relay { parts.append(.agentPart(AgentServices.Stoppable(description: "relay") { relay.stop() })) }
+        parts.append(.agentPart(AgentServices.Housekeeping(heap: heap)))
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: parts, logger: log))
+        shutdown.whenRequested { Task { await group.triggerGracefulShutdown() } }
+        do { try await group.run() } catch { log.error("a service failed: \(error)") }
     }
 
-    /// WFP's orderly unload, as the README documents it: stop taking new flows (events
-    /// end, relayed flows are closed cleanly), end the watchers and the API, remove every
-    /// flow context (each flowDelete runs), write the journal, detach and unpin.
-    func shutDown() async {
-        relay?.stop()
-        server?.stop()
-        metricsServer?.stop()
-        tick?.cancel()
-        await table.shutdown()
-        if let journal {
-            let left = journal.stop()
-            if left > 0 {
-                log.error("journal: \(left) closed flows could not be written before stopping; they are lost", metadata: ["path": "\(journal.path)"])
-            }
-        }
+    /// After the services stopped: the programs detached and unpinned, the pin directory
+    /// (the agent's lock) removed.
+    func detach() {
         if let programs {
             let lost = programs.lostEvents
             programs.close()

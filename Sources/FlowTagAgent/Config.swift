@@ -4,6 +4,7 @@ import Foundation
 import Glibc
 #endif
 import Yams
+import FlowTagRelay
 import CYaml
 import Logging
 import FlowTagCore
@@ -278,7 +279,9 @@ public struct StreamConfig: Sendable, Equatable {
             case "pool_size": c.poolSize = try AgentConfig.int(k, v, 1...2048)
             case "rules":
                 guard let list = v as? [Any] else { throw ConfigError(key: k, reason: "must be a list of rules") }
-                guard list.count <= 16 else { throw ConfigError(key: k, reason: "at most 16 rules, not \(list.count)") }
+                guard list.count <= RelayKernel.maxRules else {
+                    throw ConfigError(key: k, reason: "at most \(RelayKernel.maxRules) rules, not \(list.count)")
+                }
                 c.rules = try list.enumerated().map { (i, item) throws(ConfigError) in try parseRule(item, "\(k)[\(i)]") }
             case "callouts":
                 guard let list = v as? [Any] else { throw ConfigError(key: k, reason: "must be a list of callouts") }

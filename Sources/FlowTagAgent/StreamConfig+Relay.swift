@@ -43,19 +43,3 @@ extension StreamConfig {
         }
     }
 }
-
-extension EventLine {
-    /// A capture callout's report: the flow, direction, offset and bytes (base64 in JSON).
-    public static func payload(_ c: PayloadCapture, as format: EventFormat) -> String {
-        let m = c.metadata
-        switch format {
-        case .json:
-            return "{\"event\":\"payload\",\"flow\":\(c.flow),\"direction\":\"\(c.direction.rawValue)\",\"offset\":\(c.offset),"
-                + "\"length\":\(c.data.count),\"data_base64\":\"\(Data(c.data).base64EncodedString())\","
-                + "\"process\":{\"pid\":\(m.processID),\"tid\":\(m.threadID),\"exe\":\(quoted(m.processPath)),\"uid\":\(m.userID),\"cgroup\":\(m.cgroupID)}}"
-        case .text:
-            let shown = String(decoding: c.data.map { (0x20..<0x7f).contains($0) ? $0 : UInt8(ascii: ".") }, as: UTF8.self)
-            return "payload flow=\(c.flow) \(c.direction.rawValue) offset=\(c.offset) pid=\(m.processID) exe=\(m.processPath) \"\(shown)\""
-        }
-    }
-}

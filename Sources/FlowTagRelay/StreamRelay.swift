@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import Logging
 import CFlowTagBPF
 import CLinuxCalls
 import FlowContext
@@ -56,6 +57,7 @@ public final class RelayCounters: Sendable {
 public final class StreamRelay: @unchecked Sendable {
     public let kernel: RelayKernel
     public let counters = RelayCounters()
+    private let logger = Logger(label: "flowtagd.relay")
     private let processes: ProcessTable
     private let monitor: FlowMonitor
     private let callouts: [StreamCallout]
@@ -250,8 +252,7 @@ public final class StreamRelay: @unchecked Sendable {
 
     private func slot(_ cookie: UInt64) -> RelaySlot? { byCookie[cookie].flatMap { slots[$0] } }
 
-    static let debug = getenv("FLOWTAG_RELAY_DEBUG") != nil
-    func log(_ s: @autoclosure () -> String) { if Self.debug { FileHandle.standardError.write(Data("relay: \(s())\n".utf8)) } }
+    func log(_ s: @autoclosure () -> String) { logger.trace("\(s())") }
 
     private func readable(_ fd: Int32) {
         guard let (number, direction) = byFD[fd], let s = slots[number] else { return }
@@ -317,7 +318,7 @@ public final class StreamRelay: @unchecked Sendable {
         let how = alreadyEnded ? nil : AppSocket.reset(records.withLock { $0[c] }, pid: s.ownerPID, cookie: c)
         let outcome = alreadyEnded ? "the flow had already closed"
             : how.map { "the flow is reset (\($0))" } ?? "the flow's socket was not found to reset it: returned to direct mode, bytes may be missing"
-        FileHandle.standardError.write(Data("flowtagd: relay: flow \(c) (pid \(s.ownerPID)): a relay hop broke (\(why)); \(outcome)\n".utf8))
+        logger.error("relay: a relay hop broke; \(outcome)", metadata: ["flow": "\(c)", "pid": "\(s.ownerPID)", "why": "\(why)"])
         s.flowEnded = true
         s.session?.abort()
         if !alreadyEnded && how == nil { kernel.setSlot(s.number, .direct) }
@@ -362,7 +363,8 @@ public final class StreamRelay: @unchecked Sendable {
             // A running owner whose socket cannot be reached: say exactly what failed, once
             // per flow (the one case seen was a zombie, now counted as gone).
             s.reportedLiveOwnerFailure = true
-            FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): pid \(s.ownerPID) is alive but its socket was not reached: \(AppSocket.whyUnreachable(pid: s.ownerPID, cookie: c))\n".utf8))
+            logger.warning("relay: the owner is alive but its socket was not reached",
+                           metadata: ["flow": "\(c)", "pid": "\(s.ownerPID)", "why": "\(AppSocket.whyUnreachable(pid: s.ownerPID, cookie: c))"])
         }
         if unread == nil, let (_, record) = kernel.liveRelayedFlow(cookie: c, processes: processes), record.process.pid != 0, record.process.pid != s.ownerPID,
            AppSocket.isRunning(pid: record.process.pid) {
@@ -374,7 +376,7 @@ public final class StreamRelay: @unchecked Sendable {
         if unread == nil, let (pid, fd) = searchHolder(s, cookie: c) {
             // Handed to a process the kernel's stamp does not name (the one that connected
             // passed its fd on, and may have exited).
-            FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the socket moved from pid \(s.ownerPID) to pid \(pid)\n".utf8))
+            logger.notice("relay: the socket moved to another process", metadata: ["flow": "\(c)", "pid": "\(s.ownerPID)", "to_pid": "\(pid)"])
             s.reportedUnreachable = false
             s.ownerPID = pid
             s.appFDHint = fd
@@ -384,7 +386,8 @@ public final class StreamRelay: @unchecked Sendable {
             if !s.reportedUnreachable {
                 s.reportedUnreachable = true
                 let gone = !AppSocket.isRunning(pid: s.ownerPID)
-                FileHandle.standardError.write(Data("flowtagd: relay: flow \(c): the owner's socket is not reachable (pid \(s.ownerPID)\(gone ? ", exited" : ""); socket table inode \(s.appInode.map(String.init) ?? "not found")); delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it\n".utf8))
+                logger.warning("relay: the owner's socket is not reachable; delivering at most \(Self.unreadLimit >> 20) MiB per \(Self.blindPause) to it",
+                               metadata: ["flow": "\(c)", "pid": "\(s.ownerPID)", "exited": "\(gone)", "inode": "\(s.appInode.map(String.init) ?? "not found")"])
             }
             boundBlind(s)
             return
@@ -516,7 +519,7 @@ public final class StreamRelay: @unchecked Sendable {
     private func replenish() {
         while offered < poolSize && !unusedNumbers.isEmpty {
             do { try makeAndOffer() } catch {
-                FileHandle.standardError.write(Data("flowtagd: relay pool: \(error)\n".utf8))
+                logger.error("relay pool: \(error)")
                 return
             }
         }

@@ -75,14 +75,17 @@ struct FlowtagdCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        AgentLog.bootstrap(level: logLevel.flatMap(Logger.Level.init(rawValue:)) ?? .info)
+        let log = Logger(label: "flowtagd")
         let c: AgentConfig
         do { c = try settings() } catch let e as ConfigError {
-            FileHandle.standardError.write(Data("flowtagd: error: \(e)\n".utf8))
+            log.error("\(e)")
             throw ExitCode(78) // EX_CONFIG
         }
+        AgentLog.bootstrap(level: c.logLevel)
         if checkConfig {
             do { try AgentRunner.check(c) } catch {
-                FileHandle.standardError.write(Data("flowtagd: error: \(error)\n".utf8))
+                log.error("\(error)")
                 throw ExitCode(78)
             }
             print("flowtagd: config OK")
