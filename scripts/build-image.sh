@@ -19,7 +19,10 @@ if ! command -v buildah >/dev/null; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends buildah >/dev/null
 fi
 
-make build CONFIG=release >/dev/null
+# Quiet when it works; the compiler's errors (on stdout) shown when it does not.
+build_log=$(mktemp /tmp/flowtag-image-build.XXXXXX)
+make build CONFIG=release >"$build_log" 2>&1 || { tail -n 60 "$build_log"; rm -f "$build_log"; exit 1; }
+rm -f "$build_log"
 bins=(.build/release/flowtagd)  # the CLI is one static executable (Makefile)
 
 rootfs=$(mktemp -d /tmp/flowtag-rootfs.XXXXXX)

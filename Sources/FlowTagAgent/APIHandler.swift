@@ -188,6 +188,7 @@ final class APIHandler: ChannelInboundHandler, @unchecked Sendable {
             let (handler, context) = bound.value
             switch result {
             case .success(let body): handler.respond(context, .ok, body, keepAlive: keepAlive)
+            case .failure(let e as Journal.QueryTimedOut): handler.error(context, .serviceUnavailable, e.description)
             case .failure(let e): handler.error(context, .internalServerError, "journal: \(String(describing: e).prefix(300))")
             }
         }

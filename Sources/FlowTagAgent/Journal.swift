@@ -62,6 +62,7 @@ public final class Journal: Sendable {
         if !dir.isEmpty { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
         var config = Configuration()
         config.busyMode = .timeout(5)
+        config.prepareDatabase { db in db.add(function: Journal.inPrefixFunction) }
         db = try DatabasePool(path: path, configuration: config)
         let migrator = Self.migrator
         try db.write { db in try Self.checkSchema(db, path: path, migrator: migrator) }
@@ -374,10 +375,23 @@ public final class Journal: Sendable {
 
     public func count() throws -> Int { try db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM flows") ?? 0 } }
 
+    /// A history query stopped at its time limit: the client is told to narrow it.
+    public struct QueryTimedOut: Error, CustomStringConvertible {
+        public let limit: Duration
+        public var description: String {
+            "the history query ran past \(limit.components.seconds) s: narrow it with since/until, pid, exe or an exact address"
+        }
+    }
+
+    /// The default time limit of one history query, well under the API's answer limit.
+    public static let queryTimeLimit = Duration.seconds(20)
+
     /// The newest `limit` closed flows in [since, until] matching the filter, returned
-    /// oldest first. What SQL cannot test (address prefixes) is tested while paging back
-    /// from the newest row, so no match is missed however large the journal is.
-    public func history(_ filter: FlowFilter, since: WallTime?, until: WallTime?, uid: UInt32? = nil, limit: Int = 10000) throws -> [FlowRecord] {
+    /// oldest first. Every test runs in SQL (address prefixes by `ft_in_prefix`), so a
+    /// filter that matches nothing scans at SQLite's speed; past `timeLimit` the scan is
+    /// interrupted and `QueryTimedOut` thrown rather than answering late or partially.
+    public func history(_ filter: FlowFilter, since: WallTime?, until: WallTime?, uid: UInt32? = nil, limit: Int = 10000,
+                        timeLimit: Duration = Journal.queryTimeLimit) throws -> [FlowRecord] {
         var clauses: [String] = [], args: [any DatabaseValueConvertible] = []
         if let uid, let f = filter.uid, f != uid { return [] }
         if let since { clauses.append("closed_at >= ?"); args.append(since.nanoseconds) }
@@ -389,35 +403,33 @@ public final class Journal: Sendable {
         if let cg = filter.cgroup { clauses.append("cgroup = ?"); args.append(Int64(bitPattern: cg)) }
         if let p = filter.proto { clauses.append("protocol = ?"); args.append(p.rawValue) }
         if let port = filter.port { clauses.append("(local_port = ? OR remote_port = ?)"); args += [Int(port), Int(port)] }
-        if let r = filter.remote, r.length == (r.address.isIPv4 ? 32 : 128) {
-            clauses.append("remote_address = ?"); args.append(r.address.description)
-        }
-        if let l = filter.local, l.length == (l.address.isIPv4 ? 32 : 128) {
-            clauses.append("local_address = ?"); args.append(l.address.description)
-        }
-        let page = max(256, min(limit * 2, 20_000))
-        var found: [FlowRecord] = []
-        var cursor: (closedAt: Int64, id: Int64)?
-        while found.count < limit {
-            var pageClauses = clauses, pageArgs = args
-            if let cursor {
-                pageClauses.append("(closed_at < ? OR (closed_at = ? AND id < ?))")
-                pageArgs += [cursor.closedAt, cursor.closedAt, cursor.id]
+        for (column, prefix) in [("remote_address", filter.remote), ("local_address", filter.local)] {
+            guard let prefix else { continue }
+            if prefix.length == (prefix.address.isIPv4 ? 32 : 128) {
+                clauses.append("\(column) = ?"); args.append(prefix.address.description)
+            } else {
+                // IPv6 text always has a colon and IPv4 text never: the cheap test goes first.
+                clauses.append("instr(\(column), ':') \(prefix.address.isIPv4 ? "=" : ">") 0 AND ft_in_prefix(\(column), ?)")
+                args.append(prefix.description)
             }
-            let whereSQL = pageClauses.isEmpty ? "" : "WHERE " + pageClauses.joined(separator: " AND ")
-            let rows = try db.read { db in
+        }
+        let whereSQL = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+        let rows = try db.read { db in
+            try QueryDeadline(after: timeLimit).run(on: db) {
                 try Row.fetchAll(db, sql: "SELECT * FROM flows \(whereSQL) ORDER BY closed_at DESC, id DESC LIMIT ?",
-                                 arguments: StatementArguments(pageArgs + [page]))
+                                 arguments: StatementArguments(args + [limit]))
             }
-            for row in rows {
-                guard let r = Self.record(row), filter.matches(r, state: .closed) else { continue }
-                found.append(r)
-                if found.count == limit { break }
-            }
-            guard rows.count == page, let last = rows.last else { break }
-            cursor = (last["closed_at"], last["id"])
         }
-        return found.reversed()
+        // The SQL above decided; `matches` re-checks what it can (a row it cannot decode is skipped).
+        return rows.compactMap { row in Self.record(row).flatMap { filter.matches($0, state: .closed) ? $0 : nil } }.reversed()
+    }
+
+    /// `ft_in_prefix(address, prefix)`: whether a stored address lies in a CIDR prefix,
+    /// by the same rules as `FlowFilter` (an IPv4 prefix never matches an IPv6 address).
+    static let inPrefixFunction = DatabaseFunction("ft_in_prefix", argumentCount: 2, pure: true) { values in
+        guard let text = String.fromDatabaseValue(values[0]), let address = IPAddress(text),
+              let prefixText = String.fromDatabaseValue(values[1]), let prefix = IPPrefix(prefixText) else { return false }
+        return prefix.contains(address)
     }
 
     static func record(_ row: Row) -> FlowRecord? {

@@ -48,6 +48,55 @@ struct JournalTests {
         }
     }
 
+    @Test("address prefixes are decided in SQL: the newest matches, IPv4 and IPv6 apart")
+    func prefixesInSQL() throws {
+        try withJournal { j, _ in
+            let now = WallTime.now().nanoseconds
+            for i in 0..<3000 { j.append(Self.record(i, remote: "10.0.\(i / 250).\(i % 250)", closedAt: now - Int64(3000 - i) * 1_000_000)) }
+            j.append(Self.record(5000, remote: "2001:db8::7", closedAt: now - 5_000_000_000))
+            #expect(j.flush() == 3001)
+            var f = FlowFilter()
+            f.remote = IPPrefix("10.0.11.0/24")
+            let hits = try j.history(f, since: nil, until: nil, limit: 10)
+            // The 10 newest of the 250 in 10.0.11.0/24, oldest first.
+            #expect(hits.map(\.flow) == Array(2990..<3000).map(UInt64.init))
+            f.remote = IPPrefix("2001:db8::/32")
+            let r1 = try j.history(f, since: nil, until: nil)
+            #expect(r1.map(\.flow) == [5000])
+            f.remote = IPPrefix("::/0")
+            let r2 = try j.history(f, since: nil, until: nil)
+            #expect(r2.map(\.flow) == [5000])
+            f.remote = nil
+            f.local = IPPrefix("::/0")  // every local address is IPv4
+            let r3 = try j.history(f, since: nil, until: nil)
+            #expect(r3.isEmpty)
+            f.local = IPPrefix("192.168.0.0/16")
+            let r4 = try j.history(f, since: nil, until: nil, limit: 100_000)
+            #expect(r4.count == 3001)
+        }
+    }
+
+    @Test("a history query past its time limit stops with an error naming the limit")
+    func queryTimeLimit() throws {
+        try withJournal { j, _ in
+            let now = WallTime.now().nanoseconds
+            for i in 0..<20_000 { j.append(Self.record(i, closedAt: now - Int64(20_000 - i) * 1_000_000)) }
+            #expect(j.flush() == 20_000)
+            var f = FlowFilter()
+            f.local = IPPrefix("::/0")  // matches nothing, so the whole journal is scanned
+            #expect {
+                try j.history(f, since: nil, until: nil, timeLimit: .zero)
+            } throws: { error in
+                (error as? Journal.QueryTimedOut)?.description.contains("narrow it") == true
+            }
+            // The connection is left without the deadline: the next query on it runs to the end.
+            let r5 = try j.history(f, since: nil, until: nil)
+            #expect(r5.isEmpty)
+            let r6 = try j.history(FlowFilter(), since: nil, until: nil, limit: 5)
+            #expect(r6.count == 5)
+        }
+    }
+
     @Test("rows round-trip exactly")
     func roundTrip() throws {
         try withJournal { j, _ in
