@@ -7,8 +7,9 @@ ARCH := $(shell uname -m | sed 's/x86_64/x86/; s/aarch64/arm64/')
 CONFIG ?= debug
 BPF_BUILD := .build-bpf
 GEN := Sources/CFlowTagBPF/generated
-BPF_SRC := $(wildcard bpf/*.bpf.c)
 BPF_HDR := $(wildcard bpf/include/*.h bpf/*/*.h)
+BPF_CFLAGS := -target bpf -g -O2 -Wall -Wno-default-const-init-var-unsafe -Wno-unknown-warning-option \
+	-D__TARGET_ARCH_$(ARCH) -I$(BPF_BUILD) -Ibpf/include -Ibpf
 PREFIX ?= /usr/local
 
 .PHONY: all build bpf test test-unit test-kernel bench clean deps run install uninstall image reliability
@@ -22,11 +23,16 @@ $(BPF_BUILD)/vmlinux.h:
 	@mkdir -p $(BPF_BUILD)
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
-$(BPF_BUILD)/flowtag.bpf.o: $(BPF_SRC) $(BPF_HDR) $(BPF_BUILD)/vmlinux.h
-	$(CLANG) -target bpf -g -O2 -Wall -Wno-default-const-init-var-unsafe -Wno-unknown-warning-option \
-		-D__TARGET_ARCH_$(ARCH) -I$(BPF_BUILD) -Ibpf/include -Ibpf -c bpf/flowtag.bpf.c -o $(BPF_BUILD)/flowtag.tmp.o
+# Two objects: the tagging programs (pinned, they outlive an agent) and the relay's
+# connect-redirect (held by the agent's links: gone with it).
+$(BPF_BUILD)/flowtag.bpf.o: bpf/flowtag.bpf.c $(BPF_HDR) $(BPF_BUILD)/vmlinux.h
+	$(CLANG) $(BPF_CFLAGS) -c bpf/flowtag.bpf.c -o $(BPF_BUILD)/flowtag.tmp.o
 	# link step strips DWARF; BTF stays for CO-RE
 	$(BPFTOOL) gen object $@ $(BPF_BUILD)/flowtag.tmp.o
+
+$(BPF_BUILD)/relay.bpf.o: bpf/relay/relay.bpf.c $(BPF_HDR) $(BPF_BUILD)/vmlinux.h
+	$(CLANG) $(BPF_CFLAGS) -c bpf/relay/relay.bpf.c -o $(BPF_BUILD)/relay.tmp.o
+	$(BPFTOOL) gen object $@ $(BPF_BUILD)/relay.tmp.o
 
 $(GEN)/flowtag.skel.h: $(BPF_BUILD)/flowtag.bpf.o
 	@mkdir -p $(GEN)
@@ -34,7 +40,12 @@ $(GEN)/flowtag.skel.h: $(BPF_BUILD)/flowtag.bpf.o
 	@# SwiftPM does not track the generated header: make the shim rebuild
 	touch Sources/CFlowTagBPF/lifecycle.c
 
-bpf: $(GEN)/flowtag.skel.h
+$(GEN)/relay.skel.h: $(BPF_BUILD)/relay.bpf.o
+	@mkdir -p $(GEN)
+	$(BPFTOOL) gen skeleton $< name relay_bpf > $@.tmp && mv $@.tmp $@
+	touch Sources/CFlowTagBPF/relay.c
+
+bpf: $(GEN)/flowtag.skel.h $(GEN)/relay.skel.h
 
 # B1's floor (bench.py b1floor): the cheapest per-socket stamps, measured alone.
 $(BPF_BUILD)/floor.bpf.o: bench/floor.bpf.c $(BPF_BUILD)/vmlinux.h

@@ -9,6 +9,8 @@
  *   accept         cgroup/getpeername4|6 (accept/accept4 asking for the peer's address),
  *                  else the accepted socket's first send or receive
  *   TCP lifecycle  sockops (active/passive established, state -> TCP_CLOSE)
+ *   relayed flows  the hand-over to the agent at establishment, getpeername's original
+ *                  destination (the redirect itself is the relay object's: relay/)
  *   UDP lifecycle  sock_send_length/sock_recv_length (open, counters),
  *                  cgroup/sock_release (close); idle expiry is done by the agent.
  */
@@ -30,8 +32,9 @@ char LICENSE[] SEC("license") = "GPL";
 /* By hook family (as Tetragon's bpf/): one object, headers per concern. */
 #include "lib/maps.bpf.h"
 #include "lib/events.bpf.h"
+#include "lib/stamp.bpf.h"
 #include "tagging/stamps.bpf.h"
-#include "relay/relay.bpf.h"
+#include "tagging/relayed.bpf.h"
 #include "tagging/tcp_flows.bpf.h"
 #include "tagging/io.bpf.h"
 #include "tagging/processes.bpf.h"

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(libbpf-dev libelf-dev zlib1g-dev bpftool pkg-config make
-          curl nginx-light socat haproxy iperf3 iproute2 util-linux procps python3 sqlite3 hyperfine systemd
+          curl nginx-light socat netcat-openbsd haproxy iperf3 iproute2 util-linux procps python3 sqlite3 hyperfine systemd
           buildah)
 
 missing=()

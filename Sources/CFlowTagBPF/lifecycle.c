@@ -133,7 +133,7 @@ int ftbpf_open_load(const struct ftbpf_config *config, struct ftbpf **out, char 
     return 0;
 }
 
-static int is_cgroup_prog(enum bpf_prog_type type)
+int ftbpf_is_cgroup_prog(enum bpf_prog_type type)
 {
     return type == BPF_PROG_TYPE_CGROUP_SOCK || type == BPF_PROG_TYPE_CGROUP_SOCK_ADDR ||
            type == BPF_PROG_TYPE_SOCK_OPS || type == BPF_PROG_TYPE_CGROUP_SKB;
@@ -158,24 +158,7 @@ int ftbpf_attach(struct ftbpf *obj, int cgroup_fd, char *err, size_t err_len)
         }
         struct bpf_link *link;
         enum bpf_prog_type type = bpf_program__type(prog);
-        if (type == BPF_PROG_TYPE_SK_MSG || type == BPF_PROG_TYPE_SK_SKB) {
-            /* Attached to the relay sockhash, not a cgroup: it lives as long as the map
-             * (pinned), with no link to pin. libbpf 1.1 has no attach_sockmap. */
-            struct bpf_map *target = prog == obj->skel->progs.ft_relay_writer ? obj->skel->maps.ft_relay_writers
-                                                                              : obj->skel->maps.ft_relay_socks;
-            int rc = bpf_prog_attach(bpf_program__fd(prog), bpf_map__fd(target),
-                                     type == BPF_PROG_TYPE_SK_MSG ? BPF_SK_MSG_VERDICT : BPF_SK_SKB_VERDICT, 0);
-            if (rc) {
-                rc = -errno;
-                char what[128];
-                snprintf(what, sizeof(what), "attach program %s to the relay sockhash", bpf_program__name(prog));
-                ftbpf_set_err(err, err_len, what, rc);
-                detach_all(obj);
-                return rc;
-            }
-            continue;
-        }
-        if (is_cgroup_prog(type))
+        if (ftbpf_is_cgroup_prog(type))
             link = bpf_program__attach_cgroup(prog, cgroup_fd);
         else
             link = bpf_program__attach(prog);
@@ -311,11 +294,8 @@ int ftbpf_expected_links(void)
         return -errno;
     int n = 0;
     struct bpf_program *prog;
-    bpf_object__for_each_program(prog, skel->obj) {
-        enum bpf_prog_type type = bpf_program__type(prog);
-        if (type != BPF_PROG_TYPE_SK_MSG && type != BPF_PROG_TYPE_SK_SKB)
-            n++;
-    }
+    bpf_object__for_each_program(prog, skel->obj)
+        n++;
     flowtag_bpf__destroy(skel);
     return n;
 }

@@ -149,10 +149,6 @@ int ftbpf_map_lookup(int fd, const void *key, void *value) { return neg_errno(bp
 int ftbpf_map_next_key(int fd, const void *key, void *next_key) { return neg_errno(bpf_map_get_next_key(fd, key, next_key)); }
 int ftbpf_map_update(int fd, const void *key, const void *value, uint64_t flags) { return neg_errno(bpf_map_update_elem(fd, key, value, flags)); }
 int ftbpf_map_delete(int fd, const void *key) { return neg_errno(bpf_map_delete_elem(fd, key)); }
-int ftbpf_queue_push(int fd, const void *value) { return neg_errno(bpf_map_update_elem(fd, NULL, value, 0)); }
-int ftbpf_queue_pop(int fd, void *value) { return neg_errno(bpf_map_lookup_and_delete_elem(fd, NULL, value)); }
-
-
 
 int ftbpf_num_cpus(void) { return libbpf_num_possible_cpus(); }
 

@@ -28,5 +28,7 @@ struct ftbpf {
 /* libbpf's print hook, installed once; the last error in libbpf's own words. */
 void ftbpf_install_print(void);
 void ftbpf_set_err(char *err, size_t err_len, const char *what, int rc);
+/* Whether a program type attaches to a cgroup. */
+int ftbpf_is_cgroup_prog(enum bpf_prog_type type);
 
 #endif

@@ -1,6 +1,8 @@
+#define _GNU_SOURCE /* setns, accept4 */
 #include "linux_calls.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <malloc.h>
 #include <string.h>
 #include <unistd.h>
@@ -18,34 +20,20 @@
 #include <linux/tcp.h>
 
 void lc_heap_trim(void) { malloc_trim(0); }
+
+int lc_setns_net(int fd) { return setns(fd, CLONE_NEWNET) ? -errno : 0; }
+
+int lc_accept_nonblock(int listener)
+{
+    int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
 int lc_statfs_type(const char *path, int64_t *type)
 {
     struct statfs st;
     if (statfs(path, &st))
         return -errno;
     *type = (int64_t)st.f_type;
-    return 0;
-}
-
-int lc_pidfd_getfd(int pid, int target)
-{
-    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    if (pidfd < 0)
-        return -errno;
-    int fd = (int)syscall(SYS_pidfd_getfd, pidfd, target, 0);
-    int rc = fd < 0 ? -errno : fd;
-    close(pidfd);
-    return rc;
-}
-
-int lc_tcp_progress(int fd, uint8_t *state, uint64_t *bytes_received)
-{
-    struct tcp_info info = {0};
-    socklen_t len = sizeof(info);
-    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0)
-        return -errno;
-    *state = info.tcpi_state;
-    *bytes_received = info.tcpi_bytes_received;
     return 0;
 }
 
@@ -84,8 +72,8 @@ int lc_eventfd(void)
 
 int lc_gettid(void) { return (int)syscall(SYS_gettid); }
 
-/* Sends one TCP sock_diag request (a dump when `id` is NULL, else the one socket `id`
- * names); returns the netlink socket to read the answer from, or -errno. */
+/* Sends one TCP sock_diag dump request; returns the netlink socket to read the answer
+ * from, or -errno. */
 static int diag_request(uint16_t type, int family, uint32_t states, uint8_t ext, const struct inet_diag_sockid *id)
 {
     int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
@@ -111,69 +99,6 @@ static int diag_request(uint16_t type, int family, uint32_t states, uint8_t ext,
         return rc;
     }
     return fd;
-}
-
-static struct inet_diag_sockid exact_sockid(int family, const uint8_t local[16], uint16_t local_port,
-                                            const uint8_t remote[16], uint16_t remote_port, uint64_t cookie)
-{
-    struct inet_diag_sockid id = {0};
-    id.idiag_sport = htons(local_port);
-    id.idiag_dport = htons(remote_port);
-    memcpy(id.idiag_src, local, family == AF_INET ? 4 : 16);
-    memcpy(id.idiag_dst, remote, family == AF_INET ? 4 : 16);
-    id.idiag_cookie[0] = (uint32_t)cookie;
-    id.idiag_cookie[1] = (uint32_t)(cookie >> 32);
-    return id;
-}
-
-/* One request about one socket, by exact 4-tuple and cookie, and its one reply in buf:
- * the reply's length, or -errno. */
-static ssize_t diag_exact(uint16_t type, int family, const uint8_t local[16], uint16_t local_port,
-                          const uint8_t remote[16], uint16_t remote_port, uint64_t cookie, char *buf, size_t len)
-{
-    struct inet_diag_sockid id = exact_sockid(family, local, local_port, remote, remote_port, cookie);
-    int fd = diag_request(type, family, ~0u, 0, &id);
-    if (fd < 0)
-        return fd;
-    ssize_t n;
-    do { n = recv(fd, buf, len, 0); } while (n < 0 && errno == EINTR);
-    if (n < 0)
-        n = -errno;
-    close(fd);
-    return n;
-}
-
-int lc_tcp_inode(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                    uint16_t remote_port, uint64_t cookie, uint32_t *inode)
-{
-    char buf[4096];
-    ssize_t n = diag_exact(SOCK_DIAG_BY_FAMILY, family, local, local_port, remote, remote_port, cookie, buf, sizeof(buf));
-    if (n < 0)
-        return (int)n;
-    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
-        if (h->nlmsg_type == NLMSG_ERROR) {
-            struct nlmsgerr *e = NLMSG_DATA(h);
-            return e->error < 0 ? e->error : -EIO;
-        }
-        if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) {
-            *inode = ((struct inet_diag_msg *)NLMSG_DATA(h))->idiag_inode;
-            return 0;
-        }
-    }
-    return -EIO;
-}
-
-int lc_tcp_destroy(int family, const uint8_t local[16], uint16_t local_port, const uint8_t remote[16],
-                      uint16_t remote_port, uint64_t cookie)
-{
-    char buf[1024];
-    ssize_t n = diag_exact(SOCK_DESTROY, family, local, local_port, remote, remote_port, cookie, buf, sizeof(buf));
-    if (n < 0)
-        return (int)n;
-    struct nlmsghdr *h = (struct nlmsghdr *)buf;
-    if (NLMSG_OK(h, (size_t)n) && h->nlmsg_type == NLMSG_ERROR)
-        return ((struct nlmsgerr *)NLMSG_DATA(h))->error; /* 0: acknowledged */
-    return -EIO;
 }
 
 int lc_tcp_dump(int family, uint32_t states, lc_diag_fn fn, void *ctx)

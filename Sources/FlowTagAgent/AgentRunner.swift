@@ -195,14 +195,7 @@ final class Agent: @unchecked Sendable {
         monitor.seedExistingFlows = programs.attachedCgroup ?? cgroup
         self.monitor = monitor
         monitorRef.set(monitor)
-        if !rules.isEmpty {
-            try startRelay(programs: programs, monitor: monitor)
-        } else {
-            // An earlier agent's rules and relayed flows: none selected, those go direct.
-            let k = RelayKernel(programs: programs)
-            try k.setRules([])
-            try k.reset()
-        }
+        if !rules.isEmpty { try startRelay(programs: programs) }
         try monitor.start()
         if monitor.recoveredCloses > 0 {
             log.info("reporting the closes a previous agent had not journaled", metadata: ["closes": "\(monitor.recoveredCloses)"])
@@ -248,7 +241,7 @@ final class Agent: @unchecked Sendable {
         ])
     }
 
-    private func startRelay(programs: KernelPrograms, monitor: FlowMonitor) throws {
+    private func startRelay(programs: KernelPrograms) throws {
         let table = self.table!
         let format = self.format
         let relayRef = LateBound<StreamRelay>() // for the capture callout, made before the relay
@@ -261,8 +254,9 @@ final class Agent: @unchecked Sendable {
             guard let format else { return }
             writeAll(1, Array((EventLine.render(event, as: format) + "\n").utf8))
         }) + extraCallouts
-        let r = try StreamRelay(programs: programs, monitor: monitor, rules: rules, callouts: callouts, poolSize: config.stream.poolSize)
-        r.start()
+        let options = StreamRelay.Options(maxFlows: config.stream.maxFlows, drain: .seconds(config.stream.drainSeconds))
+        let r = try StreamRelay(programs: programs, cgroup: programs.attachedCgroup ?? cgroup, rules: rules, callouts: callouts, options: options)
+        try r.start()
         relayRef.set(r)
         table.register(r.reportedValues)
         metrics.register(r.reportedValues)

@@ -237,7 +237,10 @@ public func parseHostPort(_ s: String) -> (String, Int)? {
 
 /// The `stream:` section: selection rules for the relay and its callouts.
 public struct StreamConfig: Sendable, Equatable {
-    public var poolSize = 32
+    /// Connections relayed at once (more are reset, counted).
+    public var maxFlows = 4096
+    /// On stop, seconds relayed flows may take to end by themselves.
+    public var drainSeconds = 10
     public var rules: [Rule] = []
     public var callouts: [CalloutSpec] = []
 
@@ -266,17 +269,21 @@ public struct StreamConfig: Sendable, Equatable {
         public var bytes = 256
     }
 
+    static let keys = "max_flows, drain_seconds, rules, callouts"
     static let ruleKeys = ["exe", "uid", "cgroup", "local_port", "remote_port", "remote", "direction"]
     static let calloutKeys = ["type", "name", "weight", "pattern", "replacement", "mode", "direction", "bytes"]
 
     static func parse(_ value: Any) throws(ConfigError) -> StreamConfig {
         if value is NSNull { return StreamConfig() }
-        guard let map = value as? [String: Any] else { throw ConfigError(key: "stream", reason: "must be a mapping (pool_size, rules, callouts)") }
+        guard let map = value as? [String: Any] else { throw ConfigError(key: "stream", reason: "must be a mapping (\(keys))") }
         var c = StreamConfig()
         for (key, v) in map {
             let k = "stream.\(key)"
             switch key {
-            case "pool_size": c.poolSize = try AgentConfig.int(k, v, 1...2048)
+            case "max_flows": c.maxFlows = try AgentConfig.int(k, v, 1...65536)
+            case "drain_seconds": c.drainSeconds = try AgentConfig.int(k, v, 0...3600)
+            case "pool_size":
+                throw ConfigError(key: k, reason: "no longer used: the relay keeps no slot pool since connect-redirect (remove the key; see max_flows)")
             case "rules":
                 guard let list = v as? [Any] else { throw ConfigError(key: k, reason: "must be a list of rules") }
                 guard list.count <= RelayKernel.maxRules else {
@@ -289,7 +296,7 @@ public struct StreamConfig: Sendable, Equatable {
                 let names = c.callouts.map(\.name)
                 if Set(names).count != names.count { throw ConfigError(key: k, reason: "callout names must be unique") }
             default:
-                throw ConfigError(key: k, reason: "unknown key (known: pool_size, rules, callouts)")
+                throw ConfigError(key: k, reason: "unknown key (known: \(keys))")
             }
         }
         return c
@@ -313,6 +320,9 @@ public struct StreamConfig: Sendable, Equatable {
             case "direction":
                 let d = try AgentConfig.string(kk, v)
                 guard d == "outbound" || d == "inbound" else { throw ConfigError(key: kk, reason: "'\(d)' is not outbound or inbound") }
+                guard d == "outbound" else {
+                    throw ConfigError(key: kk, reason: "inbound relaying is not available yet: the relay redirects outbound connects (docs/stream-relay.md)")
+                }
                 r.direction = d
             default: throw ConfigError(key: kk, reason: "unknown key (known: \(ruleKeys.joined(separator: ", ")))")
             }

@@ -6,21 +6,6 @@ import FlowTagCore
 import Foundation
 import Synchronization
 
-/// A kernel event about a flow carrying a flag someone watches (`FlowMonitor.watch`).
-public struct FlaggedFlowEvent: Sendable {
-    public enum Kind: Sendable {
-        case opened
-        /// `reason` as in `FlowRecord.closeReason`.
-        case closed(reason: String)
-        /// A TCP state change the kernel reports for flagged flows (old, new TCP state).
-        case stateChanged(from: TCPState, to: TCPState)
-    }
-    public var kind: Kind
-    /// The flow as the kernel holds it (its flags, its relay slot).
-    public var flow: ft_flow
-    public var record: FlowRecord
-}
-
 /// Turns the kernel's ring-buffer records into `FlowEvent`s with the owner resolved,
 /// ends UDP flows (socket released, or idle for `udpIdleTimeout`), and reports every
 /// close exactly once, also across a crash or a ring-buffer overflow (`PendingCloses`).
@@ -37,13 +22,6 @@ public final class FlowMonitor: @unchecked Sendable {
     private let bufferLimit: Int
     private var batch: [FlowEvent] = []
     private let queued = EventCounter()
-
-    /// Flows carrying any of `flags`, reported to `handler` on the poll thread. Set before
-    /// `start()` (the stream relay watches its flows this way).
-    public func watch(flags: UInt8, _ handler: @escaping @Sendable (FlaggedFlowEvent) -> Void) {
-        watched = (flags, handler)
-    }
-    private var watched: (flags: UInt8, handler: @Sendable (FlaggedFlowEvent) -> Void)?
 
     /// When set (before `start()`): TCP connections already open in this cgroup subtree are
     /// reported at start (attribution `seeded`) and followed with sock_diag until they end.
@@ -280,8 +258,6 @@ public final class FlowMonitor: @unchecked Sendable {
             guard report else { return } // reported at start or by a reconcile
             if openLost { emitOpen(ev.flow) }
             emitClose(ev.flow, ev.stats, at: ev.time_ns)
-        case FT_EV_FLOW_STATE.rawValue:
-            tellWatcher(.stateChanged(from: TCPState(ev.stats.last_state), to: TCPState(ev.stats.new_state)), ev.flow, nil)
         case FT_EV_SOCK_RELEASE.rawValue:
             closeUDP(cookie: ev.flow.cookie, at: ev.time_ns)
         default:
@@ -292,7 +268,6 @@ public final class FlowMonitor: @unchecked Sendable {
     @discardableResult
     private func emitOpen(_ flow: ft_flow, at time: UInt64? = nil) -> FlowRecord {
         let record = makeRecord(flow)
-        tellWatcher(.opened, flow, record)
         emit(FlowEvent(kind: .open, time: WallTime(bootNanoseconds: time ?? flow.opened_ns), record: record))
         return record
     }
@@ -300,7 +275,6 @@ public final class FlowMonitor: @unchecked Sendable {
     private func emitClose(_ flow: ft_flow, _ stats: ft_close_stats, at time: UInt64) {
         var record = makeRecord(flow)
         Self.applyClose(stats, at: time, to: &record)
-        tellWatcher(.closed(reason: record.closeReason ?? "closed"), flow, record)
         emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: time), record: record,
                        receipt: .tcpEntry(cookie: flow.cookie, openedNanoseconds: flow.opened_ns)))
     }
@@ -312,11 +286,6 @@ public final class FlowMonitor: @unchecked Sendable {
         emit(FlowEvent(kind: .close, time: WallTime(bootNanoseconds: ev.time_ns), record: record,
                        receipt: key & FT_OUTBOX_MOVED != 0 ? .tcpEntry(cookie: ev.flow.cookie, openedNanoseconds: ev.flow.opened_ns)
                                                            : .outbox(key: key)))
-    }
-
-    private func tellWatcher(_ kind: FlaggedFlowEvent.Kind, _ flow: ft_flow, _ record: FlowRecord?) {
-        guard let watched, flow.flags & watched.flags != 0 else { return }
-        watched.handler(FlaggedFlowEvent(kind: kind, flow: flow, record: record ?? makeRecord(flow)))
     }
 
     static func outboxReason(_ reason: UInt32) -> String? {

@@ -77,7 +77,9 @@ struct ConfigLimitsTests {
         ("udp_idle_seconds: 0", "udp_idle_seconds"), ("udp_idle_seconds: 86401", "udp_idle_seconds"),
         ("udp_idle_seconds: 99999999999999999999999", "udp_idle_seconds"), ("udp_idle_seconds: -1", "udp_idle_seconds"),
         ("journal_retention_days: 36501", "journal_retention_days"), ("journal_max_bytes: 1048575", "journal_max_bytes"),
-        ("stream: {pool_size: 2049}", "stream.pool_size"), ("stream: {pool_size: 0}", "stream.pool_size"),
+        ("stream: {max_flows: 65537}", "stream.max_flows"), ("stream: {max_flows: 0}", "stream.max_flows"),
+        ("stream: {drain_seconds: 3601}", "stream.drain_seconds"), ("stream: {drain_seconds: -1}", "stream.drain_seconds"),
+        ("stream: {pool_size: 32}", "stream.pool_size"), ("stream: {rules: [{direction: inbound}]}", "stream.rules[0].direction"),
         ("log_level: loud", "log_level"), ("log_level: 3", "log_level"),
     ])
     func ranges(_ yaml: String, _ key: String) {
@@ -99,7 +101,7 @@ struct ConfigLimitsTests {
                     "journal_max_bytes", "output", "udp_idle_seconds", "log_level", "stream", "colour", ""]
         let values = ["", "~", "null", "true", "0", "-1", "1e999", "99999999999999999999", "\"/x\"", "relative", "[1, 2]",
                       "{a: 1}", "\"\\u0000\"", "&a x", "*a", "!!binary aGk=", "|\n  block", "'quoted'", "json", "[::1]:9742",
-                      "{rules: [{exe: /usr/bin/curl}], callouts: [{type: edit, pattern: a}]}", "{rules: 5}", "{pool_size: x}"]
+                      "{rules: [{exe: /usr/bin/curl}], callouts: [{type: edit, pattern: a}]}", "{rules: 5}", "{max_flows: x}", "{drain_seconds: 1e9}"]
         for _ in 0..<2000 {
             var doc = ""
             for _ in 0..<Int.random(in: 0...6, using: &rng) {

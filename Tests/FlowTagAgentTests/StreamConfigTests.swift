@@ -7,7 +7,8 @@ struct StreamConfigTests {
     func streamConfigParses() throws {
         let c = try AgentConfig.parse("""
             stream:
-              pool_size: 8
+              max_flows: 8
+              drain_seconds: 3
               rules:
                 - remote_port: 443
                   direction: outbound
@@ -18,7 +19,8 @@ struct StreamConfigTests {
                 - {type: capture, bytes: 16}
                 - {type: pass}
             """)
-        #expect(c.stream.poolSize == 8)
+        #expect(c.stream.maxFlows == 8 && c.stream.drainSeconds == 3)
+        #expect(AgentConfig().stream.maxFlows == 4096 && AgentConfig().stream.drainSeconds == 10)
         #expect(c.stream.rules.first?.remotePort == 443)
         #expect(c.stream.callouts.map(\.type) == ["edit", "block", "capture", "pass"])
         #expect(c.stream.callouts[0].outOfBand)

@@ -55,7 +55,6 @@ struct ABILayoutTests {
         #expect(MemoryLayout<ft_proc>.offset(of: \.exe) == 56)
         #expect(MemoryLayout<ft_proc>.offset(of: \.exe_dev) == 36)
         #expect(MemoryLayout<ft_proc>.offset(of: \.exe_ino) == 568)
-        #expect(MemoryLayout<ft_flow>.offset(of: \.relay_slot) == 140)
         // Stream relay structs.
         #expect(MemoryLayout<ft_stream_rule>.size == 64)
         #expect(MemoryLayout<ft_stream_rule>.offset(of: \.cgroup_id) == 8)
@@ -64,15 +63,43 @@ struct ABILayoutTests {
         #expect(MemoryLayout<ft_stream_rule>.offset(of: \.local_port) == 28)
         #expect(MemoryLayout<ft_stream_rule>.offset(of: \.remote) == 32)
         #expect(MemoryLayout<ft_stream_rule>.offset(of: \.remote_prefix) == 48)
-        #expect(MemoryLayout<ft_relay_route>.size == 16)
-        #expect(MemoryLayout<ft_relay_route>.offset(of: \.app_cookie) == 8)
-        #expect(MemoryLayout<ft_relay_slot>.size == 16)
+    }
+
+    /// The relay's hand-over structs: written by sockops (BPF), read after accept (Swift).
+    @Test func relayOffsets() {
+        #expect(MemoryLayout<ft_relay_orig>.size == 112)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.dst_port) == 16)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.family) == 18)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.mapped) == 19)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.owner) == 24)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.cookie) == 88)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.netns_cookie) == 96)
+        #expect(MemoryLayout<ft_relay_orig>.offset(of: \.connect_ns) == 104)
+        #expect(MemoryLayout<ft_relay_pending_key>.size == 48)
+        #expect(MemoryLayout<ft_relay_pending_key>.offset(of: \.peer) == 8)
+        #expect(MemoryLayout<ft_relay_pending_key>.offset(of: \.local) == 24)
+        #expect(MemoryLayout<ft_relay_pending_key>.offset(of: \.peer_port) == 40)
+        #expect(MemoryLayout<ft_relay_pending_key>.offset(of: \.local_port) == 42)
+        #expect(MemoryLayout<ft_relay_pending_key>.offset(of: \.family) == 44)
+        #expect(MemoryLayout<ft_relay_listener>.size == 32)
+        #expect(MemoryLayout<ft_relay_listener>.offset(of: \.ip4) == 16)
+        #expect(MemoryLayout<ft_relay_listener>.offset(of: \.port4) == 20)
+        #expect(MemoryLayout<ft_relay_listener>.offset(of: \.port6) == 22)
+        #expect(MemoryLayout<ft_relay_mark>.size == 8)
+        // LPM trie key: the prefix length first, then the bits it counts.
+        #expect(MemoryLayout<ft_relay_hint_key>.size == 32)
+        #expect(MemoryLayout<ft_relay_hint_key>.offset(of: \.family) == 4)
+        #expect(MemoryLayout<ft_relay_hint_key>.offset(of: \.netns_cookie) == 8)
+        #expect(MemoryLayout<ft_relay_hint_key>.offset(of: \.addr) == 16)
+        #expect(MemoryLayout<ft_relay_request>.size == 16)
     }
 
     @Test func everyStructIsEightByteAligned() {
         for size in [MemoryLayout<ft_stamp>.size, MemoryLayout<ft_sock_state>.size, MemoryLayout<ft_tuple>.size,
                      MemoryLayout<ft_flow>.size, MemoryLayout<ft_udp_key>.size, MemoryLayout<ft_udp_flow>.size,
-                     MemoryLayout<ft_close_stats>.size, MemoryLayout<ft_event>.size, MemoryLayout<ft_proc>.size] {
+                     MemoryLayout<ft_close_stats>.size, MemoryLayout<ft_event>.size, MemoryLayout<ft_proc>.size,
+                     MemoryLayout<ft_relay_orig>.size, MemoryLayout<ft_relay_pending_key>.size, MemoryLayout<ft_relay_listener>.size,
+                     MemoryLayout<ft_relay_hint_key>.size, MemoryLayout<ft_relay_request>.size] {
             #expect(size % 8 == 0)
         }
     }

@@ -40,7 +40,7 @@ def server(args):
                 c.sendall(chunk); h.update(chunk); sent[0] += len(chunk)
             if not reported:
                 print(json.dumps({"pushed_after_3s": sent[0]}), flush=True)
-            # The client acks once it has everything, so this FIN cannot race the relay.
+            # The client says when it has everything; then the FIN.
             c.settimeout(120); c.recv(2)
             c.shutdown(socket.SHUT_WR)
             print(json.dumps({"pushed": sent[0], "sha": h.hexdigest()}), flush=True)
@@ -48,21 +48,42 @@ def server(args):
             print(json.dumps({"pushed": sent[0], "error": str(e)}), flush=True)
         c.close()
 
+    def digest(c, peer):
+        """Reads to EOF, then answers with what arrived (count and sha256) and closes."""
+        h = hashlib.sha256(); n = 0
+        try:
+            while True:
+                d = c.recv(1 << 16)
+                if not d: break
+                h.update(d); n += len(d)
+            r = {"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]}
+            c.sendall((json.dumps(r) + "\n").encode())
+        except OSError as e:
+            r = {"received": n, "error": str(e)}
+        print(json.dumps(r), flush=True)
+        c.close()
+
+    def whoami(c, peer):
+        """Tells the client the address it came from, then waits for its EOF."""
+        c.sendall((json.dumps({"peer": [peer[0], peer[1]], "local": list(c.getsockname()[:2])}) + "\n").encode())
+        try:
+            while c.recv(1 << 16): pass
+        except OSError: pass
+        c.close()
+
     def serve(c, peer):
         if args.mode == "push":
             return push(c)
-        h = hashlib.sha256(); n = 0; acked = False
+        if args.mode == "digest":
+            return digest(c, peer)
+        if args.mode == "whoami":
+            return whoami(c, peer)
+        h = hashlib.sha256(); n = 0
         try:
             while True:
                 d = c.recv(65536)
                 if not d: break
                 h.update(d); n += len(d)
-                if args.mode == "sink":
-                    # An application-level ack once everything arrived, so the client's
-                    # FIN never races the relay (docs/stream-relay.md).
-                    if args.expect and n >= args.expect and not acked:
-                        c.sendall(b"ok"); acked = True
-                    continue
                 if args.mode == "reset":
                     c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     c.close()
@@ -72,11 +93,9 @@ def server(args):
             # EOF from the client (half-close): the other direction still works.
             print(json.dumps({"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]}), flush=True)
             if args.mode == "trailer":
-                # Half-closed by the client: this direction still carries data. The FIN
-                # follows a moment later: a FIN sent right behind data can overtake what
-                # the relay holds (docs/stream-relay.md, "A FIN overtakes held data").
+                # Half-closed by the client: this direction still carries data, and the
+                # FIN right behind it must not overtake it.
                 c.sendall(b"bye")
-                time.sleep(0.3)
             c.shutdown(socket.SHUT_WR)
         except OSError as e:
             print(json.dumps({"received": n, "error": str(e)}), flush=True)
@@ -109,9 +128,7 @@ def one_client(args, seed, results):
     t0 = time.time(); i = 0
     try:
         while i < len(data):
-            # The reset case writes once: a second relayed write landing after the
-            # reset would take the socket's error before the process sees it.
-            n = len(data) if args.reset else rnd.randint(1, args.max_chunk)
+            n = rnd.randint(1, args.max_chunk)
             s.sendall(data[i:i + n]); i += n
     except (ConnectionResetError, BrokenPipeError):
         reset_seen.append(True)  # the reset surfaced on a write: the error is reported once
@@ -182,35 +199,74 @@ def stream(args):
     print(json.dumps({"end": state.get("end", "none"), "got": len(got), "prefix_equal": bytes(got) == data[:len(got)],
                       "send_error": state.get("send_error")}), flush=True)
 
-def flood(args):
-    """Writes `size` bytes as fast as the socket takes them (64 KiB writes), then
-    half-closes and waits for the server's EOF: every write must succeed."""
-    s = socket.create_connection((args.host, args.port), timeout=60)
-    if args.blocking:
-        s.settimeout(None)
+def upload(args):
+    """Sends `size` bytes as fast as the socket takes them, half-closes at once, and
+    compares the server's count and sha256 (told after its EOF) with what was sent."""
     data = payload(1 << 20, args.seed, False)
-    h = hashlib.sha256(); n = 0; t0 = time.time()
+    s = socket.create_connection((args.host, args.port), timeout=120)
+    h = hashlib.sha256(); n = 0
+    rnd = random.Random(args.seed)
     try:
         while n < args.size:
-            chunk = data[n % len(data):][:65536]
-            s.sendall(chunk); h.update(chunk); n += len(chunk)
-        # Reads poll (a timeout): a blocking read on a relayed socket can return EAGAIN
-        # on this kernel (docs/stream-relay.md); the blocking mode is about the writes.
-        s.settimeout(60)
-        ack = b""
-        while len(ack) < 2:
-            d = s.recv(2 - len(ack))
-            if not d: break
-            ack += d
-        if ack != b"ok":
-            # The sink acks only once it has every byte: EOF before that is a failure.
-            print(json.dumps({"sent": n, "error": f"EOF before the sink's ack (got {ack!r})"}), flush=True)
-            sys.exit(1)
+            k = min(rnd.randint(1, 1 << 17), args.size - n)
+            off = n % len(data)
+            chunk = (data[off:] + data)[:k]
+            s.sendall(chunk); h.update(chunk); n += k
         s.shutdown(socket.SHUT_WR)
-        while s.recv(65536): pass
-        print(json.dumps({"sent": n, "sha": h.hexdigest(), "seconds": round(time.time() - t0, 3)}), flush=True)
+        answer = b""
+        while True:
+            d = s.recv(4096)
+            if not d: break
+            answer += d
+        server = json.loads(answer.decode()) if answer else {}
+        ok = server.get("received") == n and server.get("sha") == h.hexdigest()
+        print(json.dumps({"sent": n, "sha": h.hexdigest(), "server": server, "equal": ok}), flush=True)
     except OSError as e:
-        print(json.dumps({"sent": n, "error": str(e)}), flush=True)
+        print(json.dumps({"sent": n, "error": str(e), "equal": False}), flush=True)
+
+def blocking(args):
+    """One thread reads with blocking recv(1000) while another sends on the same socket
+    (its own sends wake it up): every echoed byte must come back, in order."""
+    data = payload(args.size, args.seed, False)
+    s = socket.create_connection((args.host, args.port))
+    s.settimeout(None)
+    got = bytearray(); errs = []
+    def rd():
+        try:
+            while len(got) < len(data):
+                d = s.recv(1000)
+                if not d: break
+                got.extend(d)
+        except OSError as e:
+            errs.append("recv: " + str(e))
+    t = threading.Thread(target=rd); t.start()
+    rnd = random.Random(args.seed); i = 0
+    try:
+        while i < len(data):
+            k = rnd.choice([1, 7, 999, 1000, 1001, 4093, 65537])
+            s.sendall(data[i:i + k]); i += k
+    except OSError as e:
+        errs.append("send: " + str(e))
+    t.join(120)
+    s.close()
+    print(json.dumps({"sent": len(data), "got": len(got), "equal": bytes(got) == data, "errors": errs}), flush=True)
+
+def names(args):
+    """What the process sees of its connection, and what the peer sees."""
+    fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    s = socket.socket(fam)
+    s.settimeout(10)
+    s.connect((args.host, args.port))
+    early = list(s.getsockname()[:2])
+    line = b""
+    while not line.endswith(b"\n"):
+        d = s.recv(4096)
+        if not d: break
+        line += d
+    seen = json.loads(line.decode())
+    print(json.dumps({"peername": list(s.getpeername()[:2]), "sockname": early, "sockname_late": list(s.getsockname()[:2]),
+                      "peer_saw": seen["peer"], "peer_local": seen["local"]}), flush=True)
+    s.close()
 
 def handed_over_connection(host, port):
     """A connection made by a child process that passes the fd here and exits: the
@@ -256,7 +312,7 @@ def slowread(args):
 p = argparse.ArgumentParser()
 sub = p.add_subparsers(dest="cmd", required=True)
 a = sub.add_parser("server"); a.add_argument("portfile"); a.add_argument("--bind", default="127.0.0.1")
-a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "sink", "push"])
+a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "push", "digest", "whoami"])
 a.add_argument("--expect", type=int, default=0)
 a = sub.add_parser("client"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100000); a.add_argument("--seed", type=int, default=1)
@@ -266,8 +322,11 @@ a.add_argument("--trailer", action="store_true"); a.add_argument("--reset", acti
 a = sub.add_parser("stream"); a.add_argument("host"); a.add_argument("port", type=int); a.add_argument("--seed", type=int, default=7)
 a = sub.add_parser("slowread"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, required=True); a.add_argument("--handoff", action="store_true")
-a = sub.add_parser("flood"); a.add_argument("host"); a.add_argument("port", type=int)
-a.add_argument("--size", type=int, default=100 << 20); a.add_argument("--seed", type=int, default=3)
-a.add_argument("--blocking", action="store_true")
+a = sub.add_parser("upload"); a.add_argument("host"); a.add_argument("port", type=int)
+a.add_argument("--size", type=int, required=True); a.add_argument("--seed", type=int, default=5)
+a = sub.add_parser("blocking"); a.add_argument("host"); a.add_argument("port", type=int)
+a.add_argument("--size", type=int, default=20 << 20); a.add_argument("--seed", type=int, default=11)
+a = sub.add_parser("names"); a.add_argument("host"); a.add_argument("port", type=int)
 args = p.parse_args()
-{"server": server, "client": client, "stream": stream, "flood": flood, "slowread": slowread}[args.cmd](args)
+{"server": server, "client": client, "stream": stream, "slowread": slowread, "upload": upload,
+ "blocking": blocking, "names": names}[args.cmd](args)

@@ -83,7 +83,8 @@ enum ft_direction { FT_DIR_OUTBOUND = 1, FT_DIR_INBOUND = 2 };
 /* ft_flow.flags */
 enum ft_flow_flags {
     FT_FLOW_PENDING_ACCEPT = 1, /* passive flow not yet accepted: open not reported */
-    FT_FLOW_RELAYED = 2,        /* selected by a stream rule: its bytes go through the agent */
+    FT_FLOW_RELAYED = 2,        /* redirected to the agent's relay by a stream rule; the tuple
+                                   names the original destination */
     FT_FLOW_CLOSED = 4,         /* TCP: the socket closed; the entry stays until the agent has
                                    journaled the close, so a crash of the agent loses none */
 };
@@ -99,7 +100,7 @@ struct ft_flow {
     ft_u8 direction;
     ft_u8 flags;
     ft_u16 pad;
-    ft_u32 relay_slot; /* FT_FLOW_RELAYED: the stream-relay slot the flow was given */
+    ft_u32 pad2;
 };
 
 /* UDP flow key: one flow per (netns, 5-tuple). 56 bytes. */
@@ -126,8 +127,8 @@ struct ft_close_stats {
     ft_u32 segs_in;
     ft_u32 retransmits;
     ft_u32 srtt_us;
-    ft_u32 last_state; /* TCP state before TCP_CLOSE (FT_EV_FLOW_STATE: the old state) */
-    ft_u32 new_state;  /* FT_EV_FLOW_STATE: the new state; else 0 */
+    ft_u32 last_state; /* TCP state before TCP_CLOSE */
+    ft_u32 pad;
 };
 
 /* Value of the TCP flow map: the flow, and once FT_FLOW_CLOSED its close. 192 bytes. */
@@ -141,8 +142,6 @@ enum ft_event_kind {
     FT_EV_OPEN = 1,
     FT_EV_CLOSE = 2,
     FT_EV_SOCK_RELEASE = 3, /* a UDP socket was released: its flows end */
-    FT_EV_FLOW_STATE = 4,   /* a watched (relayed) flow sent (FIN_WAIT1) or got (CLOSE_WAIT) a
-                               FIN: stats.last_state is the old TCP state, stats.new_state the new */
 };
 
 /* Why the agent closed a flow it keeps in the outbox (ft_event.close_reason). */
@@ -179,7 +178,7 @@ struct ft_build_info {
     ft_u32 abi_version;
     ft_u32 pad;
 };
-#define FT_ABI_VERSION 2
+#define FT_ABI_VERSION 3
 
 /* Process table entry, keyed by tgid. Entries outlive the process (LRU). 576 bytes. */
 enum ft_proc_flags {
@@ -207,24 +206,23 @@ enum ft_counter {
     FT_CNT_FLOWS_DROPPED = 1, /* live-flow map full */
     FT_CNT_STAMPS = 2,
     FT_CNT_EXECS = 3,
-    FT_CNT_RELAY_ASSIGNED = 4,   /* flows a stream rule selected and the relay took */
-    FT_CNT_RELAY_POOL_EMPTY = 5, /* selected flows left direct: no relay slot was free */
-    FT_CNT_RELAY_RETRANSMIT_TRIMS = 6, /* relayed skbs that began with bytes already received */
+    FT_CNT_RELAY_PENDING_FULL = 4, /* a redirected connect's hand-over entry was not stored */
     FT_CNT_MAX = 8,
 };
 
 /* ---------------------------------------------------------------- stream relay
  *
- * A selected TCP flow's socket (the "app" socket) sits in the ft_relay_socks sockhash
- * with two sockets of a slot the agent made in advance, SEND and RECV, each the kernel
- * end of a loopback TCP connection whose other end the agent holds.
- *   process writes → sk_msg on app → out of SEND → agent reads its SEND peer
- *   agent writes on its SEND peer (in ft_relay_writers) → sk_msg → out of the app socket
- *   peer's data → sk_skb on app → out of RECV → agent reads its RECV peer
- *   agent writes on its RECV peer (in ft_relay_writers) → sk_msg → app's receive queue
- * Every hop is TCP or a redirect; the last one is bounded by the agent (unread bytes). */
+ * WFP's connect-redirect: the relay object's cgroup/connect4|6 hook records a selected
+ * socket's original destination and owner (ft_relay_origs) and points the connect at the
+ * agent's listener in the socket's netns (ft_relay_listeners). When the process's socket
+ * is established, sockops publishes the hand-over entry ft_relay_pending[the tuple the
+ * listener sees]; the agent looks it up after accept(), connects to the original
+ * destination itself and runs the callouts between its two sockets. The process's socket
+ * stays an ordinary TCP socket; getpeername shows the original destination. */
 #define FT_STREAM_RULES_MAX 16
-#define FT_RELAY_SLOTS_MAX 4096
+#define FT_RELAY_LISTENERS_MAX 1024
+#define FT_RELAY_PENDING_MAX 65536
+#define FT_RELAY_HINTS_MAX 16384
 
 enum ft_rule_match {
     FT_MATCH_EXE = 1,
@@ -254,38 +252,76 @@ struct ft_stream_rule {
     ft_u64 pad2;
 };
 
-enum ft_relay_role {
-    FT_RELAY_NONE = 0,
-    FT_RELAY_APP = 1,   /* the selected flow's own socket */
-    FT_RELAY_SEND = 2,  /* slot socket carrying what the app sends, to the agent */
-    FT_RELAY_RECV = 3,  /* slot socket carrying what the app receives, to the agent */
-    FT_RELAY_AGENT = 4, /* other agent relay plumbing (the listener): never selected */
-    FT_RELAY_WRITER = 5, /* agent's end of SEND: its writes leave by the app socket */
-    FT_RELAY_WRITER_IN = 6, /* agent's end of RECV: its writes land in the app socket's receive queue */
+/* A redirected socket's original destination and owner (socket storage on the
+ * process's socket, and the value of the hand-over entry). 112 bytes. */
+struct ft_relay_orig {
+    ft_u8 dst[16];    /* network order; IPv4 (also v4-mapped) in the first 4 bytes */
+    ft_u16 dst_port;  /* host order */
+    ft_u8 family;     /* AF_INET or AF_INET6: the family of dst (v4-mapped is AF_INET) */
+    ft_u8 mapped;     /* 1: an AF_INET6 socket connecting to a v4-mapped address */
+    ft_u32 pad;
+    struct ft_stamp owner;
+    ft_u64 cookie;    /* the process socket's cookie: the flow handle */
+    ft_u64 netns_cookie;
+    ft_u64 connect_ns; /* boottime */
 };
 
-/* Socket-local storage on every socket the relay touches. 16 bytes. */
-struct ft_relay_route {
-    ft_u32 slot;
-    ft_u32 role;
-    ft_u64 app_cookie; /* FT_RELAY_APP: its own cookie, checked against the slot */
+/* Hand-over key: the connection as the agent's listener sees it. 48 bytes. */
+struct ft_relay_pending_key {
+    ft_u64 netns_cookie;
+    ft_u8 peer[16];   /* the process socket's address (IPv4 in the first 4 bytes) */
+    ft_u8 local[16];  /* the listener's address */
+    ft_u16 peer_port; /* host order */
+    ft_u16 local_port;
+    ft_u8 family;     /* AF_INET or AF_INET6 as the listener sees it */
+    ft_u8 pad[3];
 };
 
-enum ft_relay_mode {
-    FT_RELAY_FREE = 0,
-    FT_RELAY_ACTIVE = 1,
-    FT_RELAY_DIRECT = 2, /* returned to direct mode: the programs pass */
-};
-
-/* Relay slot table entry (array indexed by slot). 16 bytes. */
-struct ft_relay_slot {
-    ft_u64 app_cookie;
-    ft_u32 mode;
+/* The agent's listeners in one netns (keyed by netns cookie). 32 bytes. */
+struct ft_relay_listener {
+    ft_u8 ip6[16];   /* where IPv6 connects go (network order), normally ::1 */
+    ft_u32 ip4;      /* where IPv4 connects go (network order), normally 127.0.0.1 */
+    ft_u16 port4;    /* host order; 0: no IPv4 listener */
+    ft_u16 port6;    /* host order; 0: no IPv6 listener */
+    ft_u32 flags;
     ft_u32 pad;
 };
 
-/* Sockhash keys: app sockets by cookie, relay sockets by slot with the top bit set. */
-#define FT_RELAY_KEY(slot, role) ((1ULL << 63) | ((ft_u64)(slot) << 2) | (ft_u64)(role))
+/* Socket storage on the agent's own relay sockets (and, cloned, on every socket its
+ * listeners accept): never selected, never a flow. 8 bytes. */
+struct ft_relay_mark {
+    ft_u32 agent;
+    ft_u32 pad;
+};
+
+/* Natural source addresses: LPM key {prefix bits = 64 + address bits, netns, address}.
+ * A redirected connect goes to the listener at the source the destination would have
+ * given the socket, so the process's getsockname is what it would be without the relay. */
+struct ft_relay_hint_key {
+    ft_u32 prefixlen;
+    ft_u32 family;   /* part of the key, always matched (prefixlen counts it) */
+    ft_u64 netns_cookie;
+    ft_u8 addr[16];
+};
+struct ft_relay_hint {
+    ft_u8 source[16];
+};
+
+/* A connect the relay could not take because its netns has no listener yet: the agent
+ * creates one (ring buffer record). 16 bytes. */
+struct ft_relay_request {
+    ft_u64 netns_cookie;
+    ft_u32 tgid;
+    ft_u32 pad;
+};
+
+/* Indexes of the relay object's per-CPU counters. */
+enum ft_relay_counter {
+    FT_RCNT_REDIRECTED = 0,  /* connects sent to the agent's listener */
+    FT_RCNT_NO_LISTENER = 1, /* selected connects passed direct: no listener in their netns */
+    FT_RCNT_STORAGE_FAILED = 2, /* selected connects passed direct: no socket storage */
+    FT_RCNT_MAX = 4,
+};
 
 #define FT_ASSERT_SIZE(type, size) _Static_assert(sizeof(type) == (size), #type " size")
 FT_ASSERT_SIZE(struct ft_stamp, 64);
@@ -300,7 +336,12 @@ FT_ASSERT_SIZE(struct ft_tcp_entry, 192);
 FT_ASSERT_SIZE(struct ft_build_info, 24);
 FT_ASSERT_SIZE(struct ft_proc, 576);
 FT_ASSERT_SIZE(struct ft_stream_rule, 64);
-FT_ASSERT_SIZE(struct ft_relay_route, 16);
-FT_ASSERT_SIZE(struct ft_relay_slot, 16);
+FT_ASSERT_SIZE(struct ft_relay_orig, 112);
+FT_ASSERT_SIZE(struct ft_relay_pending_key, 48);
+FT_ASSERT_SIZE(struct ft_relay_listener, 32);
+FT_ASSERT_SIZE(struct ft_relay_mark, 8);
+FT_ASSERT_SIZE(struct ft_relay_hint_key, 32);
+FT_ASSERT_SIZE(struct ft_relay_hint, 16);
+FT_ASSERT_SIZE(struct ft_relay_request, 16);
 
 #endif

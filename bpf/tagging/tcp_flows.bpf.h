@@ -52,16 +52,13 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
         return;
     struct ft_flow *fp = &entry->flow;
     struct bpf_sock *sk = skops->sk;
-    if (sk) {
-        struct ft_relay_route *own = bpf_sk_storage_get(&ft_relay_routes, sk, 0, 0);
-        if (own && own->role != FT_RELAY_NONE)
-            return; /* the agent's own relay plumbing is not a flow */
-    }
+    if (sk && relay_is_agent_socket(sk))
+        return; /* the relay's own sockets: the relayed flow is the process's socket */
     __builtin_memset(&entry->stats, 0, sizeof(entry->stats));
     entry->closed_ns = 0;
     flow_from_sockops(skops, fp, dir);
-    if (sk && flow_selected(fp))
-        relay_take(skops, sk, fp);
+    if (sk && dir == FT_DIR_OUTBOUND)
+        relay_hand_over(sk, fp);
     if (dir == FT_DIR_INBOUND) {
         /* Until accept the owner is the listener's (cloned): report at accept. The
          * socket's own stamp is marked inherited too, so the process hooks know to
@@ -88,24 +85,8 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
 static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
 {
     __u32 new_state = skops->args[1];
-    if (new_state != TCP_CLOSE) {
-        /* Other states matter only to relayed flows: a FIN sent or received. */
-        if (new_state != TCP_FIN_WAIT1 && new_state != TCP_CLOSE_WAIT)
-            return;
-        __u32 zero = 0;
-        __u32 *rules = bpf_map_lookup_elem(&ft_stream_rule_count, &zero);
-        if (!rules || *rules == 0)
-            return;
-        __u64 c = bpf_get_socket_cookie(skops);
-        struct ft_flow *rf = bpf_map_lookup_elem(&ft_tcp_flows, &c);
-        if (!rf || !(rf->flags & FT_FLOW_RELAYED))
-            return;
-        struct ft_close_stats st = {};
-        st.last_state = skops->args[0];
-        st.new_state = new_state;
-        emit(FT_EV_FLOW_STATE, rf, &st);
+    if (new_state != TCP_CLOSE)
         return;
-    }
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct ft_tcp_entry *e = bpf_map_lookup_elem(&ft_tcp_flows, &cookie);
 
@@ -114,8 +95,6 @@ static __always_inline void tcp_state_change(struct bpf_sock_ops *skops)
 
     /* The entry is not deleted: it is marked closed and keeps its close, and the agent
      * deletes it once the close is journaled (a crash in between loses nothing). */
-    if (e->flow.flags & FT_FLOW_RELAYED)
-        bpf_map_delete_elem(&ft_relay_tuples, &e->flow.tuple);
     if (e->flow.flags & FT_FLOW_PENDING_ACCEPT)
         emit(FT_EV_OPEN, &e->flow, 0); /* never accepted: report with the inherited owner */
 
@@ -178,7 +157,7 @@ static __always_inline void claim_accepted(struct ft_sock_state *st, __u64 cooki
     emit(FT_EV_OPEN, f, 0);
 }
 
-static __always_inline int on_getpeername(struct bpf_sock_addr *ctx)
+static __always_inline int on_getpeername(struct bpf_sock_addr *ctx, const int v6)
 {
     struct bpf_sock *sk = ctx->sk;
     if (!sk || sk->protocol != IPPROTO_TCP)
@@ -186,13 +165,14 @@ static __always_inline int on_getpeername(struct bpf_sock_addr *ctx)
     struct ft_sock_state *st = bpf_sk_storage_get(&ft_sk_state, sk, 0, 0);
     if (st && st->owner.attribution == FT_ATTR_INHERITED)
         claim_accepted(st, bpf_get_socket_cookie(ctx), FT_HOOK_ACCEPT);
+    relay_show_original(ctx, sk, v6);
     return 1;
 }
 
 SEC("cgroup/getpeername4")
-int ft_getpeername4(struct bpf_sock_addr *ctx) { return on_getpeername(ctx); }
+int ft_getpeername4(struct bpf_sock_addr *ctx) { return on_getpeername(ctx, 0); }
 
 SEC("cgroup/getpeername6")
-int ft_getpeername6(struct bpf_sock_addr *ctx) { return on_getpeername(ctx); }
+int ft_getpeername6(struct bpf_sock_addr *ctx) { return on_getpeername(ctx, 1); }
 
 #endif

@@ -28,14 +28,9 @@ struct ftbpf;
     X(SK_STATE, ft_sk_state)                            \
     X(OUTBOX, ft_outbox)                                \
     X(BUILD, ft_build)                                  \
-    X(STREAM_RULES, ft_stream_rules)                    \
-    X(STREAM_RULE_COUNT, ft_stream_rule_count)          \
-    X(RELAY_ROUTES, ft_relay_routes)                    \
-    X(RELAY_SLOTS, ft_relay_slots)                      \
-    X(RELAY_POOL, ft_relay_pool)                        \
-    X(RELAY_SOCKS, ft_relay_socks)                      \
-    X(RELAY_TUPLES, ft_relay_tuples)                    \
-    X(RELAY_WRITERS, ft_relay_writers)
+    X(RELAY_ORIGS, ft_relay_origs)                      \
+    X(RELAY_MARKS, ft_relay_marks)                      \
+    X(RELAY_PENDING, ft_relay_pending)
 
 enum ftbpf_map {
 #define FTBPF_MAP_ENUM(id, name) FTBPF_MAP_##id,
@@ -99,15 +94,11 @@ int ftbpf_map_delete_many(int fd, const void *keys, uint32_t key_size, uint32_t 
  * keys and values packed). Returns the count, 0 at the end, or -errno. */
 int ftbpf_map_read_many(int fd, uint64_t *cursor, void *keys, void *values, uint32_t cap);
 
-/* How many links a complete set of this build's pins holds (programs not attached to a
- * sockhash), or -errno. */
+/* How many links a complete set of this build's pins holds, or -errno. */
 int ftbpf_expected_links(void);
 
 /* FNV-1a of the BPF object this shim was built with: names the program build. */
 uint64_t ftbpf_object_hash(void);
-/* Queue maps: push a value; pop one (-ENOENT when empty). */
-int ftbpf_queue_push(int fd, const void *value);
-int ftbpf_queue_pop(int fd, void *value);
 /* Sum of one slot of a per-CPU u64 array. */
 int ftbpf_percpu_sum(int fd, uint32_t index, uint64_t *sum);
 
@@ -122,6 +113,40 @@ int ftbpf_num_cpus(void);
 int ftbpf_prog_stats(struct ftbpf *obj, size_t index, char *name, size_t name_len,
                      uint64_t *run_time_ns, uint64_t *run_cnt);
 size_t ftbpf_prog_count(struct ftbpf *obj);
+
+/* ---------------------------------------------------------------- relay object
+ * The stream relay's connect-redirect programs (bpf/relay/relay.bpf.c): loaded at every
+ * agent start and attached with links only the agent holds, so they detach when it
+ * exits, however it exits. It shares the process table and the relay's socket records
+ * with the flowtag object (their fds are given to ftrelay_open_load). */
+struct ftrelay;
+
+#define FTRELAY_MAPS(X)                                 \
+    X(STREAM_RULES, ft_stream_rules)                    \
+    X(STREAM_RULE_COUNT, ft_stream_rule_count)          \
+    X(LISTENERS, ft_relay_listeners)                    \
+    X(HINTS, ft_relay_hints)                            \
+    X(COUNTERS, ft_relay_counters)
+
+enum ftrelay_map {
+#define FTRELAY_MAP_ENUM(id, name) FTRELAY_MAP_##id,
+    FTRELAY_MAPS(FTRELAY_MAP_ENUM)
+#undef FTRELAY_MAP_ENUM
+    FTRELAY_MAP_COUNT
+};
+
+/* Open and load, reusing the flowtag object's ft_procs, ft_relay_origs, ft_relay_marks. */
+int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, struct ftrelay **out, char *err, size_t err_len);
+/* Attach the connect hooks to cgroup_fd. On failure nothing stays attached. */
+int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len);
+/* Detach, close and free. NULL is fine. */
+void ftrelay_destroy(struct ftrelay *r);
+int ftrelay_map_fd(struct ftrelay *r, enum ftrelay_map map);
+/* Requests for listeners (struct ft_relay_request): the fd to wait on (epoll), and a
+ * consume that calls fn for each record. */
+int ftrelay_requests_open(struct ftrelay *r, ftbpf_event_fn fn, void *ctx);
+int ftrelay_requests_fd(struct ftrelay *r);
+int ftrelay_requests_consume(struct ftrelay *r);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,119 @@
+#include "flowtag_shim.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <bpf/libbpf.h>
+#include <bpf/bpf.h>
+
+#include "shim_internal.h"
+#include "generated/relay.skel.h"
+
+#define FTRELAY_MAX_LINKS 4
+
+struct ftrelay {
+    struct relay_bpf *skel;
+    struct bpf_link *links[FTRELAY_MAX_LINKS];
+    size_t nlinks;
+    struct ring_buffer *rb;
+};
+
+static const char *const ftrelay_map_names[FTRELAY_MAP_COUNT] = {
+#define FTRELAY_MAP_NAME(id, name) [FTRELAY_MAP_##id] = #name,
+    FTRELAY_MAPS(FTRELAY_MAP_NAME)
+#undef FTRELAY_MAP_NAME
+};
+
+int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, struct ftrelay **out, char *err, size_t err_len)
+{
+    ftbpf_install_print();
+    *out = NULL;
+    struct ftrelay *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -ENOMEM;
+    r->skel = relay_bpf__open();
+    if (!r->skel) {
+        int rc = -errno;
+        ftbpf_set_err(err, err_len, "open the relay's BPF object", rc);
+        free(r);
+        return rc;
+    }
+    int rc = bpf_map__reuse_fd(r->skel->maps.ft_procs, procs_fd);
+    if (!rc)
+        rc = bpf_map__reuse_fd(r->skel->maps.ft_relay_origs, origs_fd);
+    if (!rc)
+        rc = bpf_map__reuse_fd(r->skel->maps.ft_relay_marks, marks_fd);
+    if (rc) {
+        ftbpf_set_err(err, err_len, "share the flowtag object's maps with the relay", rc);
+        relay_bpf__destroy(r->skel);
+        free(r);
+        return rc;
+    }
+    /* The hand-over map is written by the flowtag object only: not created here. */
+    bpf_map__set_autocreate(r->skel->maps.ft_relay_pending, false);
+    if ((rc = relay_bpf__load(r->skel))) {
+        ftbpf_set_err(err, err_len, "load the relay's BPF programs", rc);
+        relay_bpf__destroy(r->skel);
+        free(r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+static void detach(struct ftrelay *r)
+{
+    for (size_t i = 0; i < r->nlinks; i++)
+        bpf_link__destroy(r->links[i]);
+    r->nlinks = 0;
+}
+
+int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len)
+{
+    struct bpf_program *prog;
+    bpf_object__for_each_program(prog, r->skel->obj) {
+        struct bpf_link *link = r->nlinks < FTRELAY_MAX_LINKS ? bpf_program__attach_cgroup(prog, cgroup_fd) : NULL;
+        if (!link) {
+            int rc = r->nlinks < FTRELAY_MAX_LINKS ? -errno : -E2BIG;
+            char what[128];
+            snprintf(what, sizeof(what), "attach relay program %s (%s)", bpf_program__name(prog),
+                     bpf_program__section_name(prog));
+            ftbpf_set_err(err, err_len, what, rc);
+            detach(r);
+            return rc;
+        }
+        r->links[r->nlinks++] = link;
+    }
+    return 0;
+}
+
+void ftrelay_destroy(struct ftrelay *r)
+{
+    if (!r)
+        return;
+    if (r->rb)
+        ring_buffer__free(r->rb);
+    detach(r);
+    relay_bpf__destroy(r->skel);
+    free(r);
+}
+
+int ftrelay_map_fd(struct ftrelay *r, enum ftrelay_map map)
+{
+    if ((int)map < 0 || map >= FTRELAY_MAP_COUNT)
+        return -EINVAL;
+    struct bpf_map *m = bpf_object__find_map_by_name(r->skel->obj, ftrelay_map_names[map]);
+    return m ? bpf_map__fd(m) : -ENOENT;
+}
+
+int ftrelay_requests_open(struct ftrelay *r, ftbpf_event_fn fn, void *ctx)
+{
+    if (r->rb)
+        return -EALREADY;
+    r->rb = ring_buffer__new(bpf_map__fd(r->skel->maps.ft_relay_requests), (ring_buffer_sample_fn)fn, ctx, NULL);
+    return r->rb ? 0 : -errno;
+}
+
+int ftrelay_requests_fd(struct ftrelay *r) { return r->rb ? ring_buffer__epoll_fd(r->rb) : -EBADF; }
+
+int ftrelay_requests_consume(struct ftrelay *r) { return r->rb ? ring_buffer__consume(r->rb) : -EBADF; }

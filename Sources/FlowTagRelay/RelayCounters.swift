@@ -1,0 +1,25 @@
+import FlowTagCore
+import Synchronization
+
+/// Counters of the stream relay (exported as metrics and in /v1/stats).
+public final class RelayCounters: Sendable {
+    public let flows = Atomic<UInt64>(0)
+    public let bytesFromProcess = Atomic<UInt64>(0)
+    public let bytesFromPeer = Atomic<UInt64>(0)
+    public let bytesToPeer = Atomic<UInt64>(0)
+    public let bytesToProcess = Atomic<UInt64>(0)
+    /// Connections reset (by either side, a callout, or the agent's stop deadline).
+    public let resets = Atomic<UInt64>(0)
+    /// Connects to the original destination that failed (refused, unreachable, timed out).
+    public let connectFailures = Atomic<UInt64>(0)
+    /// Accepted connections without a hand-over entry (not redirected by the hook): reset.
+    public let unknownConnections = Atomic<UInt64>(0)
+    /// Redirected connections reset because `maxFlows` were relayed already.
+    public let overLimit = Atomic<UInt64>(0)
+    /// Bytes the relay held when their connection was reset (both sides saw the reset).
+    public let bytesUndeliverable = Atomic<UInt64>(0)
+    /// Outgoing connections that could not use the process's port (another socket held
+    /// the same 4-tuple): the peer saw another source port.
+    public let sourcePortChanged = Atomic<UInt64>(0)
+    public init() {}
+}

@@ -1,0 +1,140 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFlowTagBPF
+import FlowTagCore
+import FlowTagKernel
+
+/// The relay's listeners in one network namespace (IPv4 and, when the namespace has
+/// IPv6, IPv6), and the source hints the connect hook uses there.
+final class NetnsListeners {
+    let ns: NetworkNamespace
+    var v4: Int32 = -1
+    var v6: Int32 = -1
+    var port4: UInt16 = 0
+    var port6: UInt16 = 0
+    var hints: [SourceHint] = []
+
+    init(ns: NetworkNamespace) { self.ns = ns }
+
+    var sockets: [Int32] { [v4, v6].filter { $0 >= 0 } }
+
+    func closeSockets() {
+        for fd in sockets { close(fd) }
+        v4 = -1
+        v6 = -1
+    }
+}
+
+extension StreamRelay {
+    /// Listens in `ns` (on every address: connects are sent to the address their
+    /// destination would have given them as source), then publishes the listener.
+    func openListeners(in ns: NetworkNamespace) throws {
+        guard listeners[ns.cookie] == nil else { return }
+        guard listeners.count < RelayKernel.maxListeners else {
+            throw KernelError.invalidArgument("the relay listens in \(RelayKernel.maxListeners) network namespaces already")
+        }
+        let l = NetnsListeners(ns: ns)
+        do {
+            try ns.run(from: home) {
+                (l.v4, l.port4) = try listenSocket(family: AF_INET, port: 0)
+                // IPv6 may be off in a namespace: then only IPv4 connects are relayed there.
+                if let r = (try? listenSocket(family: AF_INET6, port: l.port4)) ?? (try? listenSocket(family: AF_INET6, port: 0)) {
+                    (l.v6, l.port6) = r
+                }
+                l.hints = SourceHints.current()
+            }
+            kernel.setHints(netns: ns.cookie, l.hints, replacing: [])
+            for fd in l.sockets { epoll.add(fd, for: .readable) }
+            listeners[ns.cookie] = l
+            for fd in l.sockets { listenerByFD[fd] = l }
+            listenerCount.store(listeners.count, ordering: .relaxed)
+            try kernel.setListener(netns: ns.cookie, port4: l.port4, port6: l.port6)
+        } catch {
+            dropListeners(l)
+            throw error
+        }
+        logger.info("relay: listening", metadata: ["netns": "\(ns.cookie)", "port": "\(l.port4)", "source_hints": "\(l.hints.count)"])
+    }
+
+    /// A marked, non-blocking listening socket on the any-address of `family`.
+    private func listenSocket(family: Int32, port: UInt16) throws -> (Int32, UInt16) {
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw KernelError.system("relay listener socket", errno) }
+        do {
+            // Marked before it listens: every connection it accepts inherits the mark.
+            try kernel.mark(fd)
+            var one: Int32 = 1
+            if family == AF_INET6 { _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, 4) }
+            let any = SocketAddress(family: family, address: family == AF_INET ? .v4(0) : .v6(0, 0), port: port)
+            guard any.withSockaddr({ bind(fd, $0, $1) }) == 0 else { throw KernelError.system("bind the relay listener", errno) }
+            guard listen(fd, 4096) == 0 else { throw KernelError.system("listen on the relay listener", errno) }
+            guard let bound = SocketAddress.local(fd) else { throw KernelError.system("relay listener address", errno) }
+            return (fd, bound.port)
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    private func dropListeners(_ l: NetnsListeners) {
+        kernel.removeListener(netns: l.ns.cookie)
+        kernel.setHints(netns: l.ns.cookie, [], replacing: l.hints)
+        for fd in l.sockets {
+            epoll.remove(fd)
+            listenerByFD.removeValue(forKey: fd)
+        }
+        l.closeSockets()
+        if listeners[l.ns.cookie] === l { listeners.removeValue(forKey: l.ns.cookie) }
+        listenerCount.store(listeners.count, ordering: .relaxed)
+    }
+
+    func closeListeners() {
+        for l in Array(listeners.values) { dropListeners(l) }
+    }
+
+    /// A selected connect found no listener in its netns: make one there (the next
+    /// connects from that namespace are relayed).
+    func listenerRequested(_ r: ft_relay_request) {
+        guard drainDeadline == nil, listeners[r.netns_cookie] == nil else { return }
+        do {
+            let ns = try NetworkNamespace.of(pid: r.tgid, home: home)
+            guard ns.cookie == r.netns_cookie else { return } // the process moved or exited meanwhile
+            try openListeners(in: ns)
+        } catch {
+            logger.warning("relay: cannot listen in a process's network namespace; its connects go direct",
+                           metadata: ["netns": "\(r.netns_cookie)", "pid": "\(r.tgid)", "why": "\(error)"])
+        }
+    }
+
+    /// Every few seconds: source hints follow route and address changes; a namespace no
+    /// process and no relayed flow is in any more is let go (the listener would keep it alive).
+    func housekeeping() {
+        guard drainDeadline == nil else { return }
+        let live = listeners.count > 1 ? Self.namespacesInUse() : []
+        for l in Array(listeners.values) {
+            if l.ns.cookie != home.cookie, !live.contains(l.ns.inode), !flowByCookie.values.contains(where: { $0.netns == l.ns.cookie }) {
+                logger.info("relay: the network namespace is gone; its listener closes", metadata: ["netns": "\(l.ns.cookie)"])
+                dropListeners(l)
+                continue
+            }
+            guard let hints = try? l.ns.run(from: home, { SourceHints.current() }), hints != l.hints else { continue }
+            kernel.setHints(netns: l.ns.cookie, hints, replacing: l.hints)
+            l.hints = hints
+        }
+    }
+
+    /// Inodes of the network namespaces of every process.
+    static func namespacesInUse() -> Set<UInt64> {
+        var found = Set<UInt64>()
+        guard let dir = opendir("/proc") else { return found }
+        defer { closedir(dir) }
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard let first = name.utf8.first, first >= 0x30 && first <= 0x39 else { continue }
+            var st = stat()
+            if stat("/proc/\(name)/ns/net", &st) == 0 { found.insert(UInt64(st.st_ino)) }
+        }
+        return found
+    }
+}

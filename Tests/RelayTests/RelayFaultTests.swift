@@ -1,0 +1,211 @@
+import Foundation
+import Testing
+@testable import FlowTagTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The relay when the agent stops or dies, across network namespaces, and with bad config.
+@Suite("Stream relay: faults, namespaces, config (real agent)", .serialized)
+struct RelayFaultTests {
+    @Test("kill -9 mid-transfer resets both ends (no hang, no silent cut); a restarted agent relays the next connect at once")
+    func killNineResetsBothEnds() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        let config = try relayConfig("  rules:\n    - remote_port: \(port)\n")
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config])
+        defer { a.cleanUp() }
+        let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "stream", "127.0.0.1", "\(port)"]))
+        defer { client.kill() }
+        _ = try await client.waitForLines(1, timeout: 30) // bytes are flowing through the relay
+        kill(a.process.pid, SIGKILL)
+        _ = try await a.process.wait(timeout: 20)
+        #expect(try await client.wait(timeout: 30) == 0)
+        let end = client.jsonLines.last ?? [:]
+        #expect((end["end"] as? String ?? "").contains("reset"), "the process sees a reset: \(end)")
+        #expect(end["prefix_equal"] as? Bool == true, "\(end)")
+        let served = try await server.waitForLines(1).first ?? [:]
+        #expect(served["eof"] as? Bool != true && served["error"] != nil, "the peer sees a reset, not a clean end: \(served)")
+        // The hooks died with the agent: a connect now goes direct, unedited and unrelayed.
+        let direct = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "100000"]))
+        #expect(direct["echo_equal"] as? Bool == true && direct["eof"] as? Bool == true, "\(direct)")
+        // A new agent on the same pins relays the very next connect.
+        let b = try await RunningAgent(extra: ["--config", config], cgroup: a.cgroup, pins: a.pins)
+        defer { b.process.kill() }
+        let r = firstResult(try await relayClient(b, ["127.0.0.1", "\(port)", "--size", "1000000"]))
+        #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r)")
+        #expect(try relayedFlowCount(b) == 1)
+        await b.stop()
+    }
+
+    @Test("SIGTERM mid-upload drains: every byte the process sent arrives (sha256), then the FIN; the agent exits 0")
+    func sigtermDrainsUploads() async throws {
+        let (server, port) = try await startServer(mode: "digest")
+        defer { server.kill() }
+        let config = try relayConfig("  drain_seconds: 60\n  rules:\n    - remote_port: \(port)\n  callouts:\n    - type: pass\n")
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config])
+        defer { a.cleanUp() }
+        var clients: [Child] = []
+        for i in 0..<2 {
+            clients.append(try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "upload", "127.0.0.1", "\(port)",
+                                                    "--size", "\(100 << 20)", "--seed", "\(i + 7)"])))
+        }
+        defer { clients.forEach { $0.kill() } }
+        for _ in 0..<400 where (relayHops(a)["from_process"] ?? 0) < 20 << 20 { try await Task.sleep(for: .milliseconds(10)) }
+        kill(a.process.pid, SIGTERM)
+        #expect(try await a.process.wait(timeout: 90) == 0, "\(a.process.stderrText.suffix(2000))")
+        for c in clients {
+            #expect(try await c.wait(timeout: 60) == 0, "\(c.stderrText)")
+            let r = c.jsonLines.last ?? [:]
+            #expect(r["equal"] as? Bool == true, "\(r)")
+        }
+        #expect(a.nothingLeft, "SIGTERM detaches every program, the relay's included")
+    }
+
+    @Test("SIGTERM with an open connection: past drain_seconds each side gets every byte the relay took, then a FIN")
+    func sigtermEndsLongConnections() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        let config = try relayConfig("  drain_seconds: 1\n  rules:\n    - remote_port: \(port)\n")
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config])
+        defer { a.cleanUp() }
+        let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "stream", "127.0.0.1", "\(port)"]))
+        defer { client.kill() }
+        _ = try await client.waitForLines(1, timeout: 30)
+        let t0 = Date()
+        kill(a.process.pid, SIGTERM)
+        #expect(try await a.process.wait(timeout: 30) == 0, "\(a.process.stderrText.suffix(2000))")
+        #expect(Date().timeIntervalSince(t0) < 10)
+        #expect(try await client.wait(timeout: 30) == 0)
+        let end = client.jsonLines.last ?? [:]
+        #expect(end["end"] as? String == "eof", "\(end)")
+        #expect(end["prefix_equal"] as? Bool == true, "\(end)")
+        // The peer got a FIN (not a reset), after every byte it echoed back had been sent.
+        let served = try await server.waitForLines(1).first ?? [:]
+        #expect(served["eof"] as? Bool == true, "\(served)")
+        #expect((end["got"] as? Int ?? -1) <= (served["received"] as? Int ?? 0), "server \(served), client \(end)")
+    }
+
+    @Test("a relayed connect whose peer is in another network namespace")
+    func peerInAnotherNamespace() async throws {
+        let ns = try TestNetns()
+        defer { ns.remove() }
+        let (server, port) = try await startServer(bind: ns.nsAddress, netns: ns.name)
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote: \(ns.nsAddress)/32
+                  direction: outbound
+              callouts:
+                - type: pass
+            """) { a in
+            let r = firstResult(try await relayClient(a, [ns.nsAddress, "\(port)", "--size", "2000000", "--max-chunk", "30000"]))
+            #expect(r["echo_equal"] as? Bool == true, "\(r)")
+            #expect(r["eof"] as? Bool == true)
+            #expect(try relayedFlowCount(a) == 1)
+        }
+    }
+
+    @Test("a process in another network namespace: its first connect goes direct (counted), the next are relayed with the right names")
+    func processInAnotherNamespace() async throws {
+        let ns = try TestNetns()
+        defer { ns.remove() }
+        let (server, port) = try await startServer(mode: "whoami", bind: "0.0.0.0")
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            func names() async throws -> [String: Any] {
+                let c = try Child(a.cgroup.wrap(ns.wrap([Paths.python, Paths.relayPeer, "names", ns.hostAddress, "\(port)"])))
+                #expect(try await c.wait(timeout: 30) == 0, "\(c.stderrText)")
+                return c.jsonLines.last ?? [:]
+            }
+            let first = try await names()
+            #expect(metric(a, "flowtag_relay_no_listener_total") == 1, "\(first)")
+            #expect(try relayedFlowCount(a) == 0)
+            for _ in 0..<100 where (metric(a, "flowtag_relay_listeners") ?? 0) < 2 { try await Task.sleep(for: .milliseconds(50)) }
+            #expect(metric(a, "flowtag_relay_listeners") == 2)
+            for _ in 0..<3 {
+                let r = try await names()
+                let me = try #require(r["sockname"] as? [Any]), saw = try #require(r["peer_saw"] as? [Any])
+                #expect(me[0] as? String == ns.nsAddress && saw[0] as? String == ns.nsAddress, "\(r)")
+                #expect(me[1] as? Int == saw[1] as? Int, "\(r)")
+                #expect((r["peername"] as? [Any])?[0] as? String == ns.hostAddress, "\(r)")
+            }
+            #expect(try relayedFlowCount(a) == 3)
+            #expect(a.process.stderrText.contains("relay: listening"))
+        }
+    }
+
+    @Test("the documented example callout (a user-written StreamCallout) builds and runs")
+    func exampleCalloutRuns() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        let cgroup = try TestCgroup()
+        defer { cgroup.remove() }
+        let socket = tempPath("api") + ".sock", journal = tempPath("journal") + ".db"
+        let config = try relayConfig("  rules:\n    - remote_port: \(port)\n", extra: """
+            cgroup: \(cgroup.path)
+            bpffs: /sys/fs/bpf/\(uniqueName("pins"))
+            socket: \(socket)
+            journal: \(journal)
+            metrics_address: 127.0.0.1:0
+            output: none
+
+            """)
+        defer { unlink(config); for s in ["", "-wal", "-shm"] { unlink(journal + s) } }
+        let agent = try Child([Paths.repo + "/.build/debug/flowtag-example-uppercase", config])
+        defer { kill(agent.pid, SIGTERM); _ = try? runCommand(["/bin/sleep", "0.5"]); agent.kill() }
+        for _ in 0..<500 where access(socket, F_OK) != 0 && agent.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        try #require(access(socket, F_OK) == 0, "example did not start: \(agent.stderrText)")
+        let script = """
+            import socket
+            s = socket.create_connection(("127.0.0.1", \(port)), timeout=10)
+            s.sendall(b"hello, rainy world")
+            got = b""
+            while len(got) < 18: got += s.recv(100)
+            print(got.decode())
+            """
+        let client = try Child(cgroup.wrap([Paths.python, "-c", script]))
+        #expect(try await client.wait() == 0, "\(client.stderrText)")
+        #expect(client.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "HELLO, RAINY WORLD")
+        #expect(agent.stderrText.contains("bytes for pid \(client.pid) "), "\(agent.stderrText)")
+        for _ in 0..<100 where !(agent.stderrText.contains("FIN (send) for pid \(client.pid)") && agent.stderrText.contains("FIN (receive) for pid \(client.pid)")) {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(agent.stderrText.contains("FIN (send) for pid \(client.pid)"), "\(agent.stderrText)")
+        #expect(agent.stderrText.contains("FIN (receive) for pid \(client.pid)"), "\(agent.stderrText)")
+        kill(agent.pid, SIGTERM)
+        #expect(try await agent.wait(timeout: 30) == 0)
+    }
+
+    @Test("bad stream config is refused with the key and the reason")
+    func badStreamConfig() throws {
+        let cases: [(String, String, String)] = [
+            ("stream:\n  rules:\n    - exe: /nonexistent/binary\n", "stream.rules[0].exe", "no such file"),
+            ("stream:\n  rules:\n    - remote: 10.0.0.0/99\n", "stream.rules[0].remote", "not an address"),
+            ("stream:\n  rules:\n    - direction: inbound\n", "stream.rules[0].direction", "inbound relaying is not available"),
+            ("stream:\n  callouts:\n    - type: edit\n      pattern: a\n", "stream.callouts[0].replacement", ""),
+            ("stream:\n  callouts:\n    - type: frobnicate\n", "stream.callouts[0].type", ""),
+            ("stream:\n  pool_size: 32\n", "stream.pool_size", "no longer used"),
+            ("stream:\n  max_flows: 0\n", "stream.max_flows", ""),
+            ("stream:\n  max_flows: 65537\n", "stream.max_flows", ""),
+            ("stream:\n  drain_seconds: -1\n", "stream.drain_seconds", ""),
+            ("stream:\n  drain_seconds: 3601\n", "stream.drain_seconds", ""),
+            ("stream:\n  drain_seconds: 1e99\n", "stream.drain_seconds", ""),
+        ]
+        for (yaml, key, reason) in cases {
+            let path = tempPath("config") + ".yaml"
+            try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+            defer { unlink(path) }
+            let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", path, "--check-config"])
+            #expect(rc == 78, "\(yaml): \(err)")
+            #expect(err.contains(key) && (reason.isEmpty || err.contains(reason)), "\(yaml): \(err)")
+        }
+    }
+}

@@ -1,0 +1,139 @@
+import Foundation
+import Testing
+@testable import FlowTagTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Paths {
+    static let relayPeer = repo + "/Tests/Peers/relaypeer.py"
+}
+
+/// A relaypeer server outside the agent's cgroup (optionally in a network namespace).
+func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: String? = nil, expect: Int = 0) async throws -> (Child, UInt16) {
+    let portFile = tempPath("port")
+    var argv = [Paths.python, Paths.relayPeer, "server", portFile, "--bind", bind, "--mode", mode, "--expect", "\(expect)"]
+    if let netns { argv = ["/usr/sbin/ip", "netns", "exec", netns] + argv }
+    let server = try Child(argv)
+    let port = try await waitForPort(portFile)
+    unlink(portFile)
+    return (server, port)
+}
+
+/// Writes a config file with this `stream:` section (and any other top-level keys).
+func relayConfig(_ stream: String, extra: String = "") throws -> String {
+    let config = tempPath("config") + ".yaml"
+    try (extra + "stream:\n" + stream).write(toFile: config, atomically: true, encoding: .utf8)
+    return config
+}
+
+/// The agent with a stream section in its config file; stopped and cleaned up after,
+/// also when `body` throws.
+func withRelayAgent(_ stream: String, _ body: (RunningAgent) async throws -> Void) async throws {
+    let config = try relayConfig(stream)
+    defer { unlink(config) }
+    let a = try await RunningAgent(extra: ["--config", config])
+    do { try await body(a) } catch { await a.stop(); a.cleanUp(); throw error }
+    await a.stop()
+    a.cleanUp()
+}
+
+/// Runs a relaypeer client (`client`, `upload`, …) inside the agent's cgroup; returns its last JSON line.
+func relayPeer(_ a: RunningAgent, _ command: String, _ args: [String], timeout: Double = 90) async throws -> [String: Any] {
+    let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, command] + args))
+    let status = try await c.wait(timeout: timeout)
+    guard status == 0, let report = c.jsonLines.last else {
+        throw TestFailure("\(command) \(args) exited \(status): \(c.stdout) \(c.stderrText) hops \(relayHops(a))")
+    }
+    return report
+}
+
+func relayClient(_ a: RunningAgent, _ args: [String], timeout: Double = 90) async throws -> [String: Any] {
+    try await relayPeer(a, "client", args, timeout: timeout)
+}
+
+func firstResult(_ report: [String: Any]) -> [String: Any] {
+    (report["results"] as? [[String: Any]])?.first ?? [:]
+}
+
+/// The relay's byte counters per hop (metrics), for failure messages that say which hop
+/// lost or added bytes.
+func relayHops(_ a: RunningAgent) -> [String: Int] {
+    guard let text = try? a.metrics() else { return [:] }
+    var hops: [String: Int] = [:]
+    for line in text.split(separator: "\n") where line.hasPrefix("flowtag_relay_bytes_total{direction=\"") {
+        let name = line.split(separator: "\"")[1]
+        hops[String(name)] = line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
+    }
+    return hops
+}
+
+/// One counter or gauge of the agent's metrics (nil when absent).
+func metric(_ a: RunningAgent, _ name: String) -> Int? {
+    guard let text = try? a.metrics() else { return nil }
+    for line in text.split(separator: "\n") where line.hasPrefix(name + " ") {
+        return line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
+    }
+    return nil
+}
+
+/// Flows the relay has taken, from `flowtag stats -o json`.
+func relayedFlowCount(_ a: RunningAgent) throws -> Int {
+    (try a.stats()["relayed_flows"] as? Int) ?? -1
+}
+
+/// `ss` on both ends of the connections to `port`, for failure messages about stalls.
+func socketState(port: UInt16) -> String {
+    let filter = "( sport = :\(port) or dport = :\(port) )"
+    return (try? runCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
+}
+
+/// A network namespace joined to the host's by a veth pair (unique names and a /30 of
+/// its own), removed with everything in it by `remove()`.
+final class TestNetns: @unchecked Sendable {
+    let name: String
+    let hostAddress: String
+    let nsAddress: String
+
+    init() throws {
+        name = String(uniqueName("relay").suffix(40))
+        let n = nameCounter.add(1, ordering: .relaxed).newValue
+        let tag = "\(getpid() % 100000)\(n % 100)"
+        let hostIf = "fth\(tag)", nsIf = "ftn\(tag)"
+        hostAddress = "10.\(200 + n % 50).\(getpid() % 250).1"
+        nsAddress = "10.\(200 + n % 50).\(getpid() % 250).2"
+        for argv in [["netns", "add", name], ["-n", name, "link", "set", "lo", "up"],
+                     ["link", "add", hostIf, "type", "veth", "peer", "name", nsIf, "netns", name],
+                     ["addr", "add", hostAddress + "/30", "dev", hostIf], ["link", "set", hostIf, "up"],
+                     ["-n", name, "addr", "add", nsAddress + "/30", "dev", nsIf], ["-n", name, "link", "set", nsIf, "up"],
+                     ["-n", name, "route", "add", "default", "via", hostAddress]] {
+            let (rc, _, err) = try runCommand(["/usr/sbin/ip"] + argv)
+            guard rc == 0 else { remove(); throw TestFailure("ip \(argv): \(err)") }
+        }
+    }
+
+    /// argv run inside the namespace.
+    func wrap(_ argv: [String]) -> [String] { ["/usr/sbin/ip", "netns", "exec", name] + argv }
+
+    func remove() { _ = try? runCommand(["/usr/sbin/ip", "netns", "del", name]) }
+}
+
+/// A file of `size` seeded random bytes and its sha256 (hex).
+func randomFile(size: Int, seed: UInt64) throws -> (path: String, sha: String) {
+    let path = tempPath("data")
+    var g = SeededGenerator(seed: seed)
+    var bytes = [UInt8](repeating: 0, count: size)
+    for i in stride(from: 0, to: size, by: 8) {
+        let v = g.next()
+        for k in 0..<min(8, size - i) { bytes[i + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
+    }
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+    return (path, try sha256(path))
+}
+
+func sha256(_ path: String) throws -> String {
+    let (rc, out, err) = try runCommand(["/usr/bin/sha256sum", path])
+    guard rc == 0, let sum = out.split(separator: " ").first else { throw TestFailure("sha256sum \(path): \(err)") }
+    return String(sum)
+}

@@ -1,0 +1,134 @@
+import Foundation
+import Testing
+@testable import FlowTagTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Common clients and servers nobody here wrote, relayed with a pass-through callout:
+/// they must work exactly as without the relay.
+@Suite("Stream relay: real clients and servers (real agent)", .serialized)
+struct RelayRealClientsTests {
+    static let stream = """
+          callouts:
+            - type: pass
+        """
+
+    @Test("socat -b 1000 as the relayed client: 2,000,016 bytes then half-close, the answer after it (10 runs)")
+    func socatClient() async throws {
+        let (server, port) = try await startServer(mode: "digest")
+        defer { server.kill() }
+        let data = try randomFile(size: 2_000_016, seed: 21)
+        defer { unlink(data.path) }
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+            for run in 0..<10 {
+                let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/socat -b 1000 STDIO TCP:127.0.0.1:\(port) < \(data.path)"]))
+                #expect(rc == 0, "run \(run): \(err)")
+                let answer = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
+                #expect(answer["received"] as? Int == 2_000_016 && answer["sha"] as? String == data.sha, "run \(run): \(out) \(err)")
+            }
+            #expect(try relayedFlowCount(a) == 10)
+        }
+    }
+
+    @Test("socat -b 1000 as the server, relayed clients download from it (socat and relaypeer), byte-exact")
+    func socatServer() async throws {
+        let data = try randomFile(size: 3_000_000, seed: 22)
+        defer { unlink(data.path) }
+        let (probe, port) = socketListener()
+        close(probe)
+        let server = try Child(["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"])
+        defer { server.kill() }
+        for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+            for run in 0..<5 {
+                let out = tempPath("download")
+                defer { unlink(out) }
+                let (rc, _, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/socat -b 1000 -u TCP:127.0.0.1:\(port) CREATE:\(out)"]))
+                #expect(rc == 0, "run \(run): \(err)")
+                #expect(try sha256(out) == data.sha, "run \(run)")
+            }
+            #expect(try relayedFlowCount(a) == 5)
+        }
+    }
+
+    @Test("nc -N: send a file, shut down at EOF, read the answer")
+    func netcatHalfClose() async throws {
+        let (server, port) = try await startServer(mode: "digest")
+        defer { server.kill() }
+        let data = try randomFile(size: 5_000_000, seed: 23)
+        defer { unlink(data.path) }
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+            for run in 0..<5 {
+                let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/nc -N 127.0.0.1 \(port) < \(data.path)"]))
+                #expect(rc == 0, "run \(run): \(err)")
+                let answer = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
+                #expect(answer["received"] as? Int == 5_000_000 && answer["sha"] as? String == data.sha, "run \(run): \(out)")
+            }
+        }
+    }
+
+    @Test("iperf3: control and data connections relayed, the test completes both ways")
+    func iperf3() async throws {
+        let (probe, port) = socketListener()
+        close(probe)
+        let server = try Child(["/usr/bin/iperf3", "-s", "-B", "127.0.0.1", "-p", "\(port)"])
+        defer { server.kill() }
+        for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+            for reverse in [false, true] {
+                let (rc, out, err) = try runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
+                                                                  + (reverse ? ["-R"] : [])), timeout: 60)
+                #expect(rc == 0, "\(err) \(out.suffix(500))")
+                let report = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
+                let sum = ((report["end"] as? [String: Any])?["sum_received"] as? [String: Any])?["bytes"] as? Int ?? 0
+                #expect(sum > 10_000_000, "reverse \(reverse): \(out.suffix(800))")
+            }
+            // Each test is one control and one data connection.
+            #expect(try relayedFlowCount(a) == 4)
+        }
+    }
+
+    @Test("curl downloads from nginx through the relay: byte-exact, the owner and real destination journaled")
+    func curlFromNginx() async throws {
+        let dir = tempPath("nginx")
+        try FileManager.default.createDirectory(atPath: dir + "/www", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let data = try randomFile(size: 8_000_000, seed: 24)
+        defer { unlink(data.path) }
+        _ = try runCommand(["/bin/cp", data.path, dir + "/www/blob"])
+        let (probe, port) = socketListener()
+        close(probe)
+        try """
+            daemon off; master_process off; worker_processes 1; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
+            events { worker_connections 64; }
+            http { access_log off; client_body_temp_path \(dir); proxy_temp_path \(dir); fastcgi_temp_path \(dir);
+                   uwsgi_temp_path \(dir); scgi_temp_path \(dir);
+                   server { listen 127.0.0.1:\(port); root \(dir)/www; } }
+            """.write(toFile: dir + "/nginx.conf", atomically: true, encoding: .utf8)
+        let nginx = try Child(["/usr/sbin/nginx", "-c", dir + "/nginx.conf", "-p", dir])
+        defer { nginx.kill() }
+        for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+            for run in 0..<5 {
+                let out = tempPath("blob")
+                defer { unlink(out) }
+                let (rc, code, err) = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-sS", "-o", out, "-w", "%{http_code}",
+                                                                    "http://127.0.0.1:\(port)/blob"]))
+                #expect(rc == 0 && code == "200", "run \(run): \(code) \(err)")
+                #expect(try sha256(out) == data.sha, "run \(run)")
+            }
+            #expect(try relayedFlowCount(a) == 5)
+            var curls: [[String: Any]] = []
+            for _ in 0..<50 where curls.count < 5 {
+                let (_, history, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])
+                let flows = ((try? JSONSerialization.jsonObject(with: Data(history.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
+                curls = flows.filter { ($0["process"] as? [String: Any])?["comm"] as? String == "curl" }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(curls.count == 5 && curls.allSatisfy { ($0["remote"] as? [String: Any])?["port"] as? Int == Int(port) }, "\(curls)")
+            #expect(curls.allSatisfy { ($0["bytes_received"] as? Int ?? 0) >= 8_000_000 }, "\(curls)")
+        }
+    }
+}

@@ -1,0 +1,403 @@
+import Foundation
+import Testing
+@testable import FlowTagTestSupport
+import FlowTagKernel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The relay's byte streams with relaypeer as both ends: every byte, in order, the FIN
+/// after the data, resets as resets, flow control, and the callouts' edits.
+@Suite("Stream relay: byte streams (real agent)", .serialized)
+struct RelayStreamTests {
+    @Test("pass-through: 10 MB both ways byte-exact, random chunk sizes, FIN after the data, counted per hop")
+    func passThroughBulk() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: pass
+            """) { a in
+            var clientPorts: [Int] = []
+            for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
+                let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
+                #expect(r["echo_equal"] as? Bool == true, "\(r) hops \(relayHops(a))")
+                #expect(r["eof"] as? Bool == true, "\(r)")
+                clientPorts.append(r["local_port"] as? Int ?? -1)
+            }
+            // The server saw every byte, from the client's own address and port.
+            let reports = try await server.waitForLines(3)
+            #expect(Set(reports.compactMap { $0["peer_port"] as? Int }) == Set(clientPorts))
+            #expect(reports.allSatisfy { $0["eof"] as? Bool == true })
+            #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
+            let total = 10_000_000 + 300_000 + 50_000
+            let hops = relayHops(a)
+            for hop in ["from_process", "to_peer", "from_peer", "to_process"] {
+                #expect(hops[hop] == total, "\(hop): \(hops)")
+            }
+            #expect(metric(a, "flowtag_relay_flows_total") == 3)
+            #expect(metric(a, "flowtag_relay_resets_total") == 0)
+            #expect(metric(a, "flowtag_relay_reset_bytes_total") == 0)
+            let (_, table, _) = try a.cli(["stats"])
+            #expect(table.split(separator: "\n").contains { $0.hasPrefix("relayed flows") && $0.hasSuffix(" 3") }, "\(table)")
+            // The journal names each relayed flow by the process's port and the real destination.
+            var journaled: Set<Int> = []
+            for _ in 0..<50 {
+                let (_, history, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])
+                let flows = ((try? JSONSerialization.jsonObject(with: Data(history.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
+                journaled = Set(flows.filter { ($0["remote"] as? [String: Any])?["port"] as? Int == Int(port) }
+                    .compactMap { ($0["local"] as? [String: Any])?["port"] as? Int })
+                if journaled.count >= 3 { break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(journaled == Set(clientPorts))
+        }
+    }
+
+    @Test("edits with the pattern split across writes, in both directions (inline and out-of-band)", arguments: ["inline", "out-of-band"])
+    func editsBothDirections(mode: String) async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: edit
+                  name: rainy-to-cloudy
+                  weight: 20
+                  mode: \(mode)
+                  direction: send
+                  pattern: rainy
+                  replacement: cloudy
+                - type: edit
+                  name: cloudy-to-sunny
+                  weight: 10
+                  direction: receive
+                  pattern: cloudy
+                  replacement: sunny
+            """) { a in
+            for maxChunk in [3, 64, 4096] {
+                let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--text", "--edit", "--size", "200000",
+                                                              "--max-chunk", "\(maxChunk)", "--seed", "\(maxChunk)"]))
+                #expect(r["echo_equal"] as? Bool == true, "max chunk \(maxChunk): \(r)")
+                #expect(r["eof"] as? Bool == true, "\(r)")
+            }
+            // The server received exactly the send-side edit.
+            let reports = try await server.waitForLines(3)
+            let clientsWanted = Set(reports.compactMap { $0["sha"] as? String })
+            #expect(clientsWanted.count == 3)
+        }
+    }
+
+    @Test("capture: `flowtag watch --payload` shows the first N bytes of each direction with the owner")
+    func captureShownByWatch() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: capture
+                  bytes: 16
+            """) { a in
+            let watch = try Child([Paths.flowtag, "watch", "--payload", "-o", "json", "--port", "\(port)", "--socket", a.socket])
+            defer { watch.kill() }
+            try await Task.sleep(for: .milliseconds(500)) // the watch is registered
+            let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "client", "127.0.0.1", "\(port)", "--size", "5000", "--text", "--max-chunk", "7"]))
+            #expect(try await client.wait() == 0, "\(client.stderrText)")
+            var captures: [[String: Any]] = []
+            for _ in 0..<100 {
+                captures = watch.jsonLines.filter { $0["event"] as? String == "payload" }
+                let total = captures.compactMap { ($0["payload"] as? [String: Any])?["length"] as? Int }.reduce(0, +)
+                if total >= 32 { break }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            func bytes(_ direction: String) -> [UInt8] {
+                captures.filter { ($0["payload"] as? [String: Any])?["direction"] as? String == direction }
+                    .sorted { (($0["payload"] as? [String: Any])?["offset"] as? Int ?? 0) < (($1["payload"] as? [String: Any])?["offset"] as? Int ?? 0) }
+                    .flatMap { Array(Data(base64Encoded: ($0["payload"] as? [String: Any])?["data_base64"] as? String ?? "") ?? Data()) }
+            }
+            #expect(bytes("send").count == 16, "\(captures)")
+            #expect(bytes("send") == bytes("receive"), "an echo: both directions start alike")
+            #expect(captures.allSatisfy { ($0["process"] as? [String: Any])?["pid"] as? Int == Int(client.pid) })
+            #expect(captures.allSatisfy { ($0["remote"] as? [String: Any])?["port"] as? Int == Int(port) }, "the real destination")
+            let (_, code, _) = try runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", a.socket,
+                                               "http://agent/v1/watch?payload=maybe"])
+            #expect(code == "400")
+        }
+    }
+
+    @Test("selection by executable, uid and cgroup: only the matching process's connects are relayed")
+    func selectionByExeUidCgroup() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        let cgroup = try TestCgroup()
+        let child = cgroup.path + "/inner"
+        try #require(mkdir(child, 0o755) == 0)
+        let python = try #require(readLink(Paths.python).map { $0.hasPrefix("/") ? $0 : "/usr/bin/" + $0 } ?? Paths.python)
+        let config = try relayConfig("""
+              rules:
+                - exe: \(python)
+                  uid: 0
+                  cgroup: \(cgroup.path)
+                  remote_port: \(port)
+              callouts:
+                - type: edit
+                  pattern: rainy
+                  replacement: cloudy
+            """)
+        defer { unlink(config) }
+        let a = try await RunningAgent(extra: ["--config", config], cgroup: cgroup)
+        defer { a.cleanUp() }
+        func send(_ argv: [String]) throws -> String {
+            let script = "import socket;s=socket.create_connection(('127.0.0.1',\(port)),timeout=5);s.sendall(b'rainy');g=b''\nwhile len(g)<5:\n g+=s.recv(100)\nprint(g.decode())"
+            let (_, out, _) = try runCommand(argv + [Paths.python, "-c", script])
+            return out.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        // python, root, in the cgroup: relayed (and edited; the echo has one more byte).
+        #expect(try send(cgroup.wrap([])).hasPrefix("cloud"))
+        #expect(try relayedFlowCount(a) == 1)
+        // Another uid: direct.
+        #expect(try send(cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])) == "rainy")
+        // A child cgroup (the rule names the exact cgroup): direct.
+        #expect(try send(["/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", child]) == "rainy")
+        // Another executable (curl) to the same port: direct.
+        _ = try runCommand(cgroup.wrap(["/usr/bin/curl", "-s", "--max-time", "2", "http://127.0.0.1:\(port)/"]))
+        #expect(try relayedFlowCount(a) == 1)
+        await a.stop()
+    }
+
+    @Test("block: the connection is reset at the pattern; the bytes before it were delivered, the pattern never was")
+    func blockResetsTheConnection() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: block
+                  pattern: DROP TABLE
+            """) { a in
+            let script = """
+            import socket, time, json
+            s = socket.create_connection(("127.0.0.1", \(port)), timeout=10)
+            s.sendall(b"hello "); got = b""
+            while len(got) < 6: got += s.recv(100)
+            s.sendall(b"DR"); time.sleep(0.2); s.sendall(b"OP TABLE users")
+            end = "open"
+            try:
+                while True:
+                    d = s.recv(100)
+                    if not d: end = "eof"; break
+                    got += d
+            except ConnectionResetError: end = "reset"
+            except socket.timeout: end = "timeout"
+            print(json.dumps({"got": got.decode(), "end": end}))
+            """
+            let c = try Child(a.cgroup.wrap([Paths.python, "-c", script]))
+            #expect(try await c.wait() == 0, "\(c.stderrText)")
+            let r = c.jsonLines.last ?? [:]
+            #expect(r["got"] as? String == "hello ")
+            #expect(r["end"] as? String == "reset", "\(r)")
+            let s = try await server.waitForLines(1)
+            #expect(s.first?["received"] as? Int == 6, "the server never saw the pattern: \(s)")
+            #expect(s.first?["eof"] as? Bool != true, "the server saw a reset, not a clean end: \(s)")
+        }
+    }
+
+    @Test("an unselected connect is untouched and never relayed")
+    func unselectedFlowUntouched() async throws {
+        let (selected, selectedPort) = try await startServer()
+        let (other, otherPort) = try await startServer()
+        defer { selected.kill(); other.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(selectedPort)
+              callouts:
+                - type: edit
+                  pattern: rainy
+                  replacement: cloudy
+            """) { a in
+            let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(otherPort)", "--text", "--size", "100000"]))
+            #expect(r["echo_equal"] as? Bool == true, "\(r)")
+            #expect(try relayedFlowCount(a) == 0)
+            let e = try await relayClient(a, ["127.0.0.1", "\(selectedPort)", "--text", "--size", "1000"])
+            #expect(firstResult(e)["echo_equal"] as? Bool == false, "the rule works: the selected echo is edited")
+            #expect(try relayedFlowCount(a) == 1)
+        }
+    }
+
+    @Test("4 concurrent 200 MB uploads, each half-closed at once: every byte arrives before the FIN (sha256)")
+    func uploadsThenHalfClose() async throws {
+        let (server, port) = try await startServer(mode: "digest")
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: pass
+            """) { a in
+            var clients: [Child] = []
+            for i in 0..<4 {
+                clients.append(try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "upload", "127.0.0.1", "\(port)",
+                                                        "--size", "\(200 << 20)", "--seed", "\(i + 1)"])))
+            }
+            for c in clients {
+                let rc = try await c.wait(timeout: 240)
+                #expect(rc == 0, "\(c.stdout)\(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))")
+                let r = c.jsonLines.last ?? [:]
+                #expect(r["equal"] as? Bool == true, "\(r) hops \(relayHops(a))")
+            }
+            #expect(try relayedFlowCount(a) == 4)
+        }
+    }
+
+    @Test("a process that does not read holds its peer back: bounded buffering, and every byte arrives", arguments: [false, true])
+    func nonReadingProcessIsBounded(handoff: Bool) async throws {
+        let total = 200 << 20
+        let (server, port) = try await startServer(mode: "push", expect: total)
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            // With --handoff the socket passes to another process and its connector exits.
+            let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)"]
+                                            + (handoff ? ["--handoff"] : [])))
+            defer { c.kill() }
+            let rc = try await c.wait(timeout: 90)
+            #expect(rc == 0, "\(c.stdout) \(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))")
+            let lines = try await server.waitForLines(2)
+            let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
+            // What can wait unread: the process's receive buffer, 256 KiB in the relay, and
+            // the buffers of the relay's two sockets; far from 200 MiB.
+            #expect(early < 40 << 20, "the peer pushed \(early) bytes while the process read nothing")
+            let done = try #require(lines.first { $0["sha"] != nil })
+            let got = try #require(c.jsonLines.last)
+            #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
+            #expect(got["sha"] as? String == done["sha"] as? String)
+        }
+    }
+
+    @Test("100 concurrent relayed connections")
+    func hundredConcurrentFlows() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            let report = try await relayClient(a, ["127.0.0.1", "\(port)", "--flows", "100", "--size", "200000", "--max-chunk", "20000"], timeout: 120)
+            #expect(report["flows"] as? Int == 100)
+            #expect(report["all_equal"] as? Bool == true, "\(report)")
+            #expect(try relayedFlowCount(a) == 100)
+        }
+    }
+
+    @Test("half-close: the FIN reaches the peer after every byte, the other direction keeps relaying; the peer's reset reaches the process")
+    func halfCloseAndReset() async throws {
+        let (trailer, trailerPort) = try await startServer(mode: "trailer")
+        let (resetter, resetPort) = try await startServer(mode: "reset")
+        defer { trailer.kill(); resetter.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(trailerPort)
+                - remote_port: \(resetPort)
+            """) { a in
+            // The client half-closes after its data came back; the server then sends "bye"
+            // and its FIN right behind it.
+            for seed in 1...5 {
+                let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(trailerPort)", "--size", "100000", "--trailer", "--seed", "\(seed)"]))
+                #expect(r["echo_equal"] as? Bool == true, "\(r)")
+                #expect(r["eof"] as? Bool == true)
+                #expect(r["after_half_close"] as? String == "bye", "\(r)")
+            }
+            let s = try await trailer.waitForLines(5)
+            #expect(s.allSatisfy { $0["eof"] as? Bool == true && $0["received"] as? Int == 100_000 }, "\(s)")
+            // The server resets after its first read: the process sees a reset.
+            let reset = try await relayClient(a, ["127.0.0.1", "\(resetPort)", "--size", "100000", "--reset"])
+            #expect(firstResult(reset)["reset"] as? Bool == true, "\(reset)")
+            #expect(try relayedFlowCount(a) == 6)
+        }
+    }
+
+    @Test("a blocking reader woken by its own thread's sends (socat-style): every byte, no EAGAIN")
+    func blockingReader() async throws {
+        let (server, port) = try await startServer()
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+              callouts:
+                - type: edit
+                  pattern: zzzzzzzz
+                  replacement: yyyyyyyy
+                - type: pass
+            """) { a in
+            let r = try await relayPeer(a, "blocking", ["127.0.0.1", "\(port)", "--size", "\(20 << 20)"], timeout: 120)
+            #expect(r["equal"] as? Bool == true, "\(r)")
+            #expect((r["errors"] as? [Any])?.isEmpty == true, "\(r)")
+        }
+    }
+
+    @Test("the process's getpeername and getsockname, and the peer's view, are what they are without the relay", arguments: ["127.0.0.1", "::1", "::ffff:127.0.0.1"])
+    func namesAsWithoutTheRelay(destination: String) async throws {
+        let (server, port) = try await startServer(mode: "whoami", bind: destination.contains(":") && !destination.hasPrefix("::ffff") ? "::1" : "127.0.0.1")
+        defer { server.kill() }
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            for _ in 0..<5 {
+                let r = try await relayPeer(a, "names", [destination, "\(port)"])
+                let peer = try #require(r["peername"] as? [Any]), me = try #require(r["sockname"] as? [Any])
+                let saw = try #require(r["peer_saw"] as? [Any])
+                #expect(peer[0] as? String == destination && peer[1] as? Int == Int(port), "\(r)")
+                // Right after connect() already: the address and port the peer sees.
+                #expect(Self.plain(me[0]) == Self.plain(saw[0]) && me[1] as? Int == saw[1] as? Int, "\(r)")
+                #expect(me[1] as? Int == (r["sockname_late"] as? [Any])?[1] as? Int)
+            }
+            #expect(try relayedFlowCount(a) == 5)
+        }
+    }
+
+    static func plain(_ a: Any) -> String {
+        let s = a as? String ?? ""
+        return s.hasPrefix("::ffff:") ? String(s.dropFirst(7)) : s
+    }
+
+    @Test("a destination that refuses: the process sees a reset on its first read, counted and logged")
+    func refusedDestination() async throws {
+        let (fd, port) = socketListener()
+        close(fd) // nothing listens there now
+        try await withRelayAgent("""
+              rules:
+                - remote_port: \(port)
+            """) { a in
+            let script = """
+            import socket, json
+            try:
+                s = socket.create_connection(("127.0.0.1", \(port)), timeout=10)
+                end = "connected"
+                try:
+                    s.sendall(b"hello")
+                    d = s.recv(100)
+                    end = "eof" if not d else "data"
+                except ConnectionResetError: end = "reset"
+                except BrokenPipeError: end = "reset"
+            except ConnectionResetError: end = "reset at connect"
+            except ConnectionRefusedError: end = "refused"
+            print(json.dumps({"end": end}))
+            """
+            let c = try Child(a.cgroup.wrap([Paths.python, "-c", script]))
+            #expect(try await c.wait() == 0, "\(c.stderrText)")
+            let end = c.jsonLines.last?["end"] as? String ?? ""
+            #expect(end == "reset" || end == "reset at connect", "\(c.stdout)")
+            #expect(metric(a, "flowtag_relay_connect_failures_total") == 1)
+            #expect(a.process.stderrText.contains("the original destination did not accept the connection"))
+        }
+    }
+}

@@ -1,0 +1,284 @@
+// SPDX-License-Identifier: GPL-2.0
+/* flowtag's stream relay: WFP's connect-redirect (docs/stream-relay.md).
+ *
+ * cgroup/connect4|6 decide, in the connecting process's context, whether a TCP connect
+ * is selected by a stream rule; a selected socket gets its original destination and
+ * owner in socket storage (ft_relay_origs) and its connect goes to the agent's listener
+ * in the socket's own netns, at the source address the destination would have given it.
+ * The flowtag object's sockops hands the connection over to the agent at establishment.
+ *
+ * This object is loaded by every agent start and attached with links the agent holds
+ * (never pinned): when the agent dies, new connects go direct at once.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "flowtag_abi.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define SOCK_STREAM 1
+
+#include "lib/shared_maps.bpf.h"
+#include "lib/stamp.bpf.h"
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, FT_STREAM_RULES_MAX);
+    __type(key, __u32);
+    __type(value, struct ft_stream_rule);
+} ft_stream_rules SEC(".maps");
+
+/* Entry 0: how many rules are in use, so connects pay one lookup while there are none. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u32);
+} ft_stream_rule_count SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, FT_RELAY_LISTENERS_MAX);
+    __type(key, __u64); /* netns cookie */
+    __type(value, struct ft_relay_listener);
+} ft_relay_listeners SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(max_entries, FT_RELAY_HINTS_MAX);
+    __type(key, struct ft_relay_hint_key);
+    __type(value, struct ft_relay_hint);
+} ft_relay_hints SEC(".maps");
+
+/* Netns without a listener whose connects were selected: the agent makes one. */
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 64 * 1024);
+} ft_relay_requests SEC(".maps");
+
+/* When each netns last asked, so a burst of connects asks once a second. */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 4096);
+    __type(key, __u64);
+    __type(value, __u64);
+} ft_relay_asked SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, FT_RCNT_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} ft_relay_counters SEC(".maps");
+
+static __always_inline void rcount(__u32 idx)
+{
+    __u64 *v = bpf_map_lookup_elem(&ft_relay_counters, &idx);
+    if (v)
+        *v += 1;
+}
+
+/* What a rule can test at connect time. */
+struct connect_view {
+    __u8 remote[16]; /* IPv4 (also v4-mapped) in the first 4 bytes */
+    __u16 remote_port;
+    __u16 local_port;
+    __u8 family;     /* of remote: AF_INET or AF_INET6 */
+    __u32 uid;
+    __u32 tgid;
+    __u64 cgroup_id;
+};
+
+static __always_inline int prefix_matches(const __u8 *addr, const __u8 *want, __u32 bits)
+{
+    for (int i = 0; i < 16; i++) {
+        if (bits == 0)
+            return 1;
+        __u8 mask = bits >= 8 ? 0xff : (__u8)(0xff << (8 - bits));
+        if ((addr[i] ^ want[i]) & mask)
+            return 0;
+        bits = bits >= 8 ? bits - 8 : 0;
+    }
+    return 1;
+}
+
+static __always_inline int rule_matches(const struct ft_stream_rule *r, const struct connect_view *v)
+{
+    __u32 m = r->match;
+    if (!m)
+        return 0;
+    if ((m & FT_MATCH_UID) && v->uid != r->uid)
+        return 0;
+    if ((m & FT_MATCH_CGROUP) && v->cgroup_id != r->cgroup_id)
+        return 0;
+    if ((m & FT_MATCH_LOCAL_PORT) && v->local_port != r->local_port)
+        return 0;
+    if ((m & FT_MATCH_REMOTE_PORT) && v->remote_port != r->remote_port)
+        return 0;
+    if ((m & FT_MATCH_DIRECTION) && r->direction != FT_DIR_OUTBOUND)
+        return 0;
+    if ((m & FT_MATCH_REMOTE_ADDR) && (r->remote_family != v->family || !prefix_matches(v->remote, r->remote, r->remote_prefix)))
+        return 0;
+    if (m & FT_MATCH_EXE) {
+        __u32 tgid = v->tgid;
+        struct ft_proc *p = bpf_map_lookup_elem(&ft_procs, &tgid);
+        if (!p || p->exe_ino != r->exe_ino || p->exe_dev != r->exe_dev)
+            return 0;
+    }
+    return 1;
+}
+
+static __always_inline int selected(const struct connect_view *v)
+{
+    for (__u32 i = 0; i < FT_STREAM_RULES_MAX; i++) {
+        /* The key is a copy: the counter stays in a register, where the verifier keeps
+         * its bounds. */
+        __u32 key = i;
+        struct ft_stream_rule *r = bpf_map_lookup_elem(&ft_stream_rules, &key);
+        if (r && rule_matches(r, v))
+            return 1;
+    }
+    return 0;
+}
+
+static __always_inline void ask_for_listener(__u64 netns)
+{
+    __u64 now = bpf_ktime_get_boot_ns();
+    __u64 *last = bpf_map_lookup_elem(&ft_relay_asked, &netns);
+    if (last && now - *last < 1000000000ULL)
+        return;
+    bpf_map_update_elem(&ft_relay_asked, &netns, &now, BPF_ANY);
+    struct ft_relay_request *r = bpf_ringbuf_reserve(&ft_relay_requests, sizeof(*r), 0);
+    if (!r)
+        return;
+    r->netns_cookie = netns;
+    r->tgid = bpf_get_current_pid_tgid() >> 32;
+    r->pad = 0;
+    bpf_ringbuf_submit(r, 0);
+}
+
+/* The source this netns would give a connect to `addr` (ft_relay_hints), else 0. */
+static __always_inline struct ft_relay_hint *natural_source(__u64 netns, __u8 family, const __u8 *addr)
+{
+    struct ft_relay_hint_key k = {};
+    k.prefixlen = 32 + 64 + (family == AF_INET ? 32 : 128);
+    k.family = family;
+    k.netns_cookie = netns;
+    __builtin_memcpy(k.addr, addr, 16);
+    return bpf_map_lookup_elem(&ft_relay_hints, &k);
+}
+
+/* Common part: 1 when the connect is taken (origs written), with the listener found. */
+static __always_inline int take(struct bpf_sock_addr *ctx, struct connect_view *v, __u8 mapped,
+                                struct ft_relay_listener **out)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+        return 0;
+    __u32 zero = 0;
+    __u32 *rules = bpf_map_lookup_elem(&ft_stream_rule_count, &zero);
+    if (!rules || *rules == 0)
+        return 0;
+    if (bpf_sk_storage_get(&ft_relay_marks, sk, 0, 0))
+        return 0; /* the agent's own connect to the original destination */
+    __u64 uid_gid = bpf_get_current_uid_gid();
+    v->uid = (__u32)uid_gid;
+    v->tgid = bpf_get_current_pid_tgid() >> 32;
+    v->cgroup_id = bpf_get_current_cgroup_id();
+    v->local_port = sk->src_port;
+    if (!selected(v))
+        return 0;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct ft_relay_listener *l = bpf_map_lookup_elem(&ft_relay_listeners, &netns);
+    if (!l || (v->family == AF_INET ? l->port4 : l->port6) == 0) {
+        rcount(FT_RCNT_NO_LISTENER);
+        ask_for_listener(netns);
+        return 0;
+    }
+    struct ft_relay_orig *o = bpf_sk_storage_get(&ft_relay_origs, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!o) {
+        rcount(FT_RCNT_STORAGE_FAILED);
+        return 0;
+    }
+    __builtin_memcpy(o->dst, v->remote, 16);
+    o->dst_port = v->remote_port;
+    o->family = v->family;
+    o->mapped = mapped;
+    o->pad = 0;
+    stamp_current(&o->owner, FT_HOOK_CONNECT);
+    o->cookie = bpf_get_socket_cookie(ctx);
+    o->netns_cookie = netns;
+    o->connect_ns = bpf_ktime_get_boot_ns();
+    rcount(FT_RCNT_REDIRECTED);
+    *out = l;
+    return 1;
+}
+
+SEC("cgroup/connect4")
+int ft_relay_connect4(struct bpf_sock_addr *ctx)
+{
+    struct connect_view v = {};
+    __u32 dst = ctx->user_ip4;
+    __builtin_memcpy(v.remote, &dst, 4);
+    v.remote_port = bpf_ntohs((__u16)ctx->user_port);
+    v.family = AF_INET;
+    struct ft_relay_listener *l = 0;
+    if (!take(ctx, &v, 0, &l) || !l)
+        return 1;
+    struct ft_relay_hint *h = natural_source(bpf_get_netns_cookie(ctx), AF_INET, v.remote);
+    __u32 to = l->ip4;
+    if (h)
+        __builtin_memcpy(&to, h->source, 4);
+    ctx->user_ip4 = to;
+    ctx->user_port = bpf_htons(l->port4);
+    return 1;
+}
+
+SEC("cgroup/connect6")
+int ft_relay_connect6(struct bpf_sock_addr *ctx)
+{
+    struct connect_view v = {};
+    __u32 a[4];
+    a[0] = ctx->user_ip6[0];
+    a[1] = ctx->user_ip6[1];
+    a[2] = ctx->user_ip6[2];
+    a[3] = ctx->user_ip6[3];
+    __u8 mapped = a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+    if (mapped) {
+        __builtin_memcpy(v.remote, &a[3], 4);
+        v.family = AF_INET;
+    } else {
+        __builtin_memcpy(v.remote, a, 16);
+        v.family = AF_INET6;
+    }
+    v.remote_port = bpf_ntohs((__u16)ctx->user_port);
+    struct ft_relay_listener *l = 0;
+    if (!take(ctx, &v, mapped, &l) || !l)
+        return 1;
+    struct ft_relay_hint *h = natural_source(bpf_get_netns_cookie(ctx), v.family, v.remote);
+    if (mapped) {
+        __u32 to = l->ip4;
+        if (h)
+            __builtin_memcpy(&to, h->source, 4);
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = bpf_htonl(0xffff);
+        ctx->user_ip6[3] = to;
+        ctx->user_port = bpf_htons(l->port4);
+        return 1;
+    }
+    __u32 to[4];
+    __builtin_memcpy(to, h ? h->source : l->ip6, 16);
+    ctx->user_ip6[0] = to[0];
+    ctx->user_ip6[1] = to[1];
+    ctx->user_ip6[2] = to[2];
+    ctx->user_ip6[3] = to[3];
+    ctx->user_port = bpf_htons(l->port6);
+    return 1;
+}
