@@ -204,6 +204,19 @@ public final class StreamSession: @unchecked Sendable {
         callouts.firstIndex { $0.name == calloutName }.map { StreamInjector(session: self, stage: $0) }
     }
 
+    /// Whether every callout has allowed the connection (or does not apply) in this
+    /// direction and nothing waits in it: the byte source may then deliver straight to
+    /// the sink (WFP: no more indications after allow-connection).
+    public func passesThrough(_ d: StreamDirection) -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        guard !aborted, let stages = pipes[d] else { return false }
+        for i in stages.indices {
+            if stages[i].queued > 0 || stages[i].finPending { return false }
+            if i < callouts.count && stages[i].mode != .allowed && applies(i) { return false }
+        }
+        return true
+    }
+
     /// Bytes waiting anywhere in the session (held by needMoreData or defer).
     public var heldBytes: Int {
         lock.lock(); defer { lock.unlock() }

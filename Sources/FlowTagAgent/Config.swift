@@ -332,9 +332,9 @@ public struct StreamConfig: Sendable, Equatable {
 
     static func parseCallout(_ item: Any, _ k: String, index: Int) throws(ConfigError) -> CalloutSpec {
         guard let m = item as? [String: Any] else { throw ConfigError(key: k, reason: "must be a mapping (\(calloutKeys.joined(separator: ", ")))") }
-        guard let t = m["type"] else { throw ConfigError(key: "\(k).type", reason: "missing (pass, edit, block or capture)") }
+        guard let t = m["type"] else { throw ConfigError(key: "\(k).type", reason: "missing (pass, allow, edit, block or capture)") }
         let type = try AgentConfig.string("\(k).type", t)
-        guard ["pass", "edit", "block", "capture"].contains(type) else { throw ConfigError(key: "\(k).type", reason: "'\(type)' is not pass, edit, block or capture") }
+        guard ["pass", "allow", "edit", "block", "capture"].contains(type) else { throw ConfigError(key: "\(k).type", reason: "'\(type)' is not pass, allow, edit, block or capture") }
         var c = CalloutSpec(type: type, name: "\(type)-\(index)", weight: UInt16(100 - min(index, 99)))
         for (key, v) in m {
             let kk = "\(k).\(key)"

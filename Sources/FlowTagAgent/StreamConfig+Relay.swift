@@ -35,6 +35,8 @@ extension StreamConfig {
                                                   replacement: Array(c.replacement!.utf8), outOfBand: c.outOfBand, directions: dirs)
             case "block":
                 return BuiltinStreamCallouts.blockOnPattern(name: c.name, weight: c.weight, pattern: Array(c.pattern!.utf8))
+            case "allow":
+                return BuiltinStreamCallouts.allowConnection(name: c.name, weight: c.weight)
             case "capture":
                 return BuiltinStreamCallouts.capture(name: c.name, weight: c.weight, bytes: c.bytes, report: capture ?? { _ in })
             default:

@@ -17,6 +17,12 @@ public struct PayloadCapture: Sendable, Hashable {
 /// The stream callouts flowtagd builds from its config file. User-written callouts are
 /// plain `StreamCallout`s (see docs/stream-relay.md); these are built the same way.
 public enum BuiltinStreamCallouts {
+    /// Allows the connection at its first indication (WFP's allow-connection): no more
+    /// indications, the relay copies the rest without the callouts.
+    public static func allowConnection(name: String = "allow", weight: UInt16 = 1) -> StreamCallout {
+        StreamCallout(name: name, weight: weight, isTerminating: false) { _, _ in StreamDecision(.permit, .allowConnection) }
+    }
+
     /// Permits every byte: the relay with nothing changed (for measuring it).
     public static func passThrough(name: String = "pass", weight: UInt16 = 1) -> StreamCallout {
         StreamCallout(name: name, weight: weight, isTerminating: false) { _, _ in .permit }

@@ -44,7 +44,12 @@ extension StreamRelay {
                 }
                 l.hints = SourceHints.current()
             }
-            kernel.setHints(netns: ns.cookie, l.hints, replacing: [])
+            let written = kernel.setHints(netns: ns.cookie, l.hints, replacing: [])
+            if written < l.hints.count {
+                // The hint map is full (shared by every namespace): connects here may show
+                // 127.0.0.1 as their own address until entries free up.
+                logger.warning("relay: source hints not all stored", metadata: ["netns": "\(ns.cookie)", "stored": "\(written)", "hints": "\(l.hints.count)"])
+            }
             for fd in l.sockets { epoll.add(fd, for: .readable) }
             listeners[ns.cookie] = l
             for fd in l.sockets { listenerByFD[fd] = l }
@@ -98,8 +103,14 @@ extension StreamRelay {
     func listenerRequested(_ r: ft_relay_request) {
         guard drainDeadline == nil, listeners[r.netns_cookie] == nil else { return }
         do {
-            let ns = try NetworkNamespace.of(pid: r.tgid, home: home)
-            guard ns.cookie == r.netns_cookie else { return } // the process moved or exited meanwhile
+            // The connecting process may be gone already (a short-lived client): then any
+            // process still in that namespace leads there.
+            var ns = try? NetworkNamespace.of(pid: r.tgid, home: home)
+            if ns?.cookie != r.netns_cookie {
+                ns = try Self.processes(inNamespace: UInt64(r.ns_inum)).lazy
+                    .compactMap { try? NetworkNamespace.of(pid: $0, home: self.home) }.first { $0.cookie == r.netns_cookie }
+            }
+            guard let ns else { throw KernelError.invalidArgument("no process is in that network namespace any more") }
             try openListeners(in: ns)
         } catch {
             logger.warning("relay: cannot listen in a process's network namespace; its connects go direct",
@@ -127,14 +138,25 @@ extension StreamRelay {
     /// Inodes of the network namespaces of every process.
     static func namespacesInUse() -> Set<UInt64> {
         var found = Set<UInt64>()
-        guard let dir = opendir("/proc") else { return found }
+        eachProcessNamespace { _, inode in found.insert(inode) }
+        return found
+    }
+
+    /// Processes whose network namespace has this inode.
+    static func processes(inNamespace inode: UInt64) throws -> [UInt32] {
+        var pids: [UInt32] = []
+        eachProcessNamespace { pid, ino in if ino == inode { pids.append(pid) } }
+        return pids
+    }
+
+    private static func eachProcessNamespace(_ body: (UInt32, UInt64) -> Void) {
+        guard let dir = opendir("/proc") else { return }
         defer { closedir(dir) }
         while let e = readdir(dir) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            guard let first = name.utf8.first, first >= 0x30 && first <= 0x39 else { continue }
+            guard let pid = UInt32(name) else { continue }
             var st = stat()
-            if stat("/proc/\(name)/ns/net", &st) == 0 { found.insert(UInt64(st.st_ino)) }
+            if stat("/proc/\(name)/ns/net", &st) == 0 { body(pid, UInt64(st.st_ino)) }
         }
-        return found
     }
 }

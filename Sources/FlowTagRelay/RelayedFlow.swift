@@ -70,11 +70,13 @@ final class RelayedFlow: StreamSink, @unchecked Sendable {
 
     /// Bytes that came in, given to the callouts (or straight to the output without any).
     func received(_ bytes: [UInt8], _ d: StreamDirection) {
-        if let session { session.indicate(bytes, direction: d) } else { deliver(bytes, direction: d) }
+        if let session, !session.passesThrough(d) { session.indicate(bytes, direction: d) } else { deliver(bytes, direction: d) }
     }
 
     /// The FIN of a direction came in: indicated after every byte before it.
     func receivedFIN(_ d: StreamDirection) {
+        // Always through the session: the callouts that allowed the connection are not
+        // told, the others are (and the FIN follows their last bytes).
         if let session { session.indicate([], direction: d, flags: .disconnect) } else { disconnect(direction: d) }
     }
 

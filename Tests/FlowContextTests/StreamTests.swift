@@ -197,6 +197,28 @@ struct StreamCaseTests {
         #expect(deletes.withLock { $0 } == 1)
     }
 
+    @Test("after allow-connection by every callout the source may bypass the session; one still-inspecting callout keeps it in")
+    func passesThroughAfterAllow() {
+        let allow = StreamCallout(name: "allow", weight: 2) { _, _ in StreamDecision(.permit, .allowConnection) }
+        let inspect = StreamCallout(name: "inspect", weight: 1) { _, _ in .permit }
+        let holder = StreamCallout(name: "hold", weight: 3) { ind, _ in ind.flags.contains(.noMoreData) ? .permit : .needMoreData(10) }
+        let sink = BufferSink()
+        let s = session([allow], sink: sink)
+        #expect(!s.passesThrough(.send), "not before the callout has decided")
+        s.indicate(bytes("one"), direction: .send)
+        #expect(s.passesThrough(.send) && !s.passesThrough(.receive), "per direction")
+        s.indicate([], direction: .send, flags: .disconnect)
+        #expect(sink.fins == [.send] && sink.sent == "one")
+        let both = session([allow, inspect], sink: BufferSink())
+        both.indicate(bytes("x"), direction: .send)
+        #expect(!both.passesThrough(.send))
+        let held = session([holder, allow], sink: BufferSink())
+        held.indicate(bytes("abc"), direction: .send)
+        #expect(!held.passesThrough(.send), "bytes held by needMoreData must not be overtaken")
+        held.abort()
+        #expect(!held.passesThrough(.send))
+    }
+
     @Test("25. a higher-weight callout blocks a segment → lower callouts never see it")
     func case25() {
         let sink = BufferSink(), lowSeen = Seen()

@@ -125,11 +125,15 @@ struct RelayFaultTests {
                 #expect(try await c.wait(timeout: 30) == 0, "\(c.stderrText)")
                 return c.jsonLines.last ?? [:]
             }
+            // A container's long-lived process: the namespace outlives each short client,
+            // which may exit before the agent reads its request for a listener.
+            let resident = try Child(ns.wrap(["/bin/sleep", "120"]))
+            defer { resident.kill() }
             let first = try await names()
             #expect(metric(a, "flowtag_relay_no_listener_total") == 1, "\(first)")
             #expect(try relayedFlowCount(a) == 0)
             for _ in 0..<100 where (metric(a, "flowtag_relay_listeners") ?? 0) < 2 { try await Task.sleep(for: .milliseconds(50)) }
-            #expect(metric(a, "flowtag_relay_listeners") == 2)
+            #expect(metric(a, "flowtag_relay_listeners") == 2, "\(a.process.stderrText.suffix(1500))")
             for _ in 0..<3 {
                 let r = try await names()
                 let me = try #require(r["sockname"] as? [Any]), saw = try #require(r["peer_saw"] as? [Any])

@@ -312,7 +312,7 @@ struct ft_relay_hint {
 struct ft_relay_request {
     ft_u64 netns_cookie;
     ft_u32 tgid;
-    ft_u32 pad;
+    ft_u32 ns_inum; /* inode of the netns (/proc/PID/ns/net): found again if tgid has exited */
 };
 
 /* Indexes of the relay object's per-CPU counters. */

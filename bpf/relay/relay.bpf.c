@@ -157,9 +157,10 @@ static __always_inline void ask_for_listener(__u64 netns)
     struct ft_relay_request *r = bpf_ringbuf_reserve(&ft_relay_requests, sizeof(*r), 0);
     if (!r)
         return;
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task();
     r->netns_cookie = netns;
     r->tgid = bpf_get_current_pid_tgid() >> 32;
-    r->pad = 0;
+    r->ns_inum = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
     bpf_ringbuf_submit(r, 0);
 }
 
