@@ -63,6 +63,8 @@ public final class StreamRelay: @unchecked Sendable {
 
     static let readSize = 1 << 16
     static let readRounds = 4
+    /// How long the relay thread keeps polling after an event before it sleeps in epoll.
+    static let busyPoll: Duration = .microseconds(50)
 
     /// Loads and attaches the connect hooks (with no rule yet: nothing is redirected
     /// until `start`). A failure leaves nothing attached.
@@ -136,10 +138,15 @@ public final class StreamRelay: @unchecked Sendable {
     // MARK: - Relay thread
 
     private func run() {
+        var lastBusy = ContinuousClock.now
         while true {
             if stopping.load(ordering: .relaxed) && drainDeadline == nil { beginDrain() }
             if let deadline = drainDeadline, flowByCookie.isEmpty || ContinuousClock.now >= deadline { break }
-            epoll.wait(milliseconds: drainDeadline == nil ? 200 : 10) { fd, events in dispatch(fd, events) }
+            // Busy-poll briefly after activity: the answer to what was just relayed often
+            // comes within tens of µs, and a sleeping thread's wake-up costs about that.
+            let spinning = ContinuousClock.now - lastBusy < Self.busyPoll
+            let n = epoll.wait(milliseconds: spinning ? 0 : drainDeadline == nil ? 200 : 10) { fd, events in dispatch(fd, events) }
+            if n > 0 { lastBusy = ContinuousClock.now }
             for cookie in dirty.withLock({ d -> [UInt64] in defer { d.removeAll() }; return d }) {
                 if let f = flowByCookie[cookie] { update(f) }
             }
@@ -207,7 +214,9 @@ public final class StreamRelay: @unchecked Sendable {
             }
             if n > 0 {
                 if d == .send { counters.bytesFromProcess.add(UInt64(n), ordering: .relaxed) } else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed) }
-                flow.received(bytes, d)
+                // Small reads are kept at their size: what waits is bounded by bytes, and a
+                // 64 KiB array per 1 KiB message would hold 64 times that in memory.
+                flow.received(n > Self.readSize / 2 ? bytes : Array(bytes[...]), d)
             } else if n == 0 {
                 flow.readClosed[RelayedFlow.index(d)] = true
                 flow.receivedFIN(d)

@@ -166,3 +166,61 @@ struct DeployTests {
         #expect(access(pins, F_OK) != 0, "the agent left its pins")
     }
 }
+
+@Suite("Deployment: the relay's capabilities", .serialized)
+struct RelayCapabilityTests {
+    /// The unit's set plus CAP_SYS_ADMIN relays a container's connects (setns into its
+    /// network namespace to listen there); without it the agent still relays its own
+    /// namespace, and the container's connects go direct, counted and logged.
+    @Test("sys_admin is what relaying another network namespace needs; the unit's other capabilities suffice for the agent's own")
+    func relayCapabilities() async throws {
+        try ensureBPFFS()
+        let ns = try TestNetns()
+        defer { ns.remove() }
+        let resident = try Child(ns.wrap(["/bin/sleep", "300"]))
+        defer { resident.kill() }
+        let (sink, port) = try await startSink("echo")
+        defer { sink.kill() }
+        for caps in [["bpf", "perfmon", "net_admin", "sys_ptrace", "sys_admin"], ["bpf", "perfmon", "net_admin", "sys_ptrace"]] {
+            let cg = try TestCgroup()
+            defer { cg.remove() }
+            let dir = tempPath("relaycaps"), bpfDir = "/sys/fs/bpf/" + uniqueName("relaycaps")
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(atPath: bpfDir, withIntermediateDirectories: true)
+            chown(dir, 65534, 65534); chown(bpfDir, 65534, 65534)
+            defer { try? FileManager.default.removeItem(atPath: dir); _ = try? runCommand(["/bin/rm", "-rf", bpfDir]) }
+            try "stream:\n  rules:\n    - remote_port: \(port)\n".write(toFile: dir + "/config.yaml", atomically: true, encoding: .utf8)
+            let set = caps.map { "+" + $0 }.joined(separator: ",")
+            let a = try Child(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all," + set,
+                               "--ambient-caps=-all," + set, "--bounding-set=-all," + set, Paths.flowtagd, "--config", dir + "/config.yaml",
+                               "--cgroup", cg.path, "--pin-dir", bpfDir + "/pins", "--socket", dir + "/api.sock",
+                               "--journal", dir + "/journal.db", "--metrics-address", "", "--output", "none"])
+            defer { a.kill() }
+            for _ in 0..<500 where access(dir + "/api.sock", F_OK) != 0 && a.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+            try #require(a.isRunning, "agent with \(caps): \(a.stderrText)")
+            func relayed() throws -> Int {
+                let r = try APIClient(socketPath: dir + "/api.sock").get("/v1/stats")
+                return ((try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any])?["relayed_flows"] as? Int) ?? -1
+            }
+            func echo(_ argv: [String]) throws {
+                let script = "import socket;s=socket.create_connection(('\(ns.hostAddress)',\(port)),timeout=5);s.sendall(b'x');assert s.recv(1)==b'x'"
+                let (rc, _, err) = try runCommand(cg.wrap(argv + [Paths.python, "-c", script]))
+                #expect(rc == 0, "\(err)")
+            }
+            try echo([])
+            #expect(try relayed() == 1, "the agent's own namespace is relayed with \(caps)")
+            for _ in 0..<4 {
+                try echo(ns.wrap([]))
+                try await Task.sleep(for: .milliseconds(300))
+            }
+            if caps.contains("sys_admin") {
+                #expect(try relayed() >= 2, "a container's connects are relayed once it has a listener: \(a.stderrText.suffix(800))")
+            } else {
+                #expect(try relayed() == 1, "without sys_admin they go direct")
+                #expect(a.stderrText.contains("cannot listen in a process's network namespace"), "\(a.stderrText.suffix(800))")
+            }
+            kill(a.pid, SIGTERM)
+            #expect(try await a.wait(timeout: 30) == 0, "\(a.stderrText.suffix(800))")
+        }
+    }
+}

@@ -27,4 +27,14 @@ struct ConfigTests {
             do { _ = try AgentConfig.parse(yaml) } catch { #expect(error.description.contains(expected), "\(yaml): \(error)") }
         }
     }
+
+    /// The file `make install` and the image ship: it must start the agent as it stands,
+    /// and equal the embedded defaults apart from what it sets on purpose.
+    @Test("the shipped deploy/flowtagd.yaml parses")
+    func shippedConfigParses() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let text = try String(contentsOf: root.appendingPathComponent("deploy/flowtagd.yaml"), encoding: .utf8)
+        let c = try AgentConfig.parse(text)
+        #expect(c.stream.rules.isEmpty, "the shipped config relays nothing until an operator adds rules")
+    }
 }

@@ -35,14 +35,17 @@ def http(portfile, body_size, count):
 
 def sink(portfile, mode="drain"):
     """TCP server outside the watched cgroup: accepts and drains (or closes at once,
-    mode "close") until killed."""
+    mode "close"; or echoes, mode "echo") until killed."""
     l = socket.socket(socket.AF_INET6); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     l.bind(("::", 0)); l.listen(1024)
     write_port(portfile, l.getsockname()[1])
     def drain(c):
         try:
-            while c.recv(65536): pass
+            while True:
+                d = c.recv(65536)
+                if not d: break
+                if mode == "echo": c.sendall(d)
         except OSError: pass
         c.close()
     while True:

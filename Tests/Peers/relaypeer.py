@@ -3,7 +3,7 @@
 
 Data is deterministic (seeded), written in random chunk sizes so that patterns split
 across writes. Each peer prints one JSON line with what it saw; the tests compare."""
-import argparse, fcntl, hashlib, json, os, random, socket, struct, sys, termios, threading, time
+import argparse, fcntl, hashlib, json, os, random, select, socket, struct, sys, termios, threading, time
 
 def write_port(path, port):
     with open(path + ".tmp", "w") as f:
@@ -172,32 +172,36 @@ def client(args):
     print(json.dumps({"flows": len(results), "all_equal": ok, "results": results if not ok or args.flows == 1 else results[:1]}), flush=True)
 
 def stream(args):
-    """Writes and reads until the connection ends: for stopping the agent mid-transfer."""
+    """Writes and reads until the connection ends: for stopping the agent mid-transfer.
+    One thread, reading before writing on every wake-up, so the first syscall that sees the
+    end names it: "eof" for a FIN (a reset provoked by later sends comes after it), the
+    error for a reset (a socket reports its reset only once, to whichever call sees it)."""
     s = socket.create_connection((args.host, args.port), timeout=30)
+    s.setblocking(False)
     data = payload(64 << 20, args.seed, False)
-    got = bytearray(); state = {}
-    def rd():
+    got = bytearray(); end = None; i = 0; running = False
+    p = select.poll(); p.register(s, select.POLLIN | select.POLLOUT)
+    deadline = time.monotonic() + 120
+    while end is None and time.monotonic() < deadline:
+        if i >= len(data): p.modify(s, select.POLLIN)
+        events = dict(p.poll(1000)).get(s.fileno(), 0)
         try:
-            while True:
+            if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
                 d = s.recv(65536)
-                if not d: state["end"] = "eof"; return
+                if not d: end = "eof"; break
                 got.extend(d)
-                if len(got) >= 256 << 10 and "running" not in state:
-                    state["running"] = True
+                if len(got) >= 256 << 10 and not running:
+                    running = True
                     print(json.dumps({"running": True}), flush=True)
+            if events & select.POLLOUT and i < len(data):
+                i += s.send(data[i:i + 16384])
+                time.sleep(0.001)
+        except BlockingIOError:
+            pass
         except OSError as e:
-            state["end"] = "error: " + str(e)
-    t = threading.Thread(target=rd); t.start()
-    i = 0
-    try:
-        while i < len(data) and t.is_alive():
-            s.sendall(data[i:i + 16384]); i += 16384
-            time.sleep(0.001)
-    except OSError as e:
-        state.setdefault("send_error", str(e))
-    t.join(30)
-    print(json.dumps({"end": state.get("end", "none"), "got": len(got), "prefix_equal": bytes(got) == data[:len(got)],
-                      "send_error": state.get("send_error")}), flush=True)
+            end = "error: " + str(e)
+    print(json.dumps({"end": end or "none", "got": len(got), "prefix_equal": bytes(got) == data[:len(got)],
+                      "sent": i}), flush=True)
 
 def upload(args):
     """Sends `size` bytes as fast as the socket takes them, half-closes at once, and
