@@ -2,6 +2,7 @@ import Foundation
 import FlowTagCore
 import Synchronization
 import Testing
+import SeededRandom
 @testable import FlowContext
 
 /// A port of the behaviour of Microsoft's stmedit sample: two callout pairs, each a
@@ -129,7 +130,7 @@ struct StmeditPortTests {
     @Test("1 MB with no pattern passes byte-exact, then the FIN")
     func megabyte() throws {
         let p = try StmeditPort()
-        var rng = SplitMix(state: 99)
+        var rng = SeededGenerator(seed: 99)
         // Letters without 'y' cannot form either pattern.
         let alphabet = Array("abcdefghijklmnopqrstuvwxz ".utf8)
         let input = (0..<(1 << 20)).map { _ in alphabet[Int.random(in: 0..<alphabet.count, using: &rng)] }

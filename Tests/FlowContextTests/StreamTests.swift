@@ -2,6 +2,7 @@ import Foundation
 import FlowTagCore
 import Synchronization
 import Testing
+import SeededRandom
 @testable import FlowContext
 
 /// A sink that keeps what it is given.
@@ -300,24 +301,13 @@ struct StreamRuleTests {
     }
 }
 
-/// Deterministic random numbers for reproducible property tests.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 @Suite("Stream engine properties")
 struct StreamPropertyTests {
     /// A callout that, at random, permits a prefix, asks for more data, or blocks a prefix
     /// and injects the same bytes back (an identity edit). Output must equal input.
     static func chaosCallout(name: String, weight: UInt16, seed: UInt64) -> StreamCallout {
-        let rng = Mutex(SplitMix(state: seed))
+        let rng = Mutex(SeededGenerator(seed: seed))
         return StreamCallout(name: name, weight: weight) { ind, inj in
             if ind.data.isEmpty { return .permit }
             let roll = rng.withLock { Int.random(in: 0..<4, using: &$0) }
@@ -336,7 +326,7 @@ struct StreamPropertyTests {
 
     @Test("random chunks through random permit/needMoreData/inject-back callouts reassemble exactly", arguments: 0..<40)
     func identityUnderChaos(seed: Int) {
-        var rng = SplitMix(state: UInt64(seed) &+ 1)
+        var rng = SeededGenerator(seed: UInt64(seed) &+ 1)
         let sink = BufferSink()
         let callouts = (0..<Int.random(in: 1...4, using: &rng)).map {
             Self.chaosCallout(name: "c\($0)", weight: UInt16($0 + 1), seed: rng.next())
@@ -363,7 +353,7 @@ struct StreamPropertyTests {
 
     @Test("abort at any position: what was delivered is a prefix of the input, nothing after the abort", arguments: 0..<20)
     func abortAnywhere(seed: Int) {
-        var rng = SplitMix(state: UInt64(seed) &+ 1000)
+        var rng = SeededGenerator(seed: UInt64(seed) &+ 1000)
         let sink = BufferSink()
         let s = session([Self.chaosCallout(name: "c", weight: 1, seed: rng.next())], sink: sink)
         let input = (0..<3000).map { _ in UInt8.random(in: 0...255, using: &rng) }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import SeededRandom
 @testable import FlowTagAgent
 
 /// Hostile config files: every refusal names its key, nothing runs away.
@@ -96,7 +97,7 @@ struct ConfigLimitsTests {
     func randomDocuments() {
         let seed = ProcessInfo.processInfo.environment["FLOWTAG_FUZZ_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64(UInt32.max))
         print("config fuzz: seed \(seed) (replay with FLOWTAG_FUZZ_SEED=\(seed))")
-        var rng = SplitMix(seed: seed)
+        var rng = SeededGenerator(seed: seed)
         let keys = ["cgroup", "bpffs", "socket", "socket_group", "metrics_address", "journal", "journal_retention_days",
                     "journal_max_bytes", "output", "udp_idle_seconds", "log_level", "stream", "colour", ""]
         let values = ["", "~", "null", "true", "0", "-1", "1e999", "99999999999999999999", "\"/x\"", "relative", "[1, 2]",
@@ -115,15 +116,3 @@ struct ConfigLimitsTests {
     }
 }
 
-/// SplitMix64, for replayable fuzzing.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

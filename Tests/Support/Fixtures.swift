@@ -20,18 +20,6 @@ func socketListener() -> (fd: Int32, port: UInt16) {
     return (fd, UInt16(bigEndian: addr.sin_port))
 }
 
-/// SplitMix64: a small seeded generator, so a fuzz run can be replayed from its seed.
-struct SeededGenerator: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// The real agent on a private cgroup, pin directory, socket and journal (all unique to
 /// the test), restartable on the same ones (kill -9 tests). The one agent fixture of the

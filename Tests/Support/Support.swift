@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import FlowTagKernel
+@_exported import SeededRandom
 
 #if canImport(Glibc)
 import Glibc
