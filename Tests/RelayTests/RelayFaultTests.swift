@@ -114,12 +114,7 @@ struct RelayFaultTests {
     func processInAnotherNamespace() async throws {
         let ns = try TestNetns()
         defer { ns.remove() }
-        let (server, port) = try await startServer(mode: "whoami", bind: "0.0.0.0")
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
-            """) { a in
+        try await withRelayedServer(mode: "whoami", bind: "0.0.0.0") { a, port, server in
             func names() async throws -> [String: Any] {
                 let c = try Child(a.cgroup.wrap(ns.wrap([Paths.python, Paths.relayPeer, "names", ns.hostAddress, "\(port)"])))
                 #expect(try await c.wait(timeout: 30) == 0, "\(c.stderrText)")

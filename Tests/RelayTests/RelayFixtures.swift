@@ -39,6 +39,16 @@ func withRelayAgent(_ stream: String, _ body: (RunningAgent) async throws -> Voi
     a.cleanUp()
 }
 
+/// A relaypeer server in `mode` and an agent whose rule selects its port; `more` is the
+/// rest of the `stream:` section (callouts, limits), indented two spaces like `rules:`.
+func withRelayedServer(mode: String = "echo", bind: String = "127.0.0.1", expect: Int = 0, _ more: String = "",
+                       _ body: (RunningAgent, UInt16, Child) async throws -> Void) async throws {
+    let (server, port) = try await startServer(mode: mode, bind: bind, expect: expect)
+    defer { server.kill() }
+    let stream = "  rules:\n    - remote_port: \(port)\n" + (more.isEmpty ? "" : more + "\n")
+    try await withRelayAgent(stream) { a in try await body(a, port, server) }
+}
+
 /// Runs a relaypeer client (`client`, `upload`, …) inside the agent's cgroup; returns its last JSON line.
 func relayPeer(_ a: RunningAgent, _ command: String, _ args: [String], timeout: Double = 90) async throws -> [String: Any] {
     let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, command] + args))

@@ -13,14 +13,10 @@ import Glibc
 struct RelayStreamTests {
     @Test("pass-through: 10 MB both ways byte-exact, random chunk sizes, FIN after the data, counted per hop")
     func passThroughBulk() async throws {
-        let (server, port) = try await startServer()
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
+        try await withRelayedServer("""
               callouts:
                 - type: pass
-            """) { a in
+            """) { a, port, server in
             var clientPorts: [Int] = []
             for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
@@ -59,11 +55,7 @@ struct RelayStreamTests {
 
     @Test("edits with the pattern split across writes, in both directions (inline and out-of-band)", arguments: ["inline", "out-of-band"])
     func editsBothDirections(mode: String) async throws {
-        let (server, port) = try await startServer()
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
+        try await withRelayedServer("""
               callouts:
                 - type: edit
                   name: rainy-to-cloudy
@@ -78,7 +70,7 @@ struct RelayStreamTests {
                   direction: receive
                   pattern: cloudy
                   replacement: sunny
-            """) { a in
+            """) { a, port, server in
             for maxChunk in [3, 64, 4096] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--text", "--edit", "--size", "200000",
                                                               "--max-chunk", "\(maxChunk)", "--seed", "\(maxChunk)"]))
@@ -94,15 +86,11 @@ struct RelayStreamTests {
 
     @Test("capture: `flowtag watch --payload` shows the first N bytes of each direction with the owner")
     func captureShownByWatch() async throws {
-        let (server, port) = try await startServer()
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
+        try await withRelayedServer("""
               callouts:
                 - type: capture
                   bytes: 16
-            """) { a in
+            """) { a, port, server in
             let watch = try Child([Paths.flowtag, "watch", "--payload", "-o", "json", "--port", "\(port)", "--socket", a.socket])
             defer { watch.kill() }
             try await Task.sleep(for: .milliseconds(500)) // the watch is registered
@@ -172,15 +160,11 @@ struct RelayStreamTests {
 
     @Test("block: the connection is reset at the pattern; the bytes before it were delivered, the pattern never was")
     func blockResetsTheConnection() async throws {
-        let (server, port) = try await startServer()
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
+        try await withRelayedServer("""
               callouts:
                 - type: block
                   pattern: DROP TABLE
-            """) { a in
+            """) { a, port, server in
             let script = """
             import socket, time, json
             s = socket.create_connection(("127.0.0.1", \(port)), timeout=10)
@@ -232,14 +216,10 @@ struct RelayStreamTests {
 
     @Test("4 concurrent 200 MB uploads, each half-closed at once: every byte arrives before the FIN (sha256)")
     func uploadsThenHalfClose() async throws {
-        let (server, port) = try await startServer(mode: "digest")
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
+        try await withRelayedServer(mode: "digest", """
               callouts:
                 - type: pass
-            """) { a in
+            """) { a, port, server in
             var clients: [Child] = []
             for i in 0..<4 {
                 clients.append(try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "upload", "127.0.0.1", "\(port)",
@@ -258,12 +238,7 @@ struct RelayStreamTests {
     @Test("a process that does not read holds its peer back: bounded buffering, and every byte arrives", arguments: [false, true])
     func nonReadingProcessIsBounded(handoff: Bool) async throws {
         let total = 200 << 20
-        let (server, port) = try await startServer(mode: "push", expect: total)
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
-            """) { a in
+        try await withRelayedServer(mode: "push", expect: total) { a, port, server in
             // With --handoff the socket passes to another process and its connector exits.
             let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)"]
                                             + (handoff ? ["--handoff"] : [])))
@@ -284,12 +259,7 @@ struct RelayStreamTests {
 
     @Test("100 concurrent relayed connections")
     func hundredConcurrentFlows() async throws {
-        let (server, port) = try await startServer()
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
-            """) { a in
+        try await withRelayedServer() { a, port, server in
             let report = try await relayClient(a, ["127.0.0.1", "\(port)", "--flows", "100", "--size", "200000", "--max-chunk", "20000"], timeout: 120)
             #expect(report["flows"] as? Int == 100)
             #expect(report["all_equal"] as? Bool == true, "\(report)")
@@ -326,17 +296,13 @@ struct RelayStreamTests {
 
     @Test("a blocking reader woken by its own thread's sends (socat-style): every byte, no EAGAIN")
     func blockingReader() async throws {
-        let (server, port) = try await startServer()
-        defer { server.kill() }
-        try await withRelayAgent("""
-              rules:
-                - remote_port: \(port)
+        try await withRelayedServer("""
               callouts:
                 - type: edit
                   pattern: zzzzzzzz
                   replacement: yyyyyyyy
                 - type: pass
-            """) { a in
+            """) { a, port, server in
             let r = try await relayPeer(a, "blocking", ["127.0.0.1", "\(port)", "--size", "\(20 << 20)"], timeout: 120)
             #expect(r["equal"] as? Bool == true, "\(r)")
             #expect((r["errors"] as? [Any])?.isEmpty == true, "\(r)")
