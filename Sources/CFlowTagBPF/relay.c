@@ -9,7 +9,7 @@
 #include "shim_internal.h"
 #include "generated/relay.skel.h"
 
-#define FTRELAY_MAX_LINKS 4
+#define FTRELAY_MAX_LINKS 8
 
 struct ftrelay {
     struct relay_bpf *skel;
@@ -24,7 +24,8 @@ static const char *const ftrelay_map_names[FTRELAY_MAP_COUNT] = {
 #undef FTRELAY_MAP_NAME
 };
 
-int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, struct ftrelay **out, char *err, size_t err_len)
+int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, struct ftrelay **out,
+                      char *err, size_t err_len)
 {
     ftbpf_install_print();
     *out = NULL;
@@ -43,6 +44,8 @@ int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, struct ftrelay *
         rc = bpf_map__reuse_fd(r->skel->maps.ft_relay_origs, origs_fd);
     if (!rc)
         rc = bpf_map__reuse_fd(r->skel->maps.ft_relay_marks, marks_fd);
+    if (!rc)
+        rc = bpf_map__reuse_fd(r->skel->maps.ft_relay_inbound, inbound_fd);
     if (rc) {
         ftbpf_set_err(err, err_len, "share the flowtag object's maps with the relay", rc);
         relay_bpf__destroy(r->skel);
@@ -72,6 +75,8 @@ int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len)
 {
     struct bpf_program *prog;
     bpf_object__for_each_program(prog, r->skel->obj) {
+        if (bpf_program__type(prog) != BPF_PROG_TYPE_CGROUP_SOCK_ADDR)
+            continue; /* sk_lookup is attached per netns */
         struct bpf_link *link = r->nlinks < FTRELAY_MAX_LINKS ? bpf_program__attach_cgroup(prog, cgroup_fd) : NULL;
         if (!link) {
             int rc = r->nlinks < FTRELAY_MAX_LINKS ? -errno : -E2BIG;
@@ -84,6 +89,22 @@ int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len)
         }
         r->links[r->nlinks++] = link;
     }
+    return 0;
+}
+
+int ftrelay_attach_inbound(struct ftrelay *r, int netns_fd, char *err, size_t err_len)
+{
+    if (r->nlinks >= FTRELAY_MAX_LINKS) {
+        ftbpf_set_err(err, err_len, "attach the inbound sk_lookup program", -E2BIG);
+        return -E2BIG;
+    }
+    struct bpf_link *link = bpf_program__attach_netns(r->skel->progs.ft_relay_lookup, netns_fd);
+    if (!link) {
+        int rc = -errno;
+        ftbpf_set_err(err, err_len, "attach the inbound sk_lookup program to the network namespace", rc);
+        return rc;
+    }
+    r->links[r->nlinks++] = link;
     return 0;
 }
 

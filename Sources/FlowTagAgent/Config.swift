@@ -320,12 +320,16 @@ public struct StreamConfig: Sendable, Equatable {
             case "direction":
                 let d = try AgentConfig.string(kk, v)
                 guard d == "outbound" || d == "inbound" else { throw ConfigError(key: kk, reason: "'\(d)' is not outbound or inbound") }
-                guard d == "outbound" else {
-                    throw ConfigError(key: kk, reason: "inbound relaying is not available yet: the relay redirects outbound connects (docs/stream-relay.md)")
-                }
                 r.direction = d
             default: throw ConfigError(key: kk, reason: "unknown key (known: \(ruleKeys.joined(separator: ", ")))")
             }
+        }
+        if r.direction == "inbound" && r.localPort == nil {
+            throw ConfigError(key: "\(k).local_port", reason: "an inbound rule needs the server's port (local_port)")
+        }
+        if r.direction == "inbound", let named = ["exe", "uid", "cgroup"].first(where: { m[$0] != nil }) {
+            throw ConfigError(key: "\(k).\(named)", reason: "inbound rules select by local_port, remote and remote_port: "
+                              + "the process that will accept a connection is not known when it arrives (docs/stream-relay.md)")
         }
         return r
     }

@@ -155,7 +155,7 @@ extension StreamRelay {
     func finishConnect(_ flow: RelayedFlow) {
         var err: Int32 = 0
         var len = socklen_t(4)
-        if getsockopt(flow.peerSide, SOL_SOCKET, SO_ERROR, &err, &len) != 0 { err = errno }
+        if getsockopt(flow.connectingSide, SOL_SOCKET, SO_ERROR, &err, &len) != 0 { err = errno }
         guard err == 0 else {
             counters.connectFailures.add(1, ordering: .relaxed)
             logger.notice("relay: the original destination did not accept the connection", metadata: [
@@ -163,6 +163,7 @@ extension StreamRelay {
             return abort(flow, why: err)
         }
         flow.connected = true
+        if flow.isInbound { startInboundSession(flow) }
         update(flow)
     }
 

@@ -21,5 +21,8 @@ public final class RelayCounters: Sendable {
     /// Outgoing connections that could not use the process's port (another socket held
     /// the same 4-tuple): the peer saw another source port.
     public let sourcePortChanged = Atomic<UInt64>(0)
+    /// Inbound flows whose server side sockops had not named yet when the callouts began:
+    /// their session shows no process.
+    public let inboundOwnerUnknown = Atomic<UInt64>(0)
     public init() {}
 }

@@ -23,7 +23,8 @@ public final class RelayKernel: @unchecked Sendable {
         var err = [CChar](repeating: 0, count: 1024)
         var h: OpaquePointer?
         let rc = ftrelay_open_load(programs.mapFD(FTBPF_MAP_PROCS), programs.mapFD(FTBPF_MAP_RELAY_ORIGS),
-                                   programs.mapFD(FTBPF_MAP_RELAY_MARKS), &h, &err, err.count)
+                                   programs.mapFD(FTBPF_MAP_RELAY_MARKS), programs.mapFD(FTBPF_MAP_RELAY_INBOUND),
+                                   &h, &err, err.count)
         guard rc == 0, let h else { throw KernelError.load(Self.text(err)) }
         handle = h
         let cg = Glibc.open(cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -141,6 +142,53 @@ public final class RelayKernel: @unchecked Sendable {
         return value
     }
 
+    // MARK: Inbound
+
+    /// Puts the inbound listeners (IPv4, and IPv6 when there is one) where the sk_lookup
+    /// program finds them, and attaches it to the netns of `netnsFD` (detached with the object).
+    func enableInbound(v4: Int32, v6: Int32, netnsFD: Int32) throws {
+        for (index, fd) in [(UInt32(0), v4), (1, v6)] where fd >= 0 {
+            var key = index
+            var value = UInt64(fd)
+            try check("publish the inbound relay listener", ftbpf_map_update(self.fd(FTRELAY_MAP_INBOUND_LISTENER), &key, &value, 0))
+        }
+        guard let h = handle else { throw KernelError.invalidArgument("the relay object is closed") }
+        var err = [CChar](repeating: 0, count: 1024)
+        guard ftrelay_attach_inbound(h, netnsFD, &err, err.count) == 0 else { throw KernelError.attach(Self.text(err)) }
+    }
+
+    static func endpoint(_ a: SocketAddress) -> ft_relay_endpoint {
+        var e = ft_relay_endpoint()
+        let v4 = a.address.isIPv4
+        e.family = UInt8(v4 ? AF_INET : AF_INET6)
+        e.port = a.port
+        let bytes = a.address.bytes
+        withUnsafeMutableBytes(of: &e.addr) { for i in 0..<min(16, bytes.count) { $0[i] = bytes[i] } }
+        return e
+    }
+
+    /// Before the agent connects to a server from `agentSide`: its SYN passes sk_lookup,
+    /// and the server's flow and getpeername will name `client`.
+    func publishInbound(agentSide: SocketAddress, client: SocketAddress) throws {
+        var key = Self.endpoint(agentSide)
+        var value = ft_relay_inbound()
+        value.client = Self.endpoint(client)
+        try check("publish an inbound relayed connection", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key, &value, 0))
+    }
+
+    /// What sockops filled in once the server's side was established (nil before).
+    func inboundServer(agentSide: SocketAddress) -> ft_relay_inbound? {
+        var key = Self.endpoint(agentSide)
+        var value = ft_relay_inbound()
+        guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key, &value) == 0, value.server_cookie != 0 else { return nil }
+        return value
+    }
+
+    func forgetInbound(agentSide: SocketAddress) {
+        var key = Self.endpoint(agentSide)
+        _ = ftbpf_map_delete(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key)
+    }
+
     func counter(_ index: ft_relay_counter) -> UInt64 {
         var sum: UInt64 = 0
         return ftbpf_percpu_sum(fd(FTRELAY_MAP_COUNTERS), index.rawValue, &sum) == 0 ? sum : 0
@@ -149,6 +197,8 @@ public final class RelayKernel: @unchecked Sendable {
     public var redirectedCount: UInt64 { counter(FT_RCNT_REDIRECTED) }
     public var noListenerCount: UInt64 { counter(FT_RCNT_NO_LISTENER) }
     public var storageFailedCount: UInt64 { counter(FT_RCNT_STORAGE_FAILED) }
+    public var inboundRedirectedCount: UInt64 { counter(FT_RCNT_INBOUND_REDIRECTED) }
+    public var inboundNotTakenCount: UInt64 { counter(FT_RCNT_INBOUND_NO_LISTENER) + counter(FT_RCNT_INBOUND_ASSIGN_FAILED) }
     public var handOverLostCount: UInt64 { programs.counter(FT_CNT_RELAY_PENDING_FULL) }
 
     /// Opens the listener requests; `fn` gets each record during `consumeRequests`.

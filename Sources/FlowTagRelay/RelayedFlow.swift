@@ -21,8 +21,15 @@ final class RelayedFlow: StreamSink, @unchecked Sendable {
     /// The process's address (as the peer sees it) and the original destination.
     let source: SocketAddress
     let destination: SocketAddress
-    let record: FlowRecord
+    var record: FlowRecord
     var session: StreamSession?
+    /// Outbound: the agent accepted the process's socket and connects `peerSide`.
+    /// Inbound: the agent accepted the client's connection (`peerSide`) and connects
+    /// `processSide` to the server from `inboundEndpoint`.
+    var inboundEndpoint: SocketAddress?
+    var isInbound: Bool { inboundEndpoint != nil }
+    /// The socket whose connect the agent made (writable when it finished).
+    var connectingSide: Int32 { isInbound ? processSide : peerSide }
     var connected = false
     /// A read returned end of file (the FIN came), per direction.
     var readClosed = [false, false]

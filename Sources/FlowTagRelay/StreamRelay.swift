@@ -54,12 +54,13 @@ public final class StreamRelay: @unchecked Sendable {
     var flowByFD: [Int32: RelayedFlow] = [:]
     var flowByCookie: [UInt64: RelayedFlow] = [:]
     var requestsFD: Int32 = -1
+    var inboundListenerFDs: [Int32] = []
     var requests: [ft_relay_request] = []
     var acceptPausedUntil: ContinuousClock.Instant?
     var nextHousekeeping = ContinuousClock.now
     var drainDeadline: ContinuousClock.Instant?
     private let activeCount = Atomic<Int>(0)
-    private let records = Mutex<[UInt64: FlowRecord]>([:])
+    let records = Mutex<[UInt64: FlowRecord]>([:])
 
     static let readSize = 1 << 16
     static let readRounds = 4
@@ -100,8 +101,10 @@ public final class StreamRelay: @unchecked Sendable {
             }, context: ctx)
             epoll.add(requestsFD, for: .readable)
             try openListeners(in: home)
+            if hasInboundRules { try openInboundListeners() }
             try kernel.setRules(rules)
         } catch {
+            closeInboundListeners()
             closeListeners()
             kernel.close()
             throw error
@@ -156,6 +159,7 @@ public final class StreamRelay: @unchecked Sendable {
             }
         }
         finishAll()
+        closeInboundListeners()
         closeListeners()
     }
 
@@ -168,8 +172,9 @@ public final class StreamRelay: @unchecked Sendable {
             return
         }
         if let l = listenerByFD[fd] { acceptAll(l, fd: fd); return }
+        if inboundListenerFDs.contains(fd) { acceptInbound(fd); return }
         guard let flow = flowByFD[fd] else { return }
-        if fd == flow.peerSide && !flow.connected {
+        if fd == flow.connectingSide && !flow.connected {
             finishConnect(flow)
             return
         }
@@ -303,6 +308,7 @@ public final class StreamRelay: @unchecked Sendable {
             flowByFD.removeValue(forKey: fd)
         }
         if flowByCookie.removeValue(forKey: flow.cookie) != nil { activeCount.subtract(1, ordering: .relaxed) }
+        if let e = flow.inboundEndpoint { kernel.forgetInbound(agentSide: e) }
         records.withLock { _ = $0.removeValue(forKey: flow.cookie) }
     }
 
@@ -313,9 +319,10 @@ public final class StreamRelay: @unchecked Sendable {
         records.withLock { $0[flow.cookie] = flow.record }
         activeCount.add(1, ordering: .relaxed)
         counters.flows.add(1, ordering: .relaxed)
-        epoll.add(flow.processSide, for: [])
-        epoll.add(flow.peerSide, for: .writable)
-        flow.interest = [flow.processSide: 0, flow.peerSide: Epoll.Events.writable.rawValue]
+        let accepted = flow.isInbound ? flow.peerSide : flow.processSide
+        epoll.add(accepted, for: [])
+        epoll.add(flow.connectingSide, for: .writable)
+        flow.interest = [accepted: 0, flow.connectingSide: Epoll.Events.writable.rawValue]
     }
 
     static func setLinger(_ fd: Int32, resetOnClose: Bool) {
@@ -333,6 +340,8 @@ public final class StreamRelay: @unchecked Sendable {
             kernel.removeListener(netns: netns)
             for fd in l.sockets { acceptAll(l, fd: fd) }
         }
+        for fd in inboundListenerFDs { acceptInbound(fd) }
+        closeInboundListeners()
         closeListeners()
         drainDeadline = ContinuousClock.now.advanced(by: options.drain)
         logger.info("relay: stopping", metadata: ["flows": "\(flowByCookie.count)", "drain_seconds": "\(options.drain.components.seconds)"])
@@ -407,6 +416,15 @@ public final class StreamRelay: @unchecked Sendable {
             ReportedValue(metric: "relay_handover_lost", unit: "total",
                           help: "Redirected connections whose hand-over entry could not be stored (reset at accept).",
                           kind: .counter) { kernel.handOverLostCount + kernel.storageFailedCount },
+            ReportedValue(metric: "relay_inbound_redirected", unit: "total",
+                          help: "Incoming connections an inbound rule gave to the relay instead of the server.",
+                          kind: .counter, statsField: "relay_inbound_redirected") { kernel.inboundRedirectedCount },
+            ReportedValue(metric: "relay_inbound_not_taken", unit: "total",
+                          help: "Incoming connections an inbound rule selected that went to the server directly (no relay listener).",
+                          kind: .counter) { kernel.inboundNotTakenCount },
+            ReportedValue(metric: "relay_inbound_owner_unknown", unit: "total",
+                          help: "Inbound relayed connections whose callouts began before the server's side was named (no process in their metadata).",
+                          kind: .counter) { c.inboundOwnerUnknown.load(ordering: .relaxed) },
             ReportedValue(metric: "relay_listeners", unit: "", help: "Network namespaces with a relay listener.", kind: .gauge) { [weak self] in
                 UInt64(self?.listenerCount.load(ordering: .relaxed) ?? 0) },
         ]

@@ -80,7 +80,7 @@ struct ConfigLimitsTests {
         ("journal_retention_days: 36501", "journal_retention_days"), ("journal_max_bytes: 1048575", "journal_max_bytes"),
         ("stream: {max_flows: 65537}", "stream.max_flows"), ("stream: {max_flows: 0}", "stream.max_flows"),
         ("stream: {drain_seconds: 3601}", "stream.drain_seconds"), ("stream: {drain_seconds: -1}", "stream.drain_seconds"),
-        ("stream: {pool_size: 32}", "stream.pool_size"), ("stream: {rules: [{direction: inbound}]}", "stream.rules[0].direction"),
+        ("stream: {pool_size: 32}", "stream.pool_size"), ("stream: {rules: [{direction: inbound, local_port: 80, exe: /bin/sh}]}", "stream.rules[0].exe"), ("stream: {rules: [{direction: inbound}]}", "stream.rules[0].local_port"),
         ("log_level: loud", "log_level"), ("log_level: 3", "log_level"),
     ])
     func ranges(_ yaml: String, _ key: String) {

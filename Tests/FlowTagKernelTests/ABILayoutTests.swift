@@ -92,6 +92,13 @@ struct ABILayoutTests {
         #expect(MemoryLayout<ft_relay_hint_key>.offset(of: \.netns_cookie) == 8)
         #expect(MemoryLayout<ft_relay_hint_key>.offset(of: \.addr) == 16)
         #expect(MemoryLayout<ft_relay_request>.size == 16)
+        // Inbound: the endpoint key and the entry sockops completes.
+        #expect(MemoryLayout<ft_relay_endpoint>.size == 24)
+        #expect(MemoryLayout<ft_relay_endpoint>.offset(of: \.port) == 16)
+        #expect(MemoryLayout<ft_relay_endpoint>.offset(of: \.family) == 18)
+        #expect(MemoryLayout<ft_relay_inbound>.size == 96)
+        #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.owner) == 24)
+        #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.server_cookie) == 88)
     }
 
     @Test func everyStructIsEightByteAligned() {
@@ -99,7 +106,8 @@ struct ABILayoutTests {
                      MemoryLayout<ft_flow>.size, MemoryLayout<ft_udp_key>.size, MemoryLayout<ft_udp_flow>.size,
                      MemoryLayout<ft_close_stats>.size, MemoryLayout<ft_event>.size, MemoryLayout<ft_proc>.size,
                      MemoryLayout<ft_relay_orig>.size, MemoryLayout<ft_relay_pending_key>.size, MemoryLayout<ft_relay_listener>.size,
-                     MemoryLayout<ft_relay_hint_key>.size, MemoryLayout<ft_relay_request>.size] {
+                     MemoryLayout<ft_relay_hint_key>.size, MemoryLayout<ft_relay_request>.size,
+                     MemoryLayout<ft_relay_endpoint>.size, MemoryLayout<ft_relay_inbound>.size] {
             #expect(size % 8 == 0)
         }
     }

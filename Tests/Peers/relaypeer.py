@@ -23,7 +23,7 @@ def payload(size, seed, text):
 def server(args):
     fam = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
     l = socket.socket(fam); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind((args.bind, 0)); l.listen(256)
+    l.bind((args.bind, args.port)); l.listen(256)
     write_port(args.portfile, l.getsockname()[1])
     def push(c):
         """Sends --expect bytes as fast as the socket takes them; says how far it got
@@ -317,7 +317,7 @@ p = argparse.ArgumentParser()
 sub = p.add_subparsers(dest="cmd", required=True)
 a = sub.add_parser("server"); a.add_argument("portfile"); a.add_argument("--bind", default="127.0.0.1")
 a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "push", "digest", "whoami"])
-a.add_argument("--expect", type=int, default=0)
+a.add_argument("--expect", type=int, default=0); a.add_argument("--port", type=int, default=0)
 a = sub.add_parser("client"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100000); a.add_argument("--seed", type=int, default=1)
 a.add_argument("--flows", type=int, default=1); a.add_argument("--max-chunk", type=int, default=8192)

@@ -188,7 +188,8 @@ struct RelayFaultTests {
         let cases: [(String, String, String)] = [
             ("stream:\n  rules:\n    - exe: /nonexistent/binary\n", "stream.rules[0].exe", "no such file"),
             ("stream:\n  rules:\n    - remote: 10.0.0.0/99\n", "stream.rules[0].remote", "not an address"),
-            ("stream:\n  rules:\n    - direction: inbound\n", "stream.rules[0].direction", "inbound relaying is not available"),
+            ("stream:\n  rules:\n    - direction: inbound\n      local_port: 80\n      uid: 0\n", "stream.rules[0].uid", "not known when it arrives"),
+            ("stream:\n  rules:\n    - direction: inbound\n", "stream.rules[0].local_port", "needs the server's port"),
             ("stream:\n  callouts:\n    - type: edit\n      pattern: a\n", "stream.callouts[0].replacement", ""),
             ("stream:\n  callouts:\n    - type: frobnicate\n", "stream.callouts[0].type", ""),
             ("stream:\n  pool_size: 32\n", "stream.pool_size", "no longer used"),

@@ -11,14 +11,33 @@ extension Paths {
 }
 
 /// A relaypeer server outside the agent's cgroup (optionally in a network namespace).
-func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: String? = nil, expect: Int = 0) async throws -> (Child, UInt16) {
+func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: String? = nil, expect: Int = 0,
+                 port: UInt16 = 0, in cgroup: TestCgroup? = nil) async throws -> (Child, UInt16) {
     let portFile = tempPath("port")
-    var argv = [Paths.python, Paths.relayPeer, "server", portFile, "--bind", bind, "--mode", mode, "--expect", "\(expect)"]
+    var argv = [Paths.python, Paths.relayPeer, "server", portFile, "--bind", bind, "--mode", mode, "--expect", "\(expect)",
+                "--port", "\(port)"]
     if let netns { argv = ["/usr/sbin/ip", "netns", "exec", netns] + argv }
+    if let cgroup { argv = cgroup.wrap(argv) }
     let server = try Child(argv)
     let port = try await waitForPort(portFile)
     unlink(portFile)
     return (server, port)
+}
+
+/// A TCP port nothing listens on now (for a rule written before its server starts).
+func freeTCPPort() throws -> UInt16 {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
+    defer { close(fd) }
+    var sin = sockaddr_in()
+    sin.sin_family = sa_family_t(AF_INET)
+    sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let rc = withUnsafeMutablePointer(to: &sin) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 ? getsockname(fd, $0, &len) : -1 }
+    }
+    guard rc == 0 else { throw TestFailure("bind: \(errno)") }
+    return UInt16(bigEndian: sin.sin_port)
 }
 
 /// Writes a config file with this `stream:` section (and any other top-level keys).

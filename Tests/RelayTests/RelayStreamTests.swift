@@ -71,16 +71,17 @@ struct RelayStreamTests {
                   pattern: cloudy
                   replacement: sunny
             """) { a, port, server in
+            var wanted: [String] = []
             for maxChunk in [3, 64, 4096] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--text", "--edit", "--size", "200000",
                                                               "--max-chunk", "\(maxChunk)", "--seed", "\(maxChunk)"]))
+                wanted.append(r["server_sha"] as? String ?? "missing")
                 #expect(r["echo_equal"] as? Bool == true, "max chunk \(maxChunk): \(r)")
                 #expect(r["eof"] as? Bool == true, "\(r)")
             }
-            // The server received exactly the send-side edit.
+            // The server received exactly the send-side edit of each client's bytes.
             let reports = try await server.waitForLines(3)
-            let clientsWanted = Set(reports.compactMap { $0["sha"] as? String })
-            #expect(clientsWanted.count == 3)
+            #expect(Set(reports.compactMap { $0["sha"] as? String }) == Set(wanted), "\(reports)")
         }
     }
 
@@ -365,5 +366,84 @@ struct RelayStreamTests {
             #expect(metric(a, "flowtag_relay_connect_failures_total") == 1)
             #expect(a.process.stderrText.contains("the original destination did not accept the connection"))
         }
+    }
+
+    @Test("inbound: a local server's incoming connections pass through the callouts; the server sees the real client; the flow is the server's",
+          arguments: ["127.0.0.1", "::1"])
+    func inboundThroughTheCallouts(address: String) async throws {
+        let port = try freeTCPPort()
+        // Into the local process is `receive`, out of it `send`: the client's bytes are
+        // edited on the way in, the server's answer on the way out.
+        try await withRelayAgent("""
+              rules:
+                - direction: inbound
+                  local_port: \(port)
+              callouts:
+                - type: edit
+                  direction: receive
+                  pattern: rainy
+                  replacement: cloudy
+                - type: edit
+                  direction: send
+                  pattern: cloudy
+                  replacement: sunny
+            """) { a in
+            let (server, _) = try await startServer(bind: address, port: port, in: a.cgroup)
+            defer { server.kill() }
+            var clientPorts: [Int] = [], wanted: [String] = []
+            for maxChunk in [5, 4096] {
+                // The client is outside the agent's cgroup: only the server's side is selected.
+                let c = try Child([Paths.python, Paths.relayPeer, "client", address, "\(port)", "--text", "--edit",
+                                   "--size", "300000", "--max-chunk", "\(maxChunk)", "--seed", "\(maxChunk)"])
+                #expect(try await c.wait(timeout: 90) == 0, "\(c.stderrText)")
+                let r = firstResult(c.jsonLines.last ?? [:])
+                #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r) hops \(relayHops(a))")
+                clientPorts.append(r["local_port"] as? Int ?? -1)
+                wanted.append(r["server_sha"] as? String ?? "missing")
+            }
+            let served = try await server.waitForLines(2)
+            #expect(served.compactMap { $0["sha"] as? String } == wanted, "the server got the receive-side edit: \(served)")
+            #expect(served.compactMap { $0["peer_port"] as? Int } == clientPorts, "the server's accept names the real client: \(served)")
+            #expect(try relayedFlowCount(a) == 2)
+            #expect(try a.stats()["relay_inbound_redirected"] as? Int == 2)
+            // The journal has the server's flows, inbound from the client's port, owned by the server.
+            try await Task.sleep(for: .milliseconds(1500))
+            let (rc, out, err) = try a.cli(["history", "--since", "10m", "--port", "\(port)", "-o", "json"])
+            #expect(rc == 0, "\(err)")
+            let flows = ((try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])?["flows"] as? [[String: Any]]) ?? []
+            let inbound = flows.compactMap { $0["record"] as? [String: Any] ?? $0 }.filter { $0["direction"] as? String == "inbound" }
+            let remotes = inbound.compactMap { ($0["remote"] as? [String: Any])?["port"] as? Int }.sorted()
+            #expect(remotes == clientPorts.sorted(), "\(out)")
+            #expect(inbound.allSatisfy { (($0["process"] as? [String: Any])?["pid"] as? Int) == Int(server.pid) }, "\(out)")
+        }
+    }
+
+    @Test("inbound with no server on the port: the client's connection is accepted, then reset (as from any proxy), counted")
+    func inboundWithoutServer() async throws {
+        let port = try freeTCPPort()
+        try await withRelayAgent("""
+              rules:
+                - direction: inbound
+                  local_port: \(port)
+            """) { a in
+            let script = """
+                import socket, time
+                try:
+                    # The reset may come before connect() returns (the handshake was the agent's).
+                    s = socket.create_connection(('127.0.0.1', \(port)), timeout=10)
+                    s.sendall(b'x' * 1000); time.sleep(0.2); s.sendall(b'y')
+                    print('eof' if not s.recv(10) else 'data')
+                except ConnectionResetError:
+                    print('reset')
+                """
+            let c = try Child([Paths.python, "-c", script])
+            #expect(try await c.wait(timeout: 60) == 0, "\(c.stderrText)")
+            #expect(c.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "reset", "\(c.stdout) \(c.stderrText)")
+            #expect(try a.stats()["relay_connect_failures"] as? Int == 1)
+        }
+        // Without the agent the same connect is refused: the rule is gone with it.
+        let direct = try Child([Paths.python, "-c", "import socket; socket.create_connection(('127.0.0.1', \(port)), timeout=5)"])
+        #expect(try await direct.wait(timeout: 30) != 0)
+        #expect(direct.stderrText.contains("ConnectionRefusedError"), "\(direct.stderrText)")
     }
 }

@@ -178,7 +178,7 @@ struct ft_build_info {
     ft_u32 abi_version;
     ft_u32 pad;
 };
-#define FT_ABI_VERSION 3
+#define FT_ABI_VERSION 4
 
 /* Process table entry, keyed by tgid. Entries outlive the process (LRU). 576 bytes. */
 enum ft_proc_flags {
@@ -223,6 +223,7 @@ enum ft_counter {
 #define FT_RELAY_LISTENERS_MAX 1024
 #define FT_RELAY_PENDING_MAX 65536
 #define FT_RELAY_HINTS_MAX 16384
+#define FT_RELAY_INBOUND_MAX 65536
 
 enum ft_rule_match {
     FT_MATCH_EXE = 1,
@@ -315,12 +316,34 @@ struct ft_relay_request {
     ft_u32 ns_inum; /* inode of the netns (/proc/PID/ns/net): found again if tgid has exited */
 };
 
+/* Inbound relaying (WFP's inbound stream on a redirected accept): the relay object's
+ * sk_lookup program gives a SYN that an inbound rule selects to the agent's inbound
+ * listener; the agent connects to the original destination (the server) from an address
+ * and port it publishes here first, keyed by that endpoint: sk_lookup lets its SYN pass,
+ * and the flowtag object names the real client in the server's flow and getpeername. */
+struct ft_relay_endpoint {
+    ft_u8 addr[16];   /* network order; IPv4 (also v4-mapped) in the first 4 bytes */
+    ft_u16 port;      /* host order */
+    ft_u8 family;     /* AF_INET or AF_INET6 (v4-mapped is AF_INET) */
+    ft_u8 pad[5];
+};
+/* 96 bytes. The agent writes client; sockops writes the server socket's cookie and its
+ * owner (the listener's, as WFP names an inbound flow's process) at establishment. */
+struct ft_relay_inbound {
+    struct ft_relay_endpoint client;
+    struct ft_stamp owner;
+    ft_u64 server_cookie; /* 0 until the server's side is established */
+};
+
 /* Indexes of the relay object's per-CPU counters. */
 enum ft_relay_counter {
     FT_RCNT_REDIRECTED = 0,  /* connects sent to the agent's listener */
     FT_RCNT_NO_LISTENER = 1, /* selected connects passed direct: no listener in their netns */
     FT_RCNT_STORAGE_FAILED = 2, /* selected connects passed direct: no socket storage */
-    FT_RCNT_MAX = 4,
+    FT_RCNT_INBOUND_REDIRECTED = 3, /* incoming connections given to the inbound listener */
+    FT_RCNT_INBOUND_NO_LISTENER = 4, /* selected incoming connections passed: no listener */
+    FT_RCNT_INBOUND_ASSIGN_FAILED = 5, /* selected incoming connections passed: assign failed */
+    FT_RCNT_MAX = 8,
 };
 
 #define FT_ASSERT_SIZE(type, size) _Static_assert(sizeof(type) == (size), #type " size")
@@ -343,5 +366,7 @@ FT_ASSERT_SIZE(struct ft_relay_mark, 8);
 FT_ASSERT_SIZE(struct ft_relay_hint_key, 32);
 FT_ASSERT_SIZE(struct ft_relay_hint, 16);
 FT_ASSERT_SIZE(struct ft_relay_request, 16);
+FT_ASSERT_SIZE(struct ft_relay_endpoint, 24);
+FT_ASSERT_SIZE(struct ft_relay_inbound, 96);
 
 #endif

@@ -39,4 +39,14 @@ struct {
     __type(value, struct ft_relay_orig);
 } ft_relay_pending SEC(".maps");
 
+/* Inbound relayed connections by the agent's server-facing endpoint (ft_relay_inbound):
+ * written by the agent before it connects, completed by sockops, deleted by the agent when
+ * the flow ends. LRU: entries of an agent that died cannot fill it. */
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, FT_RELAY_INBOUND_MAX);
+    __type(key, struct ft_relay_endpoint);
+    __type(value, struct ft_relay_inbound);
+} ft_relay_inbound SEC(".maps");
+
 #endif

@@ -84,12 +84,24 @@ static __always_inline void rcount(__u32 idx)
         *v += 1;
 }
 
-/* What a rule can test at connect time. */
+/* The agent's inbound listeners in its own netns (0: IPv4 on 127.0.0.1, 1: IPv6 on ::1;
+ * a socket bound to one IPv6 address is IPv6-only): sk_lookup gives them the incoming
+ * connections an inbound rule selects. */
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKMAP);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, __u64);
+} ft_relay_inbound_listener SEC(".maps");
+
+/* What a rule can test: at connect time (outbound), or on an incoming SYN (inbound:
+ * remote is the client, local_port the server's port; no process is known yet). */
 struct connect_view {
     __u8 remote[16]; /* IPv4 (also v4-mapped) in the first 4 bytes */
     __u16 remote_port;
     __u16 local_port;
     __u8 family;     /* of remote: AF_INET or AF_INET6 */
+    __u8 direction;  /* ft_direction */
     __u32 uid;
     __u32 tgid;
     __u64 cgroup_id;
@@ -113,6 +125,12 @@ static __always_inline int rule_matches(const struct ft_stream_rule *r, const st
     __u32 m = r->match;
     if (!m)
         return 0;
+    /* A rule without a direction is outbound; inbound rules name no process. */
+    __u8 dir = (m & FT_MATCH_DIRECTION) ? r->direction : FT_DIR_OUTBOUND;
+    if (dir != v->direction)
+        return 0;
+    if (v->direction == FT_DIR_INBOUND && (m & (FT_MATCH_UID | FT_MATCH_CGROUP | FT_MATCH_EXE)))
+        return 0;
     if ((m & FT_MATCH_UID) && v->uid != r->uid)
         return 0;
     if ((m & FT_MATCH_CGROUP) && v->cgroup_id != r->cgroup_id)
@@ -120,8 +138,6 @@ static __always_inline int rule_matches(const struct ft_stream_rule *r, const st
     if ((m & FT_MATCH_LOCAL_PORT) && v->local_port != r->local_port)
         return 0;
     if ((m & FT_MATCH_REMOTE_PORT) && v->remote_port != r->remote_port)
-        return 0;
-    if ((m & FT_MATCH_DIRECTION) && r->direction != FT_DIR_OUTBOUND)
         return 0;
     if ((m & FT_MATCH_REMOTE_ADDR) && (r->remote_family != v->family || !prefix_matches(v->remote, r->remote, r->remote_prefix)))
         return 0;
@@ -225,6 +241,7 @@ SEC("cgroup/connect4")
 int ft_relay_connect4(struct bpf_sock_addr *ctx)
 {
     struct connect_view v = {};
+    v.direction = FT_DIR_OUTBOUND;
     __u32 dst = ctx->user_ip4;
     __builtin_memcpy(v.remote, &dst, 4);
     v.remote_port = bpf_ntohs((__u16)ctx->user_port);
@@ -245,6 +262,7 @@ SEC("cgroup/connect6")
 int ft_relay_connect6(struct bpf_sock_addr *ctx)
 {
     struct connect_view v = {};
+    v.direction = FT_DIR_OUTBOUND;
     __u32 a[4];
     a[0] = ctx->user_ip6[0];
     a[1] = ctx->user_ip6[1];
@@ -282,4 +300,58 @@ int ft_relay_connect6(struct bpf_sock_addr *ctx)
     ctx->user_ip6[3] = to[3];
     ctx->user_port = bpf_htons(l->port6);
     return 1;
+}
+
+/* Inbound: an incoming TCP SYN that an inbound rule selects goes to the agent's inbound
+ * listener, which connects to the original destination itself. Its own connects (their
+ * source endpoints are in ft_relay_inbound) pass to the server. */
+SEC("sk_lookup")
+int ft_relay_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    __u32 zero = 0;
+    __u32 *rules = bpf_map_lookup_elem(&ft_stream_rule_count, &zero);
+    if (!rules || *rules == 0)
+        return SK_PASS;
+    struct connect_view v = {};
+    v.direction = FT_DIR_INBOUND;
+    v.remote_port = bpf_ntohs(ctx->remote_port);
+    v.local_port = (__u16)ctx->local_port;
+    if (ctx->family == AF_INET) {
+        __u32 a = ctx->remote_ip4;
+        __builtin_memcpy(v.remote, &a, 4);
+        v.family = AF_INET;
+    } else {
+        __u32 a[4];
+        a[0] = ctx->remote_ip6[0];
+        a[1] = ctx->remote_ip6[1];
+        a[2] = ctx->remote_ip6[2];
+        a[3] = ctx->remote_ip6[3];
+        if (a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff)) {
+            __builtin_memcpy(v.remote, &a[3], 4);
+            v.family = AF_INET;
+        } else {
+            __builtin_memcpy(v.remote, a, 16);
+            v.family = AF_INET6;
+        }
+    }
+    struct ft_relay_endpoint self = {};
+    __builtin_memcpy(self.addr, v.remote, 16);
+    self.port = v.remote_port;
+    self.family = v.family;
+    if (bpf_map_lookup_elem(&ft_relay_inbound, &self))
+        return SK_PASS; /* the agent connecting to the server */
+    if (!selected(&v))
+        return SK_PASS;
+    __u32 which = ctx->family == AF_INET ? 0 : 1;
+    struct bpf_sock *sk = bpf_map_lookup_elem(&ft_relay_inbound_listener, &which);
+    if (!sk) {
+        rcount(FT_RCNT_INBOUND_NO_LISTENER);
+        return SK_PASS;
+    }
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    rcount(err ? FT_RCNT_INBOUND_ASSIGN_FAILED : FT_RCNT_INBOUND_REDIRECTED);
+    return SK_PASS;
 }

@@ -83,4 +83,90 @@ static __always_inline void relay_show_original(struct bpf_sock_addr *ctx, struc
     ctx->user_ip6[3] = a[3];
 }
 
+/* The inbound entry of the agent's connection whose endpoint is (addr, port) as a socket
+ * names it (IPv4 in the first 4 bytes, or 16 bytes of IPv6, possibly v4-mapped). */
+static __always_inline struct ft_relay_inbound *relay_inbound_of(const __u8 *addr, __u16 port, __u8 family)
+{
+    struct ft_relay_endpoint k = {};
+    k.port = port;
+    if (family == AF_INET6 && is_v4_mapped(addr)) {
+        k.family = AF_INET;
+        __builtin_memcpy(k.addr, addr + 12, 4);
+    } else if (family == AF_INET) {
+        k.family = AF_INET;
+        __builtin_memcpy(k.addr, addr, 4);
+    } else {
+        k.family = AF_INET6;
+        __builtin_memcpy(k.addr, addr, 16);
+    }
+    return bpf_map_lookup_elem(&ft_relay_inbound, &k);
+}
+
+/* Writes the client into an address of `family` (v4-mapped in an IPv6 one). */
+static __always_inline void relay_put_client(__u8 *out, __u8 family, const struct ft_relay_endpoint *c)
+{
+    __builtin_memset(out, 0, 16);
+    if (c->family == AF_INET && family == AF_INET6) {
+        out[10] = 0xff;
+        out[11] = 0xff;
+        __builtin_memcpy(out + 12, c->addr, 4);
+    } else if (c->family == AF_INET) {
+        __builtin_memcpy(out, c->addr, 4);
+    } else {
+        __builtin_memcpy(out, c->addr, 16);
+    }
+}
+
+/* At establishment of a server's socket whose peer is the agent's inbound relay: tell the
+ * agent the server's cookie and owner (the listener's), and name the real client in the
+ * flow. */
+static __always_inline void relay_inbound_server(struct ft_flow *f)
+{
+    struct ft_relay_inbound *e = relay_inbound_of(f->tuple.remote, f->tuple.remote_port, f->tuple.family);
+    if (!e)
+        return;
+    __builtin_memcpy(&e->owner, &f->owner, sizeof(e->owner));
+    e->server_cookie = f->cookie;
+    relay_put_client(f->tuple.remote, f->tuple.family, &e->client);
+    f->tuple.remote_port = e->client.port;
+    f->flags |= FT_FLOW_RELAYED;
+}
+
+/* getpeername on a server's socket whose peer is the agent's inbound relay names the
+ * real client. */
+static __always_inline void relay_show_client(struct bpf_sock_addr *ctx, const int v6)
+{
+    __u8 a[16] = {};
+    __u8 family = AF_INET;
+    if (!v6) {
+        __u32 v = ctx->user_ip4;
+        __builtin_memcpy(a, &v, 4);
+    } else {
+        __u32 w[4];
+        w[0] = ctx->user_ip6[0];
+        w[1] = ctx->user_ip6[1];
+        w[2] = ctx->user_ip6[2];
+        w[3] = ctx->user_ip6[3];
+        __builtin_memcpy(a, w, 16);
+        family = AF_INET6;
+    }
+    struct ft_relay_inbound *e = relay_inbound_of(a, bpf_ntohs((__u16)ctx->user_port), family);
+    if (!e)
+        return;
+    relay_put_client(a, family, &e->client);
+    ctx->user_port = bpf_htons(e->client.port);
+    if (!v6) {
+        __u32 v;
+        __builtin_memcpy(&v, a, 4);
+        ctx->user_ip4 = v;
+        return;
+    }
+    __u32 w[4];
+    __builtin_memcpy(w, a, 16);
+    ctx->user_ip6[0] = w[0];
+    ctx->user_ip6[1] = w[1];
+    ctx->user_ip6[2] = w[2];
+    ctx->user_ip6[3] = w[3];
+}
+
 #endif

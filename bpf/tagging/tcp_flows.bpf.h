@@ -60,6 +60,7 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
     if (sk && dir == FT_DIR_OUTBOUND)
         relay_hand_over(sk, fp);
     if (dir == FT_DIR_INBOUND) {
+        relay_inbound_server(fp);
         /* Until accept the owner is the listener's (cloned): report at accept. The
          * socket's own stamp is marked inherited too, so the process hooks know to
          * claim it (see claim_accepted). */
@@ -166,6 +167,7 @@ static __always_inline int on_getpeername(struct bpf_sock_addr *ctx, const int v
     if (st && st->owner.attribution == FT_ATTR_INHERITED)
         claim_accepted(st, bpf_get_socket_cookie(ctx), FT_HOOK_ACCEPT);
     relay_show_original(ctx, sk, v6);
+    relay_show_client(ctx, v6);
     return 1;
 }
 

@@ -30,7 +30,8 @@ struct ftbpf;
     X(BUILD, ft_build)                                  \
     X(RELAY_ORIGS, ft_relay_origs)                      \
     X(RELAY_MARKS, ft_relay_marks)                      \
-    X(RELAY_PENDING, ft_relay_pending)
+    X(RELAY_PENDING, ft_relay_pending)                  \
+    X(RELAY_INBOUND, ft_relay_inbound)
 
 enum ftbpf_map {
 #define FTBPF_MAP_ENUM(id, name) FTBPF_MAP_##id,
@@ -126,7 +127,8 @@ struct ftrelay;
     X(STREAM_RULE_COUNT, ft_stream_rule_count)          \
     X(LISTENERS, ft_relay_listeners)                    \
     X(HINTS, ft_relay_hints)                            \
-    X(COUNTERS, ft_relay_counters)
+    X(COUNTERS, ft_relay_counters)                      \
+    X(INBOUND_LISTENER, ft_relay_inbound_listener)
 
 enum ftrelay_map {
 #define FTRELAY_MAP_ENUM(id, name) FTRELAY_MAP_##id,
@@ -135,10 +137,14 @@ enum ftrelay_map {
     FTRELAY_MAP_COUNT
 };
 
-/* Open and load, reusing the flowtag object's ft_procs, ft_relay_origs, ft_relay_marks. */
-int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, struct ftrelay **out, char *err, size_t err_len);
+/* Open and load, reusing the flowtag object's ft_procs, ft_relay_origs, ft_relay_marks
+ * and ft_relay_inbound. */
+int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, struct ftrelay **out,
+                      char *err, size_t err_len);
 /* Attach the connect hooks to cgroup_fd. On failure nothing stays attached. */
 int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len);
+/* Attach the inbound sk_lookup program to the netns of netns_fd (held until destroy). */
+int ftrelay_attach_inbound(struct ftrelay *r, int netns_fd, char *err, size_t err_len);
 /* Detach, close and free. NULL is fine. */
 void ftrelay_destroy(struct ftrelay *r);
 int ftrelay_map_fd(struct ftrelay *r, enum ftrelay_map map);

@@ -1,0 +1,173 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFlowTagBPF
+import CLinuxCalls
+import FlowContext
+import FlowTagCore
+import FlowTagKernel
+
+/// Inbound rules (WFP's inbound stream): the relay object's sk_lookup program gives an
+/// incoming connection a rule selects to the agent's inbound listener instead of the
+/// server; the agent connects to the server itself, from the address the client reached
+/// and a port it publishes first (so its SYN passes, and the server's flow and
+/// `getpeername` name the real client), and relays between the two. The server's
+/// process is the listener's owner, as WFP names an inbound flow's process.
+extension StreamRelay {
+    static let soCookie: Int32 = 57 // SO_COOKIE (asm-generic/socket.h)
+
+    var hasInboundRules: Bool { rules.contains { $0.direction == .inbound } }
+
+    /// Listeners in the agent's own netns on 127.0.0.1 and ::1 (sk_lookup assigns them
+    /// connections to any address; nothing else reaches them), then the program.
+    func openInboundListeners() throws {
+        do {
+            inboundListenerFDs.append(try inboundListener(SocketAddress(family: AF_INET, address: .v4(0x7f00_0001), port: 0)))
+            // Without IPv6 in the namespace only IPv4 connections are relayed.
+            if let v6 = try? inboundListener(SocketAddress(family: AF_INET6, address: .v6(0, 1), port: 0)) { inboundListenerFDs.append(v6) }
+            try kernel.enableInbound(v4: inboundListenerFDs[0], v6: inboundListenerFDs.count > 1 ? inboundListenerFDs[1] : -1, netnsFD: home.fd)
+        } catch {
+            closeInboundListeners()
+            throw error
+        }
+        for fd in inboundListenerFDs { epoll.add(fd, for: .readable) }
+        logger.info("relay: inbound listeners ready", metadata: ["netns": "\(home.cookie)"])
+    }
+
+    private func inboundListener(_ address: SocketAddress) throws -> Int32 {
+        let fd = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw KernelError.system("inbound relay listener socket", errno) }
+        do {
+            try kernel.mark(fd) // cloned to every connection it accepts: never a flow
+            guard address.withSockaddr({ bind(fd, $0, $1) }) == 0 else { throw KernelError.system("bind the inbound relay listener to \(address)", errno) }
+            guard listen(fd, 4096) == 0 else { throw KernelError.system("listen on the inbound relay listener", errno) }
+            return fd
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    func closeInboundListeners() {
+        for fd in inboundListenerFDs {
+            epoll.remove(fd)
+            close(fd)
+        }
+        inboundListenerFDs = []
+    }
+
+    func acceptInbound(_ listener: Int32) {
+        while true {
+            let s = lc_accept_nonblock(listener)
+            if s < 0 {
+                if -s == EMFILE || -s == ENFILE || -s == ENOBUFS || -s == ENOMEM {
+                    logger.warning("relay: cannot accept: \(String(cString: strerror(-s)))")
+                }
+                return
+            }
+            takeOverInbound(s)
+        }
+    }
+
+    /// One incoming connection: the address the client reached is the server's.
+    func takeOverInbound(_ s: Int32) {
+        Self.setLinger(s, resetOnClose: true)
+        guard let client = SocketAddress.peer(s), let server = SocketAddress.local(s) else {
+            counters.unknownConnections.add(1, ordering: .relaxed)
+            close(s)
+            return
+        }
+        guard flowByCookie.count < options.maxFlows else {
+            counters.overLimit.add(1, ordering: .relaxed)
+            logger.warning("relay: at max_flows; an incoming connection is reset", metadata: ["max_flows": "\(options.maxFlows)"])
+            close(s)
+            return
+        }
+        Self.setNoDelay(s)
+        let family: Int32 = server.address.isIPv4 ? AF_INET : AF_INET6
+        let destination = SocketAddress(family: family, address: server.address, port: server.port)
+        let b: Int32, endpoint: SocketAddress
+        do {
+            (b, endpoint) = try connectServer(destination, for: client)
+        } catch {
+            counters.connectFailures.add(1, ordering: .relaxed)
+            logger.notice("relay: cannot connect to the server", metadata: ["destination": "\(destination)", "why": "\(error)"])
+            close(s)
+            return
+        }
+        var cookie: UInt64 = 0
+        var len = socklen_t(8)
+        _ = getsockopt(b, SOL_SOCKET, Self.soCookie, &cookie, &len)
+        let record = Self.inboundRecord(cookie: cookie, netns: home.cookie, server: destination, client: client, owner: nil, processes: processes)
+        let flow = RelayedFlow(cookie: cookie, netns: home.cookie, processSide: b, source: destination,
+                               destination: client, record: record, counters: counters) { [weak self] f in self?.delivered(f) }
+        flow.peerSide = s
+        flow.inboundEndpoint = endpoint
+        adopt(flow)
+    }
+
+    /// A marked socket bound to the server's address and a port of its own, published
+    /// before its SYN leaves, connecting (non-blocking) to the server.
+    private func connectServer(_ server: SocketAddress, for client: SocketAddress) throws -> (Int32, SocketAddress) {
+        let b = socket(server.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard b >= 0 else { throw KernelError.system("relay socket", errno) }
+        var published: SocketAddress?
+        do {
+            try kernel.mark(b)
+            Self.setLinger(b, resetOnClose: true)
+            Self.setNoDelay(b)
+            let local = SocketAddress(family: server.family, address: server.address, port: 0)
+            guard local.withSockaddr({ bind(b, $0, $1) }) == 0 else { throw KernelError.system("bind to \(local)", errno) }
+            guard let bound = SocketAddress.local(b) else { throw KernelError.system("relay socket address", errno) }
+            try kernel.publishInbound(agentSide: bound, client: client)
+            published = bound
+            let rc = server.withSockaddr { connect(b, $0, $1) }
+            guard rc == 0 || errno == EINPROGRESS else { throw KernelError.system("connect to \(server)", errno) }
+            return (b, bound)
+        } catch {
+            if let published { kernel.forgetInbound(agentSide: published) }
+            close(b)
+            throw error
+        }
+    }
+
+    /// The server accepted: the callouts see the flow under the server socket's cookie
+    /// and owner (filled in by sockops when the server's side was established).
+    func startInboundSession(_ flow: RelayedFlow) {
+        guard let endpoint = flow.inboundEndpoint, !callouts.isEmpty, flow.session == nil else { return }
+        var entry = kernel.inboundServer(agentSide: endpoint)
+        // The server's side is established by our ACK, which loopback may deliver just
+        // after our own connect reports done: look a few times before going without.
+        for _ in 0..<100 where entry == nil {
+            usleep(10)
+            entry = kernel.inboundServer(agentSide: endpoint)
+        }
+        if entry == nil { counters.inboundOwnerUnknown.add(1, ordering: .relaxed) }
+        let record = Self.inboundRecord(cookie: entry?.server_cookie ?? flow.cookie, netns: flow.netns, server: flow.source,
+                                        client: flow.destination, owner: entry?.owner, processes: processes)
+        flow.record = record
+        records.withLock { $0[flow.cookie] = record }
+        flow.session = StreamSession(flow: FlowHandle(cookie: record.flow, netns: record.netns),
+                                     metadata: Self.metadata(record), callouts: callouts, sink: flow)
+    }
+
+    /// The relayed inbound flow as the flow table names the server's socket.
+    static func inboundRecord(cookie: UInt64, netns: UInt64, server: SocketAddress, client: SocketAddress,
+                              owner: ft_stamp?, processes: ProcessTable) -> FlowRecord {
+        var f = ft_flow()
+        let v4 = server.address.isIPv4
+        f.tuple.family = UInt8(v4 ? AF_INET : AF_INET6)
+        f.tuple.protocol = UInt8(IPPROTO_TCP)
+        f.tuple.local_port = server.port
+        f.tuple.remote_port = client.port
+        let l = server.address.bytes, r = client.address.bytes
+        withUnsafeMutableBytes(of: &f.tuple.local) { for i in 0..<min(16, l.count) { $0[i] = l[i] } }
+        withUnsafeMutableBytes(of: &f.tuple.remote) { for i in 0..<min(16, r.count) { $0[i] = r[i] } }
+        if let owner { f.owner = owner }
+        f.cookie = cookie
+        f.netns_cookie = netns
+        f.direction = UInt8(FT_DIR_INBOUND.rawValue)
+        f.flags = UInt8(FT_FLOW_RELAYED.rawValue)
+        return FlowRecordBuilder.record(f, processes: processes)
+    }
+}
