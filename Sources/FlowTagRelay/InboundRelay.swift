@@ -19,13 +19,14 @@ extension StreamRelay {
     var hasInboundRules: Bool { rules.contains { $0.direction == .inbound } }
 
     /// Listeners in the agent's own netns on 127.0.0.1 and ::1 (sk_lookup assigns them
-    /// connections to any address; nothing else reaches them), then the program.
+    /// connections to any address), then the program. A connection made to them directly
+    /// is reset (`takeOverInbound`).
     func openInboundListeners() throws {
         do {
             inboundListenerFDs.append(try inboundListener(SocketAddress(family: AF_INET, address: .v4(0x7f00_0001), port: 0)))
             // Without IPv6 in the namespace only IPv4 connections are relayed.
             if let v6 = try? inboundListener(SocketAddress(family: AF_INET6, address: .v6(0, 1), port: 0)) { inboundListenerFDs.append(v6) }
-            try kernel.enableInbound(v4: inboundListenerFDs[0], v6: inboundListenerFDs.count > 1 ? inboundListenerFDs[1] : -1, netnsFD: home.fd)
+            try kernel.enableInbound(v4: inboundListenerFDs[0], v6: inboundListenerFDs.count > 1 ? inboundListenerFDs[1] : -1, netns: home)
         } catch {
             closeInboundListeners()
             throw error
@@ -57,22 +58,29 @@ extension StreamRelay {
     }
 
     func acceptInbound(_ listener: Int32) {
+        if let until = acceptPausedUntil, ContinuousClock.now < until { return }
+        acceptPausedUntil = nil
         while true {
             let s = lc_accept_nonblock(listener)
             if s < 0 {
                 if -s == EMFILE || -s == ENFILE || -s == ENOBUFS || -s == ENOMEM {
+                    // Out of descriptors: look again in 100 ms, not in a spin.
                     logger.warning("relay: cannot accept: \(String(cString: strerror(-s)))")
+                    acceptPausedUntil = ContinuousClock.now.advanced(by: .milliseconds(100))
                 }
                 return
             }
-            takeOverInbound(s)
+            takeOverInbound(s, from: listener)
         }
     }
 
     /// One incoming connection: the address the client reached is the server's.
-    func takeOverInbound(_ s: Int32) {
+    func takeOverInbound(_ s: Int32, from listener: Int32) {
         Self.setLinger(s, resetOnClose: true)
-        guard let client = SocketAddress.peer(s), let server = SocketAddress.local(s) else {
+        // A connection to the listener itself (sk_lookup sends none there), or from one of
+        // the agent's own server-facing sockets, would have the relay connect to itself.
+        guard let client = SocketAddress.peer(s), let server = SocketAddress.local(s),
+              server != SocketAddress.local(listener), !kernel.isInboundEndpoint(client, netns: home.cookie) else {
             counters.unknownConnections.add(1, ordering: .relaxed)
             close(s)
             return
@@ -86,18 +94,15 @@ extension StreamRelay {
         Self.setNoDelay(s)
         let family: Int32 = server.address.isIPv4 ? AF_INET : AF_INET6
         let destination = SocketAddress(family: family, address: server.address, port: server.port)
-        let b: Int32, endpoint: SocketAddress
+        let b: Int32, endpoint: SocketAddress, cookie: UInt64
         do {
-            (b, endpoint) = try connectServer(destination, for: client)
+            (b, endpoint, cookie) = try connectServer(destination, for: client)
         } catch {
             counters.connectFailures.add(1, ordering: .relaxed)
             logger.notice("relay: cannot connect to the server", metadata: ["destination": "\(destination)", "why": "\(error)"])
             close(s)
             return
         }
-        var cookie: UInt64 = 0
-        var len = socklen_t(8)
-        _ = getsockopt(b, SOL_SOCKET, Self.soCookie, &cookie, &len)
         let record = Self.inboundRecord(cookie: cookie, netns: home.cookie, server: destination, client: client, owner: nil, processes: processes)
         let flow = RelayedFlow(cookie: cookie, netns: home.cookie, processSide: b, source: destination,
                                destination: client, record: record, counters: counters) { [weak self] f in self?.delivered(f) }
@@ -108,7 +113,7 @@ extension StreamRelay {
 
     /// A marked socket bound to the server's address and a port of its own, published
     /// before its SYN leaves, connecting (non-blocking) to the server.
-    private func connectServer(_ server: SocketAddress, for client: SocketAddress) throws -> (Int32, SocketAddress) {
+    private func connectServer(_ server: SocketAddress, for client: SocketAddress) throws -> (Int32, SocketAddress, UInt64) {
         let b = socket(server.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard b >= 0 else { throw KernelError.system("relay socket", errno) }
         var published: SocketAddress?
@@ -119,34 +124,63 @@ extension StreamRelay {
             let local = SocketAddress(family: server.family, address: server.address, port: 0)
             guard local.withSockaddr({ bind(b, $0, $1) }) == 0 else { throw KernelError.system("bind to \(local)", errno) }
             guard let bound = SocketAddress.local(b) else { throw KernelError.system("relay socket address", errno) }
-            try kernel.publishInbound(agentSide: bound, client: client)
+            // The relay's flows are keyed by this socket's cookie until the server's is known.
+            var cookie: UInt64 = 0
+            var len = socklen_t(8)
+            guard getsockopt(b, SOL_SOCKET, Self.soCookie, &cookie, &len) == 0, cookie != 0 else {
+                throw KernelError.system("relay socket cookie", errno)
+            }
+            try kernel.publishInbound(agentSide: bound, client: client, netns: home.cookie)
             published = bound
             let rc = server.withSockaddr { connect(b, $0, $1) }
             guard rc == 0 || errno == EINPROGRESS else { throw KernelError.system("connect to \(server)", errno) }
-            return (b, bound)
+            return (b, bound, cookie)
         } catch {
-            if let published { kernel.forgetInbound(agentSide: published) }
+            if let published { kernel.forgetInbound(agentSide: published, netns: home.cookie) }
             close(b)
             throw error
         }
     }
 
-    /// The server accepted: the callouts see the flow under the server socket's cookie
-    /// and owner (filled in by sockops when the server's side was established).
-    func startInboundSession(_ flow: RelayedFlow) {
-        guard let endpoint = flow.inboundEndpoint, !callouts.isEmpty, flow.session == nil else { return }
-        var entry = kernel.inboundServer(agentSide: endpoint)
-        // The server's side is established by our ACK, which loopback may deliver just
-        // after our own connect reports done: look a few times before going without.
-        for _ in 0..<100 where entry == nil {
-            usleep(10)
-            entry = kernel.inboundServer(agentSide: endpoint)
+    /// Connected to the server: the callouts see the flow under the server socket's
+    /// cookie and owner, which sockops fills in when the server's side is established (by
+    /// our ACK, which loopback may deliver just after our connect reports done). Until
+    /// then, or 5 ms, nothing is read; the relay thread does not wait for it.
+    func serverConnected(_ flow: RelayedFlow) {
+        guard let endpoint = flow.inboundEndpoint else { return }
+        if kernel.inboundServer(agentSide: endpoint, netns: flow.netns) != nil || callouts.isEmpty {
+            startInboundSession(flow)
+        } else {
+            awaitingServer[flow.cookie] = ContinuousClock.now.advanced(by: .milliseconds(5))
         }
-        if entry == nil { counters.inboundOwnerUnknown.add(1, ordering: .relaxed) }
+    }
+
+    func checkAwaitingServers() {
+        let now = ContinuousClock.now
+        for (cookie, deadline) in awaitingServer {
+            guard let flow = flowByCookie[cookie], let endpoint = flow.inboundEndpoint else {
+                awaitingServer.removeValue(forKey: cookie)
+                continue
+            }
+            guard kernel.inboundServer(agentSide: endpoint, netns: flow.netns) != nil || now >= deadline else { continue }
+            awaitingServer.removeValue(forKey: cookie)
+            startInboundSession(flow)
+            update(flow)
+        }
+    }
+
+    private func startInboundSession(_ flow: RelayedFlow) {
+        guard let endpoint = flow.inboundEndpoint else { return }
+        let entry = kernel.inboundServer(agentSide: endpoint, netns: flow.netns)
+        if entry == nil && !callouts.isEmpty { counters.inboundOwnerUnknown.add(1, ordering: .relaxed) }
         let record = Self.inboundRecord(cookie: entry?.server_cookie ?? flow.cookie, netns: flow.netns, server: flow.source,
                                         client: flow.destination, owner: entry?.owner, processes: processes)
+        records.withLock {
+            $0.removeValue(forKey: flow.record.flow)
+            $0[record.flow] = record
+        }
         flow.record = record
-        records.withLock { $0[flow.cookie] = record }
+        guard !callouts.isEmpty else { return }
         flow.session = StreamSession(flow: FlowHandle(cookie: record.flow, netns: record.netns),
                                      metadata: Self.metadata(record), callouts: callouts, sink: flow)
     }

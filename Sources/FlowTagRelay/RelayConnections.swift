@@ -159,11 +159,12 @@ extension StreamRelay {
         guard err == 0 else {
             counters.connectFailures.add(1, ordering: .relaxed)
             logger.notice("relay: the original destination did not accept the connection", metadata: [
-                "flow": "\(flow.cookie)", "destination": "\(flow.destination)", "why": "\(String(cString: strerror(err)))"])
+                "flow": "\(flow.cookie)", "destination": "\(flow.isInbound ? flow.source : flow.destination)",
+                "why": "\(String(cString: strerror(err)))"])
             return abort(flow, why: err)
         }
         flow.connected = true
-        if flow.isInbound { startInboundSession(flow) }
+        if flow.isInbound { serverConnected(flow) }
         update(flow)
     }
 

@@ -145,8 +145,16 @@ public final class RelayKernel: @unchecked Sendable {
     // MARK: Inbound
 
     /// Puts the inbound listeners (IPv4, and IPv6 when there is one) where the sk_lookup
-    /// program finds them, and attaches it to the netns of `netnsFD` (detached with the object).
-    func enableInbound(v4: Int32, v6: Int32, netnsFD: Int32) throws {
+    /// program finds them, and attaches it to `netns` (detached with the object).
+    func enableInbound(v4: Int32, v6: Int32, netns: NetworkNamespace) throws {
+        // Entries a killed agent left would let their endpoints skip the rules: the agent
+        // is the map's only writer, so a start empties it.
+        let inbound = programs.mapFD(FTBPF_MAP_RELAY_INBOUND)
+        var key = ft_relay_endpoint()
+        while ftbpf_map_next_key(inbound, nil, &key) == 0 { _ = ftbpf_map_delete(inbound, &key) }
+        var zero: UInt32 = 0
+        var cookie = netns.cookie
+        try check("publish the relay's network namespace", ftbpf_map_update(fd(FTRELAY_MAP_HOME), &zero, &cookie, 0))
         for (index, fd) in [(UInt32(0), v4), (1, v6)] where fd >= 0 {
             var key = index
             var value = UInt64(fd)
@@ -154,11 +162,12 @@ public final class RelayKernel: @unchecked Sendable {
         }
         guard let h = handle else { throw KernelError.invalidArgument("the relay object is closed") }
         var err = [CChar](repeating: 0, count: 1024)
-        guard ftrelay_attach_inbound(h, netnsFD, &err, err.count) == 0 else { throw KernelError.attach(Self.text(err)) }
+        guard ftrelay_attach_inbound(h, netns.fd, &err, err.count) == 0 else { throw KernelError.attach(Self.text(err)) }
     }
 
-    static func endpoint(_ a: SocketAddress) -> ft_relay_endpoint {
+    static func endpoint(_ a: SocketAddress, netns: UInt64) -> ft_relay_endpoint {
         var e = ft_relay_endpoint()
+        e.netns_cookie = netns
         let v4 = a.address.isIPv4
         e.family = UInt8(v4 ? AF_INET : AF_INET6)
         e.port = a.port
@@ -169,23 +178,30 @@ public final class RelayKernel: @unchecked Sendable {
 
     /// Before the agent connects to a server from `agentSide`: its SYN passes sk_lookup,
     /// and the server's flow and getpeername will name `client`.
-    func publishInbound(agentSide: SocketAddress, client: SocketAddress) throws {
-        var key = Self.endpoint(agentSide)
+    func publishInbound(agentSide: SocketAddress, client: SocketAddress, netns: UInt64) throws {
+        var key = Self.endpoint(agentSide, netns: netns)
         var value = ft_relay_inbound()
-        value.client = Self.endpoint(client)
+        value.client = Self.endpoint(client, netns: netns)
         try check("publish an inbound relayed connection", ftbpf_map_update(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key, &value, 0))
     }
 
     /// What sockops filled in once the server's side was established (nil before).
-    func inboundServer(agentSide: SocketAddress) -> ft_relay_inbound? {
-        var key = Self.endpoint(agentSide)
+    func inboundServer(agentSide: SocketAddress, netns: UInt64) -> ft_relay_inbound? {
+        var key = Self.endpoint(agentSide, netns: netns)
         var value = ft_relay_inbound()
         guard ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key, &value) == 0, value.server_cookie != 0 else { return nil }
         return value
     }
 
-    func forgetInbound(agentSide: SocketAddress) {
-        var key = Self.endpoint(agentSide)
+    /// Whether `endpoint` is one of the agent's own server-facing sockets.
+    func isInboundEndpoint(_ endpoint: SocketAddress, netns: UInt64) -> Bool {
+        var key = Self.endpoint(endpoint, netns: netns)
+        var value = ft_relay_inbound()
+        return ftbpf_map_lookup(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key, &value) == 0
+    }
+
+    func forgetInbound(agentSide: SocketAddress, netns: UInt64) {
+        var key = Self.endpoint(agentSide, netns: netns)
         _ = ftbpf_map_delete(programs.mapFD(FTBPF_MAP_RELAY_INBOUND), &key)
     }
 

@@ -55,6 +55,9 @@ public final class StreamRelay: @unchecked Sendable {
     var flowByCookie: [UInt64: RelayedFlow] = [:]
     var requestsFD: Int32 = -1
     var inboundListenerFDs: [Int32] = []
+    /// Inbound flows connected to their server, waiting (until the instant) for sockops
+    /// to name the server's socket before their callouts begin.
+    var awaitingServer: [UInt64: ContinuousClock.Instant] = [:]
     var requests: [ft_relay_request] = []
     var acceptPausedUntil: ContinuousClock.Instant?
     var nextHousekeeping = ContinuousClock.now
@@ -148,7 +151,8 @@ public final class StreamRelay: @unchecked Sendable {
             // Busy-poll briefly after activity: the answer to what was just relayed often
             // comes within tens of µs, and a sleeping thread's wake-up costs about that.
             let spinning = ContinuousClock.now - lastBusy < Self.busyPoll
-            let n = epoll.wait(milliseconds: spinning ? 0 : drainDeadline == nil ? 200 : 10) { fd, events in dispatch(fd, events) }
+            let n = epoll.wait(milliseconds: spinning ? 0 : !awaitingServer.isEmpty ? 1 : drainDeadline == nil ? 200 : 10) { fd, events in dispatch(fd, events) }
+            if !awaitingServer.isEmpty { checkAwaitingServers() }
             if n > 0 { lastBusy = ContinuousClock.now }
             for cookie in dirty.withLock({ d -> [UInt64] in defer { d.removeAll() }; return d }) {
                 if let f = flowByCookie[cookie] { update(f) }
@@ -199,7 +203,8 @@ public final class StreamRelay: @unchecked Sendable {
     }
 
     func canRead(_ flow: RelayedFlow, _ d: StreamDirection) -> Bool {
-        guard flow.connected, !flow.readClosed[RelayedFlow.index(d)], !flow.isAborted else { return false }
+        guard flow.connected, !flow.readClosed[RelayedFlow.index(d)], !flow.isAborted,
+              awaitingServer[flow.cookie] == nil else { return false }
         if flow.pendingBytes(d) >= options.bufferBytes { return false }
         if let s = flow.session, s.heldBytes >= s.bufferLimit { return false }
         return true
@@ -308,15 +313,16 @@ public final class StreamRelay: @unchecked Sendable {
             flowByFD.removeValue(forKey: fd)
         }
         if flowByCookie.removeValue(forKey: flow.cookie) != nil { activeCount.subtract(1, ordering: .relaxed) }
-        if let e = flow.inboundEndpoint { kernel.forgetInbound(agentSide: e) }
-        records.withLock { _ = $0.removeValue(forKey: flow.cookie) }
+        if let e = flow.inboundEndpoint { kernel.forgetInbound(agentSide: e, netns: flow.netns) }
+        awaitingServer.removeValue(forKey: flow.cookie)
+        records.withLock { _ = $0.removeValue(forKey: flow.record.flow) }
     }
 
     func adopt(_ flow: RelayedFlow) {
         flowByCookie[flow.cookie] = flow
         flowByFD[flow.processSide] = flow
         flowByFD[flow.peerSide] = flow
-        records.withLock { $0[flow.cookie] = flow.record }
+        records.withLock { $0[flow.record.flow] = flow.record }
         activeCount.add(1, ordering: .relaxed)
         counters.flows.add(1, ordering: .relaxed)
         let accepted = flow.isInbound ? flow.peerSide : flow.processSide

@@ -93,12 +93,13 @@ struct ABILayoutTests {
         #expect(MemoryLayout<ft_relay_hint_key>.offset(of: \.addr) == 16)
         #expect(MemoryLayout<ft_relay_request>.size == 16)
         // Inbound: the endpoint key and the entry sockops completes.
-        #expect(MemoryLayout<ft_relay_endpoint>.size == 24)
+        #expect(MemoryLayout<ft_relay_endpoint>.size == 32)
         #expect(MemoryLayout<ft_relay_endpoint>.offset(of: \.port) == 16)
         #expect(MemoryLayout<ft_relay_endpoint>.offset(of: \.family) == 18)
-        #expect(MemoryLayout<ft_relay_inbound>.size == 96)
-        #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.owner) == 24)
-        #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.server_cookie) == 88)
+        #expect(MemoryLayout<ft_relay_endpoint>.offset(of: \.netns_cookie) == 24)
+        #expect(MemoryLayout<ft_relay_inbound>.size == 104)
+        #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.owner) == 32)
+        #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.server_cookie) == 96)
     }
 
     @Test func everyStructIsEightByteAligned() {

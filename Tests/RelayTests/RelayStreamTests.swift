@@ -440,6 +440,34 @@ struct RelayStreamTests {
             #expect(try await c.wait(timeout: 60) == 0, "\(c.stderrText)")
             #expect(c.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "reset", "\(c.stdout) \(c.stderrText)")
             #expect(try a.stats()["relay_connect_failures"] as? Int == 1)
+            // A connection made straight to the agent's inbound listeners is reset, not
+            // relayed to itself; the relay goes on working.
+            let relayedBefore = try relayedFlowCount(a)
+            let (_, listing, _) = try runCommand(["/usr/bin/ss", "-Hltnp"])
+            let own = listing.split(separator: "\n").filter { $0.contains("pid=\(a.process.pid),") }
+            // The relay's listeners have a 4096 backlog (ss shows it as Send-Q); the metrics server's is smaller.
+            let ports = own.compactMap { line -> String? in
+                let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard fields.count > 3, fields[2] == "4096" else { return nil }
+                return fields[3].hasPrefix("127.0.0.1:") || fields[3].hasPrefix("[::1]:") ? String(fields[3]) : nil
+            }
+            #expect(ports.count == 2, "the inbound listeners on 127.0.0.1 and ::1: \(own)")
+            for endpoint in ports {
+                let host = endpoint.hasPrefix("[") ? "::1" : "127.0.0.1"
+                let p = endpoint.split(separator: ":").last.map(String.init) ?? "0"
+                let probe = try Child([Paths.python, "-c", """
+                    import socket
+                    try:
+                        s = socket.create_connection(('\(host)', \(p)), timeout=5)
+                        s.sendall(b'hello'); print('eof' if not s.recv(10) else 'data')
+                    except (ConnectionResetError, BrokenPipeError):
+                        print('reset')
+                    """])
+                #expect(try await probe.wait(timeout: 30) == 0, "\(probe.stderrText)")
+                #expect(probe.stdout.contains("reset") || probe.stdout.contains("eof"), "\(endpoint): \(probe.stdout)")
+            }
+            #expect(try relayedFlowCount(a) == relayedBefore, "nothing relayed to the agent itself")
+            #expect(a.process.isRunning)
         }
         // Without the agent the same connect is refused: the rule is gone with it.
         let direct = try Child([Paths.python, "-c", "import socket; socket.create_connection(('127.0.0.1', \(port)), timeout=5)"])

@@ -326,9 +326,11 @@ struct ft_relay_endpoint {
     ft_u16 port;      /* host order */
     ft_u8 family;     /* AF_INET or AF_INET6 (v4-mapped is AF_INET) */
     ft_u8 pad[5];
+    ft_u64 netns_cookie;
 };
-/* 96 bytes. The agent writes client; sockops writes the server socket's cookie and its
- * owner (the listener's, as WFP names an inbound flow's process) at establishment. */
+/* 104 bytes. The agent writes client; sockops writes the server socket's cookie and its
+ * owner (the listener's, as WFP names an inbound flow's process) at establishment, once:
+ * only that socket's getpeername is rewritten. */
 struct ft_relay_inbound {
     struct ft_relay_endpoint client;
     struct ft_stamp owner;
@@ -366,7 +368,7 @@ FT_ASSERT_SIZE(struct ft_relay_mark, 8);
 FT_ASSERT_SIZE(struct ft_relay_hint_key, 32);
 FT_ASSERT_SIZE(struct ft_relay_hint, 16);
 FT_ASSERT_SIZE(struct ft_relay_request, 16);
-FT_ASSERT_SIZE(struct ft_relay_endpoint, 24);
-FT_ASSERT_SIZE(struct ft_relay_inbound, 96);
+FT_ASSERT_SIZE(struct ft_relay_endpoint, 32);
+FT_ASSERT_SIZE(struct ft_relay_inbound, 104);
 
 #endif

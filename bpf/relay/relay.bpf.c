@@ -87,6 +87,15 @@ static __always_inline void rcount(__u32 idx)
 /* The agent's inbound listeners in its own netns (0: IPv4 on 127.0.0.1, 1: IPv6 on ::1;
  * a socket bound to one IPv6 address is IPv6-only): sk_lookup gives them the incoming
  * connections an inbound rule selects. */
+/* Entry 0: the cookie of the netns the sk_lookup program is attached to (that program
+ * type cannot ask for it). */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} ft_relay_home SEC(".maps");
+
 struct {
     __uint(type, BPF_MAP_TYPE_SOCKMAP);
     __uint(max_entries, 2);
@@ -336,7 +345,11 @@ int ft_relay_lookup(struct bpf_sk_lookup *ctx)
             v.family = AF_INET6;
         }
     }
+    __u64 *home = bpf_map_lookup_elem(&ft_relay_home, &zero);
+    if (!home || *home == 0)
+        return SK_PASS;
     struct ft_relay_endpoint self = {};
+    self.netns_cookie = *home;
     __builtin_memcpy(self.addr, v.remote, 16);
     self.port = v.remote_port;
     self.family = v.family;

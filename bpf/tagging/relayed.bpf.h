@@ -85,10 +85,12 @@ static __always_inline void relay_show_original(struct bpf_sock_addr *ctx, struc
 
 /* The inbound entry of the agent's connection whose endpoint is (addr, port) as a socket
  * names it (IPv4 in the first 4 bytes, or 16 bytes of IPv6, possibly v4-mapped). */
-static __always_inline struct ft_relay_inbound *relay_inbound_of(const __u8 *addr, __u16 port, __u8 family)
+static __always_inline struct ft_relay_inbound *relay_inbound_of(const __u8 *addr, __u16 port, __u8 family,
+                                                                 __u64 netns)
 {
     struct ft_relay_endpoint k = {};
     k.port = port;
+    k.netns_cookie = netns;
     if (family == AF_INET6 && is_v4_mapped(addr)) {
         k.family = AF_INET;
         __builtin_memcpy(k.addr, addr + 12, 4);
@@ -122,9 +124,10 @@ static __always_inline void relay_put_client(__u8 *out, __u8 family, const struc
  * flow. */
 static __always_inline void relay_inbound_server(struct ft_flow *f)
 {
-    struct ft_relay_inbound *e = relay_inbound_of(f->tuple.remote, f->tuple.remote_port, f->tuple.family);
-    if (!e)
-        return;
+    struct ft_relay_inbound *e = relay_inbound_of(f->tuple.remote, f->tuple.remote_port, f->tuple.family,
+                                                  f->netns_cookie);
+    if (!e || e->server_cookie)
+        return; /* not the agent's, or taken: an entry names one server socket */
     __builtin_memcpy(&e->owner, &f->owner, sizeof(e->owner));
     e->server_cookie = f->cookie;
     relay_put_client(f->tuple.remote, f->tuple.family, &e->client);
@@ -150,8 +153,9 @@ static __always_inline void relay_show_client(struct bpf_sock_addr *ctx, const i
         __builtin_memcpy(a, w, 16);
         family = AF_INET6;
     }
-    struct ft_relay_inbound *e = relay_inbound_of(a, bpf_ntohs((__u16)ctx->user_port), family);
-    if (!e)
+    struct ft_relay_inbound *e = relay_inbound_of(a, bpf_ntohs((__u16)ctx->user_port), family,
+                                                  bpf_get_netns_cookie(ctx));
+    if (!e || e->server_cookie != bpf_get_socket_cookie(ctx))
         return;
     relay_put_client(a, family, &e->client);
     ctx->user_port = bpf_htons(e->client.port);

@@ -128,7 +128,8 @@ struct ftrelay;
     X(LISTENERS, ft_relay_listeners)                    \
     X(HINTS, ft_relay_hints)                            \
     X(COUNTERS, ft_relay_counters)                      \
-    X(INBOUND_LISTENER, ft_relay_inbound_listener)
+    X(INBOUND_LISTENER, ft_relay_inbound_listener)      \
+    X(HOME, ft_relay_home)
 
 enum ftrelay_map {
 #define FTRELAY_MAP_ENUM(id, name) FTRELAY_MAP_##id,
