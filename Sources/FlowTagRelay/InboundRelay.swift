@@ -2,7 +2,6 @@
 import Glibc
 #endif
 import CFlowTagBPF
-import CLinuxCalls
 import FlowContext
 import FlowTagCore
 import FlowTagKernel
@@ -58,20 +57,7 @@ extension StreamRelay {
     }
 
     func acceptInbound(_ listener: Int32) {
-        if let until = acceptPausedUntil, ContinuousClock.now < until { return }
-        acceptPausedUntil = nil
-        while true {
-            let s = lc_accept_nonblock(listener)
-            if s < 0 {
-                if -s == EMFILE || -s == ENFILE || -s == ENOBUFS || -s == ENOMEM {
-                    // Out of descriptors: look again in 100 ms, not in a spin.
-                    logger.warning("relay: cannot accept: \(String(cString: strerror(-s)))")
-                    acceptPausedUntil = ContinuousClock.now.advanced(by: .milliseconds(100))
-                }
-                return
-            }
-            takeOverInbound(s, from: listener)
-        }
+        acceptEach(listener) { takeOverInbound($0, from: listener) }
     }
 
     /// One incoming connection: the address the client reached is the server's.

@@ -15,10 +15,15 @@ extension StreamRelay {
 
     /// Accepts every queued connection of one listener socket.
     func acceptAll(_ l: NetnsListeners, fd: Int32) {
+        acceptEach(fd) { takeOver($0, from: l) }
+    }
+
+    /// Hands each connection queued at `listener` to `take`.
+    func acceptEach(_ listener: Int32, _ take: (Int32) -> Void) {
         if let until = acceptPausedUntil, ContinuousClock.now < until { return }
         acceptPausedUntil = nil
         while true {
-            let s = lc_accept_nonblock(fd)
+            let s = lc_accept_nonblock(listener)
             if s < 0 {
                 if -s == EMFILE || -s == ENFILE || -s == ENOBUFS || -s == ENOMEM {
                     // Out of descriptors: the queue stays readable; look again in 100 ms, not in a spin.
@@ -27,7 +32,7 @@ extension StreamRelay {
                 }
                 return
             }
-            takeOver(s, from: l)
+            take(s)
         }
     }
 
