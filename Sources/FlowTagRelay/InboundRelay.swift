@@ -174,20 +174,7 @@ extension StreamRelay {
     /// The relayed inbound flow as the flow table names the server's socket.
     static func inboundRecord(cookie: UInt64, netns: UInt64, server: SocketAddress, client: SocketAddress,
                               owner: ft_stamp?, processes: ProcessTable) -> FlowRecord {
-        var f = ft_flow()
-        let v4 = server.address.isIPv4
-        f.tuple.family = UInt8(v4 ? AF_INET : AF_INET6)
-        f.tuple.protocol = UInt8(IPPROTO_TCP)
-        f.tuple.local_port = server.port
-        f.tuple.remote_port = client.port
-        let l = server.address.bytes, r = client.address.bytes
-        withUnsafeMutableBytes(of: &f.tuple.local) { for i in 0..<min(16, l.count) { $0[i] = l[i] } }
-        withUnsafeMutableBytes(of: &f.tuple.remote) { for i in 0..<min(16, r.count) { $0[i] = r[i] } }
-        if let owner { f.owner = owner }
-        f.cookie = cookie
-        f.netns_cookie = netns
-        f.direction = UInt8(FT_DIR_INBOUND.rawValue)
-        f.flags = UInt8(FT_FLOW_RELAYED.rawValue)
-        return FlowRecordBuilder.record(f, processes: processes)
+        relayedRecord(local: server, remote: client, direction: FT_DIR_INBOUND, cookie: cookie, netns: netns,
+                      owner: owner, openedNS: 0, processes: processes)
     }
 }

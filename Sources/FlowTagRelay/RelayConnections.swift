@@ -95,21 +95,27 @@ extension StreamRelay {
 
     /// The relayed flow as the flow table names it (same cookie, same tuple).
     static func record(_ o: ft_relay_orig, source: SocketAddress, destination: SocketAddress, processes: ProcessTable) -> FlowRecord {
+        relayedRecord(local: source, remote: destination, direction: FT_DIR_OUTBOUND, cookie: o.cookie, netns: o.netns_cookie,
+                      owner: o.owner, openedNS: o.connect_ns, processes: processes)
+    }
+
+    /// A relayed flow's record, built as the flow table builds the kernel's.
+    static func relayedRecord(local: SocketAddress, remote: SocketAddress, direction: ft_direction, cookie: UInt64, netns: UInt64,
+                              owner: ft_stamp?, openedNS: UInt64, processes: ProcessTable) -> FlowRecord {
         var f = ft_flow()
-        let v4 = destination.address.isIPv4
-        f.tuple.family = UInt8(v4 ? AF_INET : AF_INET6)
+        f.tuple.family = UInt8(remote.address.isIPv4 ? AF_INET : AF_INET6)
         f.tuple.protocol = UInt8(IPPROTO_TCP)
-        f.tuple.local_port = source.port
-        f.tuple.remote_port = destination.port
-        let l = source.address.bytes, r = destination.address.bytes
+        f.tuple.local_port = local.port
+        f.tuple.remote_port = remote.port
+        let l = local.address.bytes, r = remote.address.bytes
         withUnsafeMutableBytes(of: &f.tuple.local) { for i in 0..<16 { $0[i] = l[i] } }
         withUnsafeMutableBytes(of: &f.tuple.remote) { for i in 0..<16 { $0[i] = r[i] } }
-        f.owner = o.owner
-        f.cookie = o.cookie
-        f.netns_cookie = o.netns_cookie
-        f.opened_ns = o.connect_ns
-        f.last_ns = o.connect_ns
-        f.direction = UInt8(FT_DIR_OUTBOUND.rawValue)
+        if let owner { f.owner = owner }
+        f.cookie = cookie
+        f.netns_cookie = netns
+        f.opened_ns = openedNS
+        f.last_ns = openedNS
+        f.direction = UInt8(direction.rawValue)
         f.flags = UInt8(FT_FLOW_RELAYED.rawValue)
         return FlowRecordBuilder.record(f, processes: processes)
     }
