@@ -108,6 +108,17 @@ int ftrelay_attach_inbound(struct ftrelay *r, int netns_fd, char *err, size_t er
     return 0;
 }
 
+int ftrelay_attach_splice(struct ftrelay *r, char *err, size_t err_len)
+{
+    int rc = bpf_prog_attach(bpf_program__fd(r->skel->progs.ft_relay_verdict), bpf_map__fd(r->skel->maps.ft_relay_splice),
+                             BPF_SK_SKB_STREAM_VERDICT, 0);
+    if (rc) {
+        rc = -errno;
+        ftbpf_set_err(err, err_len, "attach the fast path's sk_skb verdict to its sockhash", rc);
+    }
+    return rc;
+}
+
 void ftrelay_destroy(struct ftrelay *r)
 {
     if (!r)

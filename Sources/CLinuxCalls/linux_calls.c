@@ -18,6 +18,8 @@
 #include <linux/sock_diag.h>
 #include <linux/inet_diag.h>
 #include <linux/tcp.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 
 void lc_heap_trim(void) { malloc_trim(0); }
 
@@ -27,6 +29,21 @@ int lc_accept_nonblock(int listener)
 {
     int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     return fd < 0 ? -errno : fd;
+}
+int lc_tcp_bytes_queued(int fd, uint64_t *out)
+{
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+    memset(&info, 0, sizeof(info));
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len))
+        return -errno;
+    if (len < offsetof(struct tcp_info, tcpi_bytes_acked) + sizeof(info.tcpi_bytes_acked))
+        return -ENOTSUP;
+    int queued = 0;
+    if (ioctl(fd, SIOCOUTQ, &queued))
+        return -errno;
+    *out = info.tcpi_bytes_acked + (uint64_t)(queued > 0 ? queued : 0);
+    return 0;
 }
 int lc_statfs_type(const char *path, int64_t *type)
 {

@@ -254,7 +254,8 @@ final class Agent: @unchecked Sendable {
             guard let format else { return }
             writeAll(1, Array((EventLine.render(event, as: format) + "\n").utf8))
         }) + extraCallouts
-        let options = StreamRelay.Options(maxFlows: config.stream.maxFlows, drain: .seconds(config.stream.drainSeconds))
+        let options = StreamRelay.Options(maxFlows: config.stream.maxFlows, drain: .seconds(config.stream.drainSeconds),
+                                          fastPath: config.stream.fastPath)
         let r = try StreamRelay(programs: programs, cgroup: programs.attachedCgroup ?? cgroup, rules: rules, callouts: callouts, options: options)
         try r.start()
         relayRef.set(r)

@@ -241,6 +241,8 @@ public struct StreamConfig: Sendable, Equatable {
     public var maxFlows = 4096
     /// On stop, seconds relayed flows may take to end by themselves.
     public var drainSeconds = 10
+    /// After the callouts allow a direction: `copy` (the relay thread) or `sockmap` (the kernel).
+    public var fastPath = FastPath.copy
     public var rules: [Rule] = []
     public var callouts: [CalloutSpec] = []
 
@@ -269,7 +271,7 @@ public struct StreamConfig: Sendable, Equatable {
         public var bytes = 256
     }
 
-    static let keys = "max_flows, drain_seconds, rules, callouts"
+    static let keys = "max_flows, drain_seconds, fast_path, rules, callouts"
     static let ruleKeys = ["exe", "uid", "cgroup", "local_port", "remote_port", "remote", "direction"]
     static let calloutKeys = ["type", "name", "weight", "pattern", "replacement", "mode", "direction", "bytes"]
 
@@ -282,6 +284,12 @@ public struct StreamConfig: Sendable, Equatable {
             switch key {
             case "max_flows": c.maxFlows = try AgentConfig.int(k, v, 1...65536)
             case "drain_seconds": c.drainSeconds = try AgentConfig.int(k, v, 0...3600)
+            case "fast_path":
+                let text = try AgentConfig.string(k, v)
+                guard let f = FastPath(rawValue: text) else {
+                    throw ConfigError(key: k, reason: "'\(text)' is not \(FastPath.allCases.map(\.rawValue).joined(separator: " or "))")
+                }
+                c.fastPath = f
             case "pool_size":
                 throw ConfigError(key: k, reason: "no longer used: the relay keeps no slot pool since connect-redirect (remove the key; see max_flows)")
             case "rules":

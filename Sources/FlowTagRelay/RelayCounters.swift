@@ -24,5 +24,13 @@ public final class RelayCounters: Sendable {
     /// Inbound flows whose server side sockops had not named yet when the callouts began:
     /// their session shows no process.
     public let inboundOwnerUnknown = Atomic<UInt64>(0)
+    /// Flows whose sockets went on the sockmap fast path, and the bytes the kernel moved
+    /// between them (counted as each flow ends).
+    public let fastPathFlows = Atomic<UInt64>(0)
+    public let fastPathBytes = Atomic<UInt64>(0)
+    /// Fast-path directions held because the kernel's queue toward the writer was full.
+    public let fastPathHolds = Atomic<UInt64>(0)
+    /// Flows the sockhash would not take (full): they were copied.
+    public let fastPathRefused = Atomic<UInt64>(0)
     public init() {}
 }

@@ -142,6 +142,13 @@ public final class RelayKernel: @unchecked Sendable {
         return value
     }
 
+    /// Attaches the sockmap fast path's verdict (stream.fast_path: sockmap).
+    func attachFastPath() throws {
+        guard let h = handle else { throw KernelError.invalidArgument("the relay object is closed") }
+        var err = [CChar](repeating: 0, count: 1024)
+        guard ftrelay_attach_splice(h, &err, err.count) == 0 else { throw KernelError.attach(Self.text(err)) }
+    }
+
     // MARK: Inbound
 
     /// Puts the inbound listeners (IPv4, and IPv6 when there is one) where the sk_lookup

@@ -37,6 +37,9 @@ final class RelayedFlow: StreamSink, @unchecked Sendable {
     var finForwarded = [false, false]
     /// The agent is stopping and this flow has been told its streams end.
     var draining = false
+    /// On the sockmap fast path (relay thread only), and whether the kernel refused it.
+    var splice: SplicedFlow?
+    var fastPathRefused = false
     /// epoll interest of each socket as last set.
     var interest: [Int32: UInt32] = [:]
 
@@ -119,21 +122,22 @@ final class RelayedFlow: StreamSink, @unchecked Sendable {
         onDelivery(self)
     }
 
-    /// Writes what waits for one direction without blocking. Returns false when the
-    /// socket took less than all of it (wait for it to be writable), true when nothing
-    /// waits; throws the errno of a write that failed for good.
-    func flush(_ d: StreamDirection) throws(RelayError) -> Bool {
+    /// Writes what waits for one direction without blocking (until the socket takes no
+    /// more). Returns the bytes written; throws the errno of a write that failed for good.
+    func flush(_ d: StreamDirection) throws(RelayError) -> Int {
         let fd = writer(d)
-        guard fd >= 0 else { return false }
-        return try state.withLock { s throws(RelayError) -> Bool in
+        guard fd >= 0 else { return 0 }
+        return try state.withLock { s throws(RelayError) -> Int in
             let i = Self.index(d)
+            var written = 0
             while let first = s.output[i].chunks.first {
                 let offset = s.output[i].offset
                 let n = first.withUnsafeBytes { send(fd, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL)) }
                 if n < 0 {
-                    if errno == EAGAIN || errno == EINTR || errno == ENOBUFS || errno == ENOMEM { return false }
+                    if errno == EAGAIN || errno == EINTR || errno == ENOBUFS || errno == ENOMEM { return written }
                     throw RelayError.io(errno)
                 }
+                written += n
                 s.output[i].bytes -= n
                 s.output[i].offset += n
                 if d == .send { counters.bytesToPeer.add(UInt64(n), ordering: .relaxed) } else { counters.bytesToProcess.add(UInt64(n), ordering: .relaxed) }
@@ -141,10 +145,10 @@ final class RelayedFlow: StreamSink, @unchecked Sendable {
                     s.output[i].chunks.removeFirst()
                     s.output[i].offset = 0
                 } else {
-                    return false
+                    return written
                 }
             }
-            return true
+            return written
         }
     }
 }

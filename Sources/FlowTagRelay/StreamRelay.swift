@@ -29,7 +29,11 @@ public final class StreamRelay: @unchecked Sendable {
         public var drain: Duration = .seconds(10)
         /// Output held per direction before the relay stops reading that direction.
         public var bufferBytes = 256 << 10
-        public init(maxFlows: Int = 4096, drain: Duration = .seconds(10)) { self.maxFlows = maxFlows; self.drain = drain }
+        /// After the callouts allow a direction: keep copying, or let the kernel move it.
+        public var fastPath = FastPath.copy
+        public init(maxFlows: Int = 4096, drain: Duration = .seconds(10), fastPath: FastPath = .copy) {
+            self.maxFlows = maxFlows; self.drain = drain; self.fastPath = fastPath
+        }
     }
 
     public let kernel: RelayKernel
@@ -58,6 +62,9 @@ public final class StreamRelay: @unchecked Sendable {
     /// Inbound flows connected to their server, waiting (until the instant) for sockops
     /// to name the server's socket before their callouts begin.
     var awaitingServer: [UInt64: ContinuousClock.Instant] = [:]
+    /// Flows on the sockmap fast path (their FINs and flow control are polled).
+    var spliced: Set<UInt64> = []
+    var nextSpliceTick = ContinuousClock.now
     var requests: [ft_relay_request] = []
     var acceptPausedUntil: ContinuousClock.Instant?
     var nextHousekeeping = ContinuousClock.now
@@ -78,6 +85,7 @@ public final class StreamRelay: @unchecked Sendable {
         }
         kernel = try RelayKernel(programs: programs, cgroup: cgroup)
         do {
+            if options.fastPath == .sockmap { try kernel.attachFastPath() }
             processes = ProcessTable(programs: programs)
             epoll = try Epoll()
             home = try NetworkNamespace.current()
@@ -151,8 +159,13 @@ public final class StreamRelay: @unchecked Sendable {
             // Busy-poll briefly after activity: the answer to what was just relayed often
             // comes within tens of µs, and a sleeping thread's wake-up costs about that.
             let spinning = ContinuousClock.now - lastBusy < Self.busyPoll
-            let n = epoll.wait(milliseconds: spinning ? 0 : !awaitingServer.isEmpty ? 1 : drainDeadline == nil ? 200 : 10) { fd, events in dispatch(fd, events) }
+            let polling = !awaitingServer.isEmpty || !spliced.isEmpty
+            let n = epoll.wait(milliseconds: spinning ? 0 : polling ? 1 : drainDeadline == nil ? 200 : 10) { fd, events in dispatch(fd, events) }
             if !awaitingServer.isEmpty { checkAwaitingServers() }
+            if !spliced.isEmpty && ContinuousClock.now >= nextSpliceTick {
+                spliceTick()
+                nextSpliceTick = ContinuousClock.now.advanced(by: .milliseconds(1))
+            }
             if n > 0 { lastBusy = ContinuousClock.now }
             for cookie in dirty.withLock({ d -> [UInt64] in defer { d.removeAll() }; return d }) {
                 if let f = flowByCookie[cookie] { update(f) }
@@ -205,6 +218,7 @@ public final class StreamRelay: @unchecked Sendable {
     func canRead(_ flow: RelayedFlow, _ d: StreamDirection) -> Bool {
         guard flow.connected, !flow.readClosed[RelayedFlow.index(d)], !flow.isAborted,
               awaitingServer[flow.cookie] == nil else { return false }
+        if let lane = flow.splice?.lanes[RelayedFlow.index(d)], lane.throttled || lane.eofEarly { return false }
         if flow.pendingBytes(d) >= options.bufferBytes { return false }
         if let s = flow.session, s.heldBytes >= s.bufferLimit { return false }
         return true
@@ -223,11 +237,13 @@ public final class StreamRelay: @unchecked Sendable {
                 count = max(n, 0)
             }
             if n > 0 {
+                splicedRead(flow, d, n)
                 if d == .send { counters.bytesFromProcess.add(UInt64(n), ordering: .relaxed) } else { counters.bytesFromPeer.add(UInt64(n), ordering: .relaxed) }
                 // Small reads are kept at their size: what waits is bounded by bytes, and a
                 // 64 KiB array per 1 KiB message would hold 64 times that in memory.
                 flow.received(n > Self.readSize / 2 ? bytes : Array(bytes[...]), d)
             } else if n == 0 {
+                guard spliceEOFIsFinal(flow, d) else { return }
                 flow.readClosed[RelayedFlow.index(d)] = true
                 flow.receivedFIN(d)
                 return
@@ -244,20 +260,26 @@ public final class StreamRelay: @unchecked Sendable {
         guard flowByCookie[flow.cookie] === flow else { return }
         if flow.isAborted { return reset(flow) }
         guard flow.connected else { return }
+        enterFastPath(flow)
         for d in [StreamDirection.send, .receive] {
+            let i = RelayedFlow.index(d)
             do {
-                _ = try flow.flush(d)
+                let n = try flow.flush(d)
+                flow.splice?.lanes[i].agentWritten += UInt64(n)
             } catch RelayError.io(let err) {
                 return abort(flow, why: err)
             } catch {}
-            let i = RelayedFlow.index(d)
-            if !flow.finForwarded[i] && flow.finPending(d) {
+            if !flow.finForwarded[i] && flow.finPending(d) && spliceFINReady(flow, d) {
                 // Every byte before the FIN is written: now the FIN.
                 _ = shutdown(flow.writer(d), Int32(SHUT_WR))
                 flow.finForwarded[i] = true
             }
         }
-        if flow.finForwarded[0] && flow.finForwarded[1] { return closeCleanly(flow) }
+        syncFastPath(flow)
+        if flow.finForwarded[0] && flow.finForwarded[1] {
+            // A psock drops what it holds unread silently on close: reset instead.
+            return spliceFullyRead(flow) ? closeCleanly(flow) : abort(flow, why: EPIPE)
+        }
         watch(flow.processSide, flow, readable: canRead(flow, .send), writable: flow.pendingBytes(.receive) > 0,
               done: flow.readClosed[0] && flow.finForwarded[1])
         watch(flow.peerSide, flow, readable: canRead(flow, .receive), writable: flow.pendingBytes(.send) > 0,
@@ -308,6 +330,7 @@ public final class StreamRelay: @unchecked Sendable {
     }
 
     private func forget(_ flow: RelayedFlow) {
+        forgetFastPath(flow)
         for fd in [flow.processSide, flow.peerSide] where fd >= 0 {
             if flow.interest[fd] != UInt32.max { epoll.remove(fd) }
             flowByFD.removeValue(forKey: fd)
@@ -360,6 +383,7 @@ public final class StreamRelay: @unchecked Sendable {
     private func finishAll() {
         for flow in Array(flowByCookie.values) {
             guard flow.connected else { reset(flow); continue }
+            drainFastPath(flow)
             for d in [StreamDirection.send, .receive] where !flow.readClosed[RelayedFlow.index(d)] {
                 read(flow, d)
                 guard flowByCookie[flow.cookie] === flow else { break }
@@ -431,6 +455,18 @@ public final class StreamRelay: @unchecked Sendable {
             ReportedValue(metric: "relay_inbound_owner_unknown", unit: "total",
                           help: "Inbound relayed connections whose callouts began before the server's side was named (no process in their metadata).",
                           kind: .counter) { c.inboundOwnerUnknown.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_fast_path_flows", unit: "total",
+                          help: "Relayed connections whose sockets went on the sockmap fast path (stream.fast_path: sockmap).",
+                          kind: .counter, statsField: "relay_fast_path_flows") { c.fastPathFlows.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_fast_path_bytes", unit: "total",
+                          help: "Bytes the kernel moved between the relay's sockets on the fast path (counted as each connection ends; also in relay_bytes_total).",
+                          kind: .counter) { c.fastPathBytes.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_fast_path_holds", unit: "total",
+                          help: "Times a fast-path direction was held because the kernel's queue toward its writer was over the limit.",
+                          kind: .counter) { c.fastPathHolds.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_fast_path_refused", unit: "total",
+                          help: "Connections the sockhash would not take (full): they were copied.",
+                          kind: .counter) { c.fastPathRefused.load(ordering: .relaxed) },
             ReportedValue(metric: "relay_listeners", unit: "", help: "Network namespaces with a relay listener.", kind: .gauge) { [weak self] in
                 UInt64(self?.listenerCount.load(ordering: .relaxed) ?? 0) },
         ]

@@ -81,6 +81,8 @@ struct ConfigLimitsTests {
         ("stream: {max_flows: 65537}", "stream.max_flows"), ("stream: {max_flows: 0}", "stream.max_flows"),
         ("stream: {drain_seconds: 3601}", "stream.drain_seconds"), ("stream: {drain_seconds: -1}", "stream.drain_seconds"),
         ("stream: {pool_size: 32}", "stream.pool_size"), ("stream: {rules: [{direction: inbound, local_port: 80, exe: /bin/sh}]}", "stream.rules[0].exe"), ("stream: {rules: [{direction: inbound}]}", "stream.rules[0].local_port"),
+        ("stream: {fast_path: splice}", "stream.fast_path"), ("stream: {fast_path: 1}", "stream.fast_path"),
+        ("stream: {fast_path: [sockmap]}", "stream.fast_path"), ("stream: {fast_path: \"\"}", "stream.fast_path"),
         ("log_level: loud", "log_level"), ("log_level: 3", "log_level"),
     ])
     func ranges(_ yaml: String, _ key: String) {
@@ -102,7 +104,7 @@ struct ConfigLimitsTests {
                     "journal_max_bytes", "output", "udp_idle_seconds", "log_level", "stream", "colour", ""]
         let values = ["", "~", "null", "true", "0", "-1", "1e999", "99999999999999999999", "\"/x\"", "relative", "[1, 2]",
                       "{a: 1}", "\"\\u0000\"", "&a x", "*a", "!!binary aGk=", "|\n  block", "'quoted'", "json", "[::1]:9742",
-                      "{rules: [{exe: /usr/bin/curl}], callouts: [{type: edit, pattern: a}]}", "{rules: 5}", "{max_flows: x}", "{drain_seconds: 1e9}"]
+                      "{rules: [{exe: /usr/bin/curl}], callouts: [{type: edit, pattern: a}]}", "{rules: 5}", "{max_flows: x}", "{drain_seconds: 1e9}", "{fast_path: sockmap}", "{fast_path: SOCKMAP}"]
         for _ in 0..<2000 {
             var doc = ""
             for _ in 0..<Int.random(in: 0...6, using: &rng) {

@@ -9,6 +9,7 @@ struct StreamConfigTests {
             stream:
               max_flows: 8
               drain_seconds: 3
+              fast_path: sockmap
               rules:
                 - remote_port: 443
                   direction: outbound
@@ -20,6 +21,7 @@ struct StreamConfigTests {
                 - {type: pass}
             """)
         #expect(c.stream.maxFlows == 8 && c.stream.drainSeconds == 3)
+        #expect(c.stream.fastPath == .sockmap && AgentConfig().stream.fastPath == .copy)
         #expect(AgentConfig().stream.maxFlows == 4096 && AgentConfig().stream.drainSeconds == 10)
         #expect(c.stream.rules.first?.remotePort == 443)
         #expect(c.stream.callouts.map(\.type) == ["edit", "block", "capture", "pass"])

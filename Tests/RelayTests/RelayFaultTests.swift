@@ -198,6 +198,7 @@ struct RelayFaultTests {
             ("stream:\n  drain_seconds: -1\n", "stream.drain_seconds", ""),
             ("stream:\n  drain_seconds: 3601\n", "stream.drain_seconds", ""),
             ("stream:\n  drain_seconds: 1e99\n", "stream.drain_seconds", ""),
+            ("stream:\n  fast_path: splice\n", "stream.fast_path", "is not copy or sockmap"),
         ]
         for (yaml, key, reason) in cases {
             let path = tempPath("config") + ".yaml"

@@ -68,6 +68,27 @@ func withRelayedServer(mode: String = "echo", bind: String = "127.0.0.1", expect
     try await withRelayAgent(stream) { a in try await body(a, port, server) }
 }
 
+/// The rest of a `stream:` section for a relay that copies (`pass`: every byte indicated)
+/// or one on the sockmap fast path (`allow`: the kernel moves the bytes after the first).
+func fastPathStream(_ fastPath: String) -> String {
+    fastPath == "sockmap" ? "  fast_path: sockmap\n  callouts:\n    - type: allow\n" : "  callouts:\n    - type: pass\n"
+}
+
+/// Waits (up to 10 s) until the relay holds no connection: fast-path bytes are counted
+/// as each connection ends, a moment after its ends saw their FINs.
+func awaitRelayIdle(_ a: RunningAgent) async throws {
+    for _ in 0..<1000 where metric(a, "flowtag_relay_active_flows") != 0 { try await Task.sleep(for: .milliseconds(10)) }
+    #expect(metric(a, "flowtag_relay_active_flows") == 0)
+}
+
+/// On the fast path, the kernel moved bytes of `flows` connections (checked once they ended).
+func expectFastPathUsed(_ a: RunningAgent, _ fastPath: String, flows: Int, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    guard fastPath == "sockmap" else { return }
+    try await awaitRelayIdle(a)
+    #expect(metric(a, "flowtag_relay_fast_path_flows_total") == flows, "\(String(describing: try? a.metrics()))", sourceLocation: sourceLocation)
+    #expect((metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0) > 0, "the kernel moved no byte", sourceLocation: sourceLocation)
+}
+
 /// Runs a relaypeer client (`client`, `upload`, …) inside the agent's cgroup; returns its last JSON line.
 func relayPeer(_ a: RunningAgent, _ command: String, _ args: [String], timeout: Double = 90) async throws -> [String: Any] {
     let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, command] + args))

@@ -215,12 +215,9 @@ struct RelayStreamTests {
         }
     }
 
-    @Test("4 concurrent 200 MB uploads, each half-closed at once: every byte arrives before the FIN (sha256)")
-    func uploadsThenHalfClose() async throws {
-        try await withRelayedServer(mode: "digest", """
-              callouts:
-                - type: pass
-            """) { a, port, server in
+    @Test("4 concurrent 200 MB uploads, each half-closed at once: every byte arrives before the FIN (sha256)", arguments: ["copy", "sockmap"])
+    func uploadsThenHalfClose(fastPath: String) async throws {
+        try await withRelayedServer(mode: "digest", fastPathStream(fastPath)) { a, port, server in
             var clients: [Child] = []
             for i in 0..<4 {
                 clients.append(try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "upload", "127.0.0.1", "\(port)",
@@ -233,6 +230,10 @@ struct RelayStreamTests {
                 #expect(r["equal"] as? Bool == true, "\(r) hops \(relayHops(a))")
             }
             #expect(try relayedFlowCount(a) == 4)
+            try await awaitRelayIdle(a)
+            try await expectFastPathUsed(a, fastPath, flows: 4)
+            let hops = relayHops(a)
+            #expect(hops["from_process"] == 4 * (200 << 20) && hops["to_peer"] == hops["from_process"], "\(hops)")
         }
     }
 

@@ -337,6 +337,33 @@ struct ft_relay_inbound {
     ft_u64 server_cookie; /* 0 until the server's side is established */
 };
 
+/* The sockmap fast path (stream.fast_path: sockmap): a relayed flow's two sockets, both
+ * the agent's, sit in a sockhash keyed by socket cookie, and an sk_skb verdict moves what
+ * arrives on one to the other's egress without a copy to user space. Per socket: */
+#define FT_RELAY_SPLICE_MAX 16384
+
+/* Written by the agent only. 24 bytes. The verdict redirects only while `hold` is 0 and
+ * every byte it ever passed to the agent has been written on (passed == consumed): bytes
+ * the agent owes are never overtaken. */
+struct ft_relay_splice_ctl {
+    ft_u64 peer_cookie; /* the other socket of the flow (sockhash key) */
+    ft_u64 consumed;    /* passed bytes the agent has read and written on */
+    ft_u32 hold;        /* 1: pass to the agent (flow control, callouts still active) */
+    ft_u32 pad;
+};
+
+/* Written by the verdict only. 56 bytes. */
+struct ft_relay_splice_stat {
+    ft_u64 redirected;      /* bytes redirected to the peer socket's egress */
+    ft_u64 passed;          /* bytes left in this socket for the agent to read */
+    ft_u64 empty;           /* zero-length (FIN-only) skbs dropped */
+    ft_u64 trimmed;         /* bytes of already-seen retransmitted heads cut */
+    ft_u64 redirect_failed; /* peer not in the sockhash: passed instead */
+    ft_u32 next_seq;        /* TCP sequence number after the last byte seen */
+    ft_u32 seq_valid;
+    ft_u64 pad;
+};
+
 /* Indexes of the relay object's per-CPU counters. */
 enum ft_relay_counter {
     FT_RCNT_REDIRECTED = 0,  /* connects sent to the agent's listener */
@@ -370,5 +397,7 @@ FT_ASSERT_SIZE(struct ft_relay_hint, 16);
 FT_ASSERT_SIZE(struct ft_relay_request, 16);
 FT_ASSERT_SIZE(struct ft_relay_endpoint, 32);
 FT_ASSERT_SIZE(struct ft_relay_inbound, 104);
+FT_ASSERT_SIZE(struct ft_relay_splice_ctl, 24);
+FT_ASSERT_SIZE(struct ft_relay_splice_stat, 56);
 
 #endif

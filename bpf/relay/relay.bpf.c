@@ -368,3 +368,92 @@ int ft_relay_lookup(struct bpf_sk_lookup *ctx)
     rcount(err ? FT_RCNT_INBOUND_ASSIGN_FAILED : FT_RCNT_INBOUND_REDIRECTED);
     return SK_PASS;
 }
+
+/* ---------------------------------------------------------------- fast path
+ * stream.fast_path: sockmap. Both sockets of a relayed flow are the agent's; once the
+ * callouts of a direction have allowed the connection, what arrives on its reading socket
+ * is redirected to the writing socket's egress here, without a copy to user space. The
+ * agent keeps the FIN after the data (it shuts the writing socket only once every
+ * redirected byte is in its send queue) and bounds the kernel's queue (hold). */
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKHASH);
+    __uint(max_entries, FT_RELAY_SPLICE_MAX);
+    __type(key, __u64); /* socket cookie */
+    __type(value, __u64);
+} ft_relay_splice SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, FT_RELAY_SPLICE_MAX);
+    __type(key, __u64);
+    __type(value, struct ft_relay_splice_ctl);
+} ft_relay_splice_ctl SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, FT_RELAY_SPLICE_MAX);
+    __type(key, __u64);
+    __type(value, struct ft_relay_splice_stat);
+} ft_relay_splice_stat SEC(".maps");
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+/* Cuts the head of a retransmitted skb whose start this socket has seen already (the
+ * verdict gets whole skbs, not the new bytes only). Returns the bytes left. */
+static __always_inline __u32 trim_seen(struct __sk_buff *skb, struct ft_relay_splice_stat *s)
+{
+    struct sk_buff *k = bpf_cast_to_kern_ctx(skb);
+    struct tcp_skb_cb *cb = (struct tcp_skb_cb *)k->cb;
+    __u32 seq = cb->seq;
+    __u32 len = skb->len;
+    if (s->seq_valid) {
+        __s32 old = (__s32)(s->next_seq - seq);
+        if (old >= (__s32)len) {
+            s->trimmed += len;
+            return 0;
+        }
+        for (int i = 0; i < 64 && old > 0; i++) {
+            __s32 n = old > 4095 ? 4095 : old;
+            if (bpf_skb_adjust_room(skb, -n, 0, 0))
+                break;
+            old -= n;
+            s->trimmed += n;
+        }
+    }
+    s->next_seq = seq + len;
+    s->seq_valid = 1;
+    return skb->len;
+}
+
+/* Bytes go to the peer socket's egress unless this direction is held or the agent still
+ * owes bytes it was passed (then SK_PASS: they stay in this socket, charged to its
+ * receive buffer, so its TCP window closes, and the agent relays them itself). */
+SEC("sk_skb/stream_verdict")
+int ft_relay_verdict(struct __sk_buff *skb)
+{
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct ft_relay_splice_ctl *c = bpf_map_lookup_elem(&ft_relay_splice_ctl, &cookie);
+    struct ft_relay_splice_stat *s = bpf_map_lookup_elem(&ft_relay_splice_stat, &cookie);
+    if (!c || !s)
+        return SK_PASS;
+    if (skb->len == 0) {
+        /* A FIN-only skb: the FIN is TCP state; an empty redirect would break the
+         * target's psock (EPIPE). */
+        s->empty++;
+        return SK_DROP;
+    }
+    __u32 len = trim_seen(skb, s);
+    if (len == 0)
+        return SK_DROP;
+    if (c->hold || s->passed != c->consumed) {
+        s->passed += len;
+        return SK_PASS;
+    }
+    if (bpf_sk_redirect_hash(skb, &ft_relay_splice, &c->peer_cookie, 0) != SK_PASS) {
+        s->redirect_failed++;
+        s->passed += len;
+        return SK_PASS;
+    }
+    s->redirected += len;
+    return SK_PASS;
+}

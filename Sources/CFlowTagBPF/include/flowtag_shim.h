@@ -129,7 +129,10 @@ struct ftrelay;
     X(HINTS, ft_relay_hints)                            \
     X(COUNTERS, ft_relay_counters)                      \
     X(INBOUND_LISTENER, ft_relay_inbound_listener)      \
-    X(HOME, ft_relay_home)
+    X(HOME, ft_relay_home)                              \
+    X(SPLICE, ft_relay_splice)                          \
+    X(SPLICE_CTL, ft_relay_splice_ctl)                  \
+    X(SPLICE_STAT, ft_relay_splice_stat)
 
 enum ftrelay_map {
 #define FTRELAY_MAP_ENUM(id, name) FTRELAY_MAP_##id,
@@ -146,6 +149,9 @@ int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, 
 int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len);
 /* Attach the inbound sk_lookup program to the netns of netns_fd (held until destroy). */
 int ftrelay_attach_inbound(struct ftrelay *r, int netns_fd, char *err, size_t err_len);
+/* Attach the fast path's verdict to its sockhash (released with the map when the agent
+ * exits, however it exits). */
+int ftrelay_attach_splice(struct ftrelay *r, char *err, size_t err_len);
 /* Detach, close and free. NULL is fine. */
 void ftrelay_destroy(struct ftrelay *r);
 int ftrelay_map_fd(struct ftrelay *r, enum ftrelay_map map);

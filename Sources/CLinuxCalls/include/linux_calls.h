@@ -27,6 +27,11 @@ int lc_setns_net(int fd);
 /* accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC: the new socket, or -errno. */
 int lc_accept_nonblock(int listener);
 
+/* Bytes ever put into a TCP socket's send queue: acknowledged (TCP_INFO) plus still
+ * queued (SIOCOUTQ), read in that order so an ACK in between can only under-count.
+ * 0 or -errno. */
+int lc_tcp_bytes_queued(int fd, uint64_t *out);
+
 /* Returns freed heap memory to the kernel (malloc_trim). */
 void lc_heap_trim(void);
 
