@@ -97,10 +97,11 @@ def _proxies(tmp, sink, echo, procs):
     return socat, hap
 
 
-def _relay_agent(tmp, tag, cg, ports, callout):
+def _relay_agent(tmp, tag, cg, ports, callout, fast_path="copy"):
     config = f"{tmp}-{tag}.yaml"
     with open(config, "w") as f:
-        f.write("stream:\n  rules:\n" + "".join(f"    - remote_port: {p}\n" for p in ports) + f"  callouts:\n    - type: {callout}\n")
+        f.write(f"stream:\n  fast_path: {fast_path}\n  rules:\n" + "".join(f"    - remote_port: {p}\n" for p in ports)
+                + f"  callouts:\n    - type: {callout}\n")
     return Agent(cg, tag, extra=["--config", config], output="none")
 
 
@@ -122,20 +123,23 @@ def _measure(cg, sp, ep, seconds, pings, what):
 
 def b5(rounds=3, seconds=3, pings=3000):
     """The relay with a pass-through callout (every byte indicated) and after
-    allow-connection (no more indications), against direct loopback, socat and haproxy."""
-    cgs = {"plain": Cgroup("b5"), "pass": Cgroup("b5p"), "allow": Cgroup("b5a")}
+    allow-connection (no more indications: copied, or moved by the kernel on the sockmap
+    fast path), against direct loopback, socat and haproxy."""
+    cgs = {"plain": Cgroup("b5"), "pass": Cgroup("b5p"), "allow": Cgroup("b5a"), "sockmap": Cgroup("b5s")}
     tmp = f"/tmp/{RUN}-b5"
     procs, agents = [], []
     res = {}
     try:
-        ports = _servers(tmp, ("pass", "allow", "plain"), procs)
+        ports = _servers(tmp, ("pass", "allow", "sockmap", "plain"), procs)
         sink, echo = ports["plain"]
         socat, hap = _proxies(tmp, sink, echo, procs)
         agents.append(_relay_agent(tmp, "b5p", cgs["pass"], ports["pass"], "pass"))
         agents.append(_relay_agent(tmp, "b5a", cgs["allow"], ports["allow"], "allow"))
+        agents.append(_relay_agent(tmp, "b5s", cgs["sockmap"], ports["sockmap"], "allow", fast_path="sockmap"))
         time.sleep(1.0)
         modes = {"direct": ("plain", sink, echo), "relay (pass)": ("pass", *ports["pass"]),
-                 "relay (allow)": ("allow", *ports["allow"]), "socat": ("plain", *socat), "haproxy": ("plain", *hap)}
+                 "relay (allow)": ("allow", *ports["allow"]), "relay (sockmap)": ("sockmap", *ports["sockmap"]),
+                 "socat": ("plain", *socat), "haproxy": ("plain", *hap)}
         samples = {m: {"bulk_1": [], "bulk_16": [], "p50_us": [], "p99_us": []} for m in modes}
         for _ in range(rounds):
             for m, (cg, sp, ep) in modes.items():
@@ -148,6 +152,7 @@ def b5(rounds=3, seconds=3, pings=3000):
             res[m]["added_p50_us"] = res[m]["p50_us"] - res["direct"]["p50_us"]
         relayed = sum(int(a.metric("flowtag_relay_flows_total") or 0) for a in agents)
         res["relayed_flows"] = relayed
+        res["fast_path_flows"] = int(agents[2].metric("flowtag_relay_fast_path_flows_total") or 0)
     finally:
         for a in agents: a.cleanup()
         for p in procs:
@@ -166,9 +171,11 @@ def _report(res, rounds, seconds, pings):
         if isinstance(v, dict):
             print(f"  {m:14s} {v['bulk_1']:14.2f} {v['bulk_16']:16.2f} {v['p50_us']:8.1f} {v['p99_us']:8.1f} {v['added_p50_us']:10.1f}")
     # Every relayed run went through the relay: 2 bulk rounds (1 + 16 flows) and one ping per round per agent.
-    want = rounds * (1 + 16 + 1) * 2
+    want = rounds * (1 + 16 + 1) * 3
     print(f"  relayed connections: {res['relayed_flows']} (expected {want}): {'ok' if res['relayed_flows'] == want else 'NOT ALL RELAYED'}")
-    for m in ("relay (pass)", "relay (allow)"):
+    print(f"  on the sockmap fast path: {res['fast_path_flows']} (expected {want // 3}): "
+          f"{'ok' if res['fast_path_flows'] == want // 3 else 'NOT ALL ON THE FAST PATH'}")
+    for m in ("relay (pass)", "relay (allow)", "relay (sockmap)"):
         r = res[m]
         proxy = max(res["socat"]["bulk_1"], res["haproxy"]["bulk_1"]), max(res["socat"]["bulk_16"], res["haproxy"]["bulk_16"])
         p99 = min(res["socat"]["p99_us"], res["haproxy"]["p99_us"])

@@ -24,7 +24,7 @@ static const char *const ftrelay_map_names[FTRELAY_MAP_COUNT] = {
 #undef FTRELAY_MAP_NAME
 };
 
-int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, struct ftrelay **out,
+int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, int fast_path, struct ftrelay **out,
                       char *err, size_t err_len)
 {
     ftbpf_install_print();
@@ -54,8 +54,11 @@ int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, 
     }
     /* The hand-over map is written by the flowtag object only: not created here. */
     bpf_map__set_autocreate(r->skel->maps.ft_relay_pending, false);
+    bpf_program__set_autoload(r->skel->progs.ft_relay_verdict, fast_path != 0);
     if ((rc = relay_bpf__load(r->skel))) {
-        ftbpf_set_err(err, err_len, "load the relay's BPF programs", rc);
+        ftbpf_set_err(err, err_len, fast_path ? "load the relay's BPF programs (with the sockmap fast path: "
+                                                "needs sk_skb verdicts and the bpf_cast_to_kern_ctx and bpf_rdonly_cast kfuncs)"
+                                              : "load the relay's BPF programs", rc);
         relay_bpf__destroy(r->skel);
         free(r);
         return rc;
@@ -110,7 +113,12 @@ int ftrelay_attach_inbound(struct ftrelay *r, int netns_fd, char *err, size_t er
 
 int ftrelay_attach_splice(struct ftrelay *r, char *err, size_t err_len)
 {
-    int rc = bpf_prog_attach(bpf_program__fd(r->skel->progs.ft_relay_verdict), bpf_map__fd(r->skel->maps.ft_relay_splice),
+    int prog = bpf_program__fd(r->skel->progs.ft_relay_verdict);
+    if (prog < 0) {
+        ftbpf_set_err(err, err_len, "attach the fast path's verdict (not loaded)", -EINVAL);
+        return -EINVAL;
+    }
+    int rc = bpf_prog_attach(prog, bpf_map__fd(r->skel->maps.ft_relay_splice),
                              BPF_SK_SKB_STREAM_VERDICT, 0);
     if (rc) {
         rc = -errno;

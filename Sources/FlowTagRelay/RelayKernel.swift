@@ -17,14 +17,15 @@ public final class RelayKernel: @unchecked Sendable {
     public static let maxRules = Int(FT_STREAM_RULES_MAX)
     public static let maxListeners = Int(FT_RELAY_LISTENERS_MAX)
 
-    /// Loads the relay object and attaches it to `cgroup`; on failure nothing stays attached.
-    public init(programs: KernelPrograms, cgroup: String) throws {
+    /// Loads the relay object (with the fast path's verdict when asked) and attaches it to
+    /// `cgroup`; on failure nothing stays attached.
+    public init(programs: KernelPrograms, cgroup: String, fastPath: Bool = false) throws {
         self.programs = programs
         var err = [CChar](repeating: 0, count: 1024)
         var h: OpaquePointer?
         let rc = ftrelay_open_load(programs.mapFD(FTBPF_MAP_PROCS), programs.mapFD(FTBPF_MAP_RELAY_ORIGS),
                                    programs.mapFD(FTBPF_MAP_RELAY_MARKS), programs.mapFD(FTBPF_MAP_RELAY_INBOUND),
-                                   &h, &err, err.count)
+                                   fastPath ? 1 : 0, &h, &err, err.count)
         guard rc == 0, let h else { throw KernelError.load(Self.text(err)) }
         handle = h
         let cg = Glibc.open(cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC)

@@ -83,7 +83,7 @@ public final class StreamRelay: @unchecked Sendable {
         guard rules.count <= RelayKernel.maxRules else {
             throw KernelError.invalidArgument("at most \(RelayKernel.maxRules) stream rules, not \(rules.count)")
         }
-        kernel = try RelayKernel(programs: programs, cgroup: cgroup)
+        kernel = try RelayKernel(programs: programs, cgroup: cgroup, fastPath: options.fastPath == .sockmap)
         do {
             if options.fastPath == .sockmap { try kernel.attachFastPath() }
             processes = ProcessTable(programs: programs)

@@ -9,17 +9,22 @@ import Glibc
 /// The relay when the agent stops or dies, across network namespaces, and with bad config.
 @Suite("Stream relay: faults, namespaces, config (real agent)", .serialized)
 struct RelayFaultTests {
-    @Test("kill -9 mid-transfer resets both ends (no hang, no silent cut); a restarted agent relays the next connect at once")
-    func killNineResetsBothEnds() async throws {
+    @Test("kill -9 mid-transfer resets both ends (no hang, no silent cut); a restarted agent relays the next connect at once",
+          arguments: ["copy", "sockmap"])
+    func killNineResetsBothEnds(fastPath: String) async throws {
         let (server, port) = try await startServer()
         defer { server.kill() }
-        let config = try relayConfig("  rules:\n    - remote_port: \(port)\n")
+        let config = try relayConfig("  rules:\n    - remote_port: \(port)\n" + (fastPath == "sockmap" ? fastPathStream(fastPath) : ""))
         defer { unlink(config) }
         let a = try await RunningAgent(extra: ["--config", config])
         defer { a.cleanUp() }
         let client = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "stream", "127.0.0.1", "\(port)"]))
         defer { client.kill() }
         _ = try await client.waitForLines(1, timeout: 30) // bytes are flowing through the relay
+        if fastPath == "sockmap" {
+            for _ in 0..<500 where metric(a, "flowtag_relay_fast_path_flows_total") != 1 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(metric(a, "flowtag_relay_fast_path_flows_total") == 1, "the flow is on the fast path when the agent dies")
+        }
         kill(a.process.pid, SIGKILL)
         _ = try await a.process.wait(timeout: 20)
         #expect(try await client.wait(timeout: 30) == 0)
@@ -40,11 +45,12 @@ struct RelayFaultTests {
         await b.stop()
     }
 
-    @Test("SIGTERM mid-upload drains: every byte the process sent arrives (sha256), then the FIN; the agent exits 0")
-    func sigtermDrainsUploads() async throws {
+    @Test("SIGTERM mid-upload drains: every byte the process sent arrives (sha256), then the FIN; the agent exits 0",
+          arguments: ["copy", "sockmap"])
+    func sigtermDrainsUploads(fastPath: String) async throws {
         let (server, port) = try await startServer(mode: "digest")
         defer { server.kill() }
-        let config = try relayConfig("  drain_seconds: 60\n  rules:\n    - remote_port: \(port)\n  callouts:\n    - type: pass\n")
+        let config = try relayConfig("  drain_seconds: 60\n  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath))
         defer { unlink(config) }
         let a = try await RunningAgent(extra: ["--config", config])
         defer { a.cleanUp() }
@@ -54,7 +60,12 @@ struct RelayFaultTests {
                                                     "--size", "\(100 << 20)", "--seed", "\(i + 7)"])))
         }
         defer { clients.forEach { $0.kill() } }
-        for _ in 0..<400 where (relayHops(a)["from_process"] ?? 0) < 20 << 20 { try await Task.sleep(for: .milliseconds(10)) }
+        if fastPath == "sockmap" {
+            // Fast-path bytes are counted at the end: wait for the flows to be on it and moving.
+            for _ in 0..<500 where metric(a, "flowtag_relay_fast_path_flows_total") != 2 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(metric(a, "flowtag_relay_fast_path_flows_total") == 2)
+        }
+        for _ in 0..<400 where fastPath == "copy" && (relayHops(a)["from_process"] ?? 0) < 20 << 20 { try await Task.sleep(for: .milliseconds(10)) }
         kill(a.process.pid, SIGTERM)
         #expect(try await a.process.wait(timeout: 90) == 0, "\(a.process.stderrText.suffix(2000))")
         for c in clients {
@@ -65,11 +76,12 @@ struct RelayFaultTests {
         #expect(a.nothingLeft, "SIGTERM detaches every program, the relay's included")
     }
 
-    @Test("SIGTERM with an open connection: past drain_seconds each side gets every byte the relay took, then a FIN")
-    func sigtermEndsLongConnections() async throws {
+    @Test("SIGTERM with an open connection: past drain_seconds each side gets every byte the relay took, then a FIN",
+          arguments: ["copy", "sockmap"])
+    func sigtermEndsLongConnections(fastPath: String) async throws {
         let (server, port) = try await startServer()
         defer { server.kill() }
-        let config = try relayConfig("  drain_seconds: 1\n  rules:\n    - remote_port: \(port)\n")
+        let config = try relayConfig("  drain_seconds: 1\n  rules:\n    - remote_port: \(port)\n" + (fastPath == "sockmap" ? fastPathStream(fastPath) : ""))
         defer { unlink(config) }
         let a = try await RunningAgent(extra: ["--config", config])
         defer { a.cleanUp() }

@@ -10,18 +10,13 @@ import Glibc
 /// they must work exactly as without the relay.
 @Suite("Stream relay: real clients and servers (real agent)", .serialized)
 struct RelayRealClientsTests {
-    static let stream = """
-          callouts:
-            - type: pass
-        """
-
-    @Test("socat -b 1000 as the relayed client: 2,000,016 bytes then half-close, the answer after it (10 runs)")
-    func socatClient() async throws {
+    @Test("socat -b 1000 as the relayed client: 2,000,016 bytes then half-close, the answer after it (10 runs)", arguments: ["copy", "sockmap"])
+    func socatClient(fastPath: String) async throws {
         let (server, port) = try await startServer(mode: "digest")
         defer { server.kill() }
         let data = try randomFile(size: 2_000_016, seed: 21)
         defer { unlink(data.path) }
-        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<10 {
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/socat -b 1000 STDIO TCP:127.0.0.1:\(port) < \(data.path)"]))
                 #expect(rc == 0, "run \(run): \(err)")
@@ -29,11 +24,12 @@ struct RelayRealClientsTests {
                 #expect(answer["received"] as? Int == 2_000_016 && answer["sha"] as? String == data.sha, "run \(run): \(out) \(err)")
             }
             #expect(try relayedFlowCount(a) == 10)
+            try await expectFastPathUsed(a, fastPath, flows: 10)
         }
     }
 
-    @Test("socat -b 1000 as the server, relayed clients download from it (socat and relaypeer), byte-exact")
-    func socatServer() async throws {
+    @Test("socat -b 1000 as the server, relayed clients download from it (socat and relaypeer), byte-exact", arguments: ["copy", "sockmap"])
+    func socatServer(fastPath: String) async throws {
         let data = try randomFile(size: 3_000_000, seed: 22)
         defer { unlink(data.path) }
         let (probe, port) = socketListener()
@@ -41,7 +37,7 @@ struct RelayRealClientsTests {
         let server = try Child(["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"])
         defer { server.kill() }
         for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
-        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("download")
                 defer { unlink(out) }
@@ -50,33 +46,35 @@ struct RelayRealClientsTests {
                 #expect(try sha256(out) == data.sha, "run \(run)")
             }
             #expect(try relayedFlowCount(a) == 5)
+            try await expectFastPathUsed(a, fastPath, flows: 5)
         }
     }
 
-    @Test("nc -N: send a file, shut down at EOF, read the answer")
-    func netcatHalfClose() async throws {
+    @Test("nc -N: send a file, shut down at EOF, read the answer", arguments: ["copy", "sockmap"])
+    func netcatHalfClose(fastPath: String) async throws {
         let (server, port) = try await startServer(mode: "digest")
         defer { server.kill() }
         let data = try randomFile(size: 5_000_000, seed: 23)
         defer { unlink(data.path) }
-        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/nc -N 127.0.0.1 \(port) < \(data.path)"]))
                 #expect(rc == 0, "run \(run): \(err)")
                 let answer = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
                 #expect(answer["received"] as? Int == 5_000_000 && answer["sha"] as? String == data.sha, "run \(run): \(out)")
             }
+            try await expectFastPathUsed(a, fastPath, flows: 5)
         }
     }
 
-    @Test("iperf3: control and data connections relayed, the test completes both ways")
-    func iperf3() async throws {
+    @Test("iperf3: control and data connections relayed, the test completes both ways", arguments: ["copy", "sockmap"])
+    func iperf3(fastPath: String) async throws {
         let (probe, port) = socketListener()
         close(probe)
         let server = try Child(["/usr/bin/iperf3", "-s", "-B", "127.0.0.1", "-p", "\(port)"])
         defer { server.kill() }
         for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
-        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for reverse in [false, true] {
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
                                                                   + (reverse ? ["-R"] : [])), timeout: 60)
@@ -87,11 +85,12 @@ struct RelayRealClientsTests {
             }
             // Each test is one control and one data connection.
             #expect(try relayedFlowCount(a) == 4)
+            try await expectFastPathUsed(a, fastPath, flows: 4)
         }
     }
 
-    @Test("curl downloads from nginx through the relay: byte-exact, the owner and real destination journaled")
-    func curlFromNginx() async throws {
+    @Test("curl downloads from nginx through the relay: byte-exact, the owner and real destination journaled", arguments: ["copy", "sockmap"])
+    func curlFromNginx(fastPath: String) async throws {
         let dir = tempPath("nginx")
         try FileManager.default.createDirectory(atPath: dir + "/www", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -110,7 +109,7 @@ struct RelayRealClientsTests {
         let nginx = try Child(["/usr/sbin/nginx", "-c", dir + "/nginx.conf", "-p", dir])
         defer { nginx.kill() }
         for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
-        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + Self.stream) { a in
+        try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("blob")
                 defer { unlink(out) }
@@ -120,6 +119,7 @@ struct RelayRealClientsTests {
                 #expect(try sha256(out) == data.sha, "run \(run)")
             }
             #expect(try relayedFlowCount(a) == 5)
+            try await expectFastPathUsed(a, fastPath, flows: 5)
             var curls: [[String: Any]] = []
             for _ in 0..<50 where curls.count < 5 {
                 let (_, history, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])

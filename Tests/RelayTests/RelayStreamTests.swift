@@ -11,12 +11,9 @@ import Glibc
 /// after the data, resets as resets, flow control, and the callouts' edits.
 @Suite("Stream relay: byte streams (real agent)", .serialized)
 struct RelayStreamTests {
-    @Test("pass-through: 10 MB both ways byte-exact, random chunk sizes, FIN after the data, counted per hop")
-    func passThroughBulk() async throws {
-        try await withRelayedServer("""
-              callouts:
-                - type: pass
-            """) { a, port, server in
+    @Test("pass-through: 10 MB both ways byte-exact, random chunk sizes, FIN after the data, counted per hop", arguments: ["copy", "sockmap"])
+    func passThroughBulk(fastPath: String) async throws {
+        try await withRelayedServer(fastPathStream(fastPath)) { a, port, server in
             var clientPorts: [Int] = []
             for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
@@ -30,6 +27,7 @@ struct RelayStreamTests {
             #expect(reports.allSatisfy { $0["eof"] as? Bool == true })
             #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
             let total = 10_000_000 + 300_000 + 50_000
+            try await expectFastPathUsed(a, fastPath, flows: 3)
             let hops = relayHops(a)
             for hop in ["from_process", "to_peer", "from_peer", "to_process"] {
                 #expect(hops[hop] == total, "\(hop): \(hops)")
@@ -237,10 +235,11 @@ struct RelayStreamTests {
         }
     }
 
-    @Test("a process that does not read holds its peer back: bounded buffering, and every byte arrives", arguments: [false, true])
-    func nonReadingProcessIsBounded(handoff: Bool) async throws {
+    @Test("a process that does not read holds its peer back: bounded buffering, and every byte arrives",
+          arguments: [(false, "copy"), (true, "copy"), (false, "sockmap")])
+    func nonReadingProcessIsBounded(handoff: Bool, fastPath: String) async throws {
         let total = 200 << 20
-        try await withRelayedServer(mode: "push", expect: total) { a, port, server in
+        try await withRelayedServer(mode: "push", expect: total, fastPath == "sockmap" ? fastPathStream(fastPath) : "") { a, port, server in
             // With --handoff the socket passes to another process and its connector exits.
             let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "slowread", "127.0.0.1", "\(port)", "--size", "\(total)"]
                                             + (handoff ? ["--handoff"] : [])))
@@ -252,10 +251,12 @@ struct RelayStreamTests {
             // What can wait unread: the process's receive buffer, 256 KiB in the relay, and
             // the buffers of the relay's two sockets; far from 200 MiB.
             #expect(early < 40 << 20, "the peer pushed \(early) bytes while the process read nothing")
+            if fastPath == "sockmap" { #expect((metric(a, "flowtag_relay_fast_path_holds_total") ?? 0) > 0, "the kernel's queue was never held") }
             let done = try #require(lines.first { $0["sha"] != nil })
             let got = try #require(c.jsonLines.last)
             #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
             #expect(got["sha"] as? String == done["sha"] as? String)
+            try await expectFastPathUsed(a, fastPath, flows: 1)
         }
     }
 
@@ -269,8 +270,9 @@ struct RelayStreamTests {
         }
     }
 
-    @Test("half-close: the FIN reaches the peer after every byte, the other direction keeps relaying; the peer's reset reaches the process")
-    func halfCloseAndReset() async throws {
+    @Test("half-close: the FIN reaches the peer after every byte, the other direction keeps relaying; the peer's reset reaches the process",
+          arguments: ["copy", "sockmap"])
+    func halfCloseAndReset(fastPath: String) async throws {
         let (trailer, trailerPort) = try await startServer(mode: "trailer")
         let (resetter, resetPort) = try await startServer(mode: "reset")
         defer { trailer.kill(); resetter.kill() }
@@ -278,7 +280,7 @@ struct RelayStreamTests {
               rules:
                 - remote_port: \(trailerPort)
                 - remote_port: \(resetPort)
-            """) { a in
+            """ + (fastPath == "sockmap" ? "\n  fast_path: sockmap\n" : "")) { a in
             // The client half-closes after its data came back; the server then sends "bye"
             // and its FIN right behind it.
             for seed in 1...5 {
@@ -293,12 +295,13 @@ struct RelayStreamTests {
             let reset = try await relayClient(a, ["127.0.0.1", "\(resetPort)", "--size", "100000", "--reset"])
             #expect(firstResult(reset)["reset"] as? Bool == true, "\(reset)")
             #expect(try relayedFlowCount(a) == 6)
+            try await expectFastPathUsed(a, fastPath, flows: 6)
         }
     }
 
-    @Test("a blocking reader woken by its own thread's sends (socat-style): every byte, no EAGAIN")
-    func blockingReader() async throws {
-        try await withRelayedServer("""
+    @Test("a blocking reader woken by its own thread's sends (socat-style): every byte, no EAGAIN", arguments: ["copy", "sockmap"])
+    func blockingReader(fastPath: String) async throws {
+        try await withRelayedServer(fastPath == "sockmap" ? fastPathStream(fastPath) : """
               callouts:
                 - type: edit
                   pattern: zzzzzzzz
@@ -308,6 +311,7 @@ struct RelayStreamTests {
             let r = try await relayPeer(a, "blocking", ["127.0.0.1", "\(port)", "--size", "\(20 << 20)"], timeout: 120)
             #expect(r["equal"] as? Bool == true, "\(r)")
             #expect((r["errors"] as? [Any])?.isEmpty == true, "\(r)")
+            try await expectFastPathUsed(a, fastPath, flows: 1)
         }
     }
 

@@ -384,6 +384,7 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
     __uint(max_entries, FT_RELAY_SPLICE_MAX);
     __type(key, __u64);
     __type(value, struct ft_relay_splice_ctl);
@@ -391,21 +392,33 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
     __uint(max_entries, FT_RELAY_SPLICE_MAX);
     __type(key, __u64);
     __type(value, struct ft_relay_splice_stat);
 } ft_relay_splice_stat SEC(".maps");
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
-/* Cuts the head of a retransmitted skb whose start this socket has seen already (the
- * verdict gets whole skbs, not the new bytes only). Returns the bytes left. */
+/* Cuts the head of an skb whose start was seen already: the verdict gets whole skbs, also
+ * the first one after the socket went in, part of which the agent may have read with
+ * recv() (its copied_seq says where the unread bytes begin), and retransmitted ones
+ * that overlap what came before. Returns the bytes left. */
 static __always_inline __u32 trim_seen(struct __sk_buff *skb, struct ft_relay_splice_stat *s)
 {
     struct sk_buff *k = bpf_cast_to_kern_ctx(skb);
     struct tcp_skb_cb *cb = (struct tcp_skb_cb *)k->cb;
     __u32 seq = cb->seq;
     __u32 len = skb->len;
+    if (!s->seq_valid) {
+        struct sock *sk = k->sk;
+        struct tcp_sock *tp = sk ? bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock)) : NULL;
+        if (tp) {
+            s->next_seq = tp->copied_seq;
+            s->seq_valid = 1;
+        }
+    }
     if (s->seq_valid) {
         __s32 old = (__s32)(s->next_seq - seq);
         if (old >= (__s32)len) {

@@ -142,8 +142,9 @@ enum ftrelay_map {
 };
 
 /* Open and load, reusing the flowtag object's ft_procs, ft_relay_origs, ft_relay_marks
- * and ft_relay_inbound. */
-int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, struct ftrelay **out,
+ * and ft_relay_inbound. The fast path's verdict is loaded only when fast_path is set
+ * (it needs kfuncs a kernel may lack; the copy path does not). */
+int ftrelay_open_load(int procs_fd, int origs_fd, int marks_fd, int inbound_fd, int fast_path, struct ftrelay **out,
                       char *err, size_t err_len);
 /* Attach the connect hooks to cgroup_fd. On failure nothing stays attached. */
 int ftrelay_attach(struct ftrelay *r, int cgroup_fd, char *err, size_t err_len);
