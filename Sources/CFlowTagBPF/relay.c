@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
 
@@ -124,6 +125,59 @@ int ftrelay_attach_splice(struct ftrelay *r, char *err, size_t err_len)
         rc = -errno;
         ftbpf_set_err(err, err_len, "attach the fast path's sk_skb verdict to its sockhash", rc);
     }
+    return rc;
+}
+
+int ftrelay_open_inbound(struct ftrelay *main, int netns_fd, uint64_t netns_cookie, int v4_fd, int v6_fd,
+                         struct ftrelay **out, char *err, size_t err_len)
+{
+    *out = NULL;
+    struct ftrelay *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -ENOMEM;
+    int rc = 0;
+    r->skel = relay_bpf__open();
+    if (!r->skel) {
+        rc = -errno;
+        ftbpf_set_err(err, err_len, "open the relay's BPF object for a network namespace", rc);
+        free(r);
+        return rc;
+    }
+    struct bpf_map *m;
+    bpf_object__for_each_map(m, r->skel->obj) {
+        const char *name = bpf_map__name(m);
+        if (!strcmp(name, "ft_relay_home") || !strcmp(name, "ft_relay_inbound_listener") || bpf_map__is_internal(m))
+            continue;
+        struct bpf_map *shared = bpf_object__find_map_by_name(main->skel->obj, name);
+        int fd = shared ? bpf_map__fd(shared) : -1;
+        rc = fd >= 0 ? bpf_map__reuse_fd(m, fd) : bpf_map__set_autocreate(m, false);
+        if (rc) {
+            ftbpf_set_err(err, err_len, "share the relay's maps with a network namespace's inbound program", rc);
+            goto fail;
+        }
+    }
+    struct bpf_program *prog;
+    bpf_object__for_each_program(prog, r->skel->obj)
+        bpf_program__set_autoload(prog, prog == r->skel->progs.ft_relay_lookup);
+    if ((rc = relay_bpf__load(r->skel))) {
+        ftbpf_set_err(err, err_len, "load a network namespace's inbound program", rc);
+        goto fail;
+    }
+    __u32 zero = 0, one = 1;
+    __u64 fd4 = (__u64)v4_fd, fd6 = (__u64)v6_fd;
+    if (bpf_map_update_elem(bpf_map__fd(r->skel->maps.ft_relay_home), &zero, &netns_cookie, 0) ||
+        bpf_map_update_elem(bpf_map__fd(r->skel->maps.ft_relay_inbound_listener), &zero, &fd4, 0) ||
+        (v6_fd >= 0 && bpf_map_update_elem(bpf_map__fd(r->skel->maps.ft_relay_inbound_listener), &one, &fd6, 0))) {
+        rc = -errno;
+        ftbpf_set_err(err, err_len, "publish a network namespace's inbound listeners", rc);
+        goto fail;
+    }
+    if ((rc = ftrelay_attach_inbound(r, netns_fd, err, err_len)))
+        goto fail;
+    *out = r;
+    return 0;
+fail:
+    ftrelay_destroy(r);
     return rc;
 }
 

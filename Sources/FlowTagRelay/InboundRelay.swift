@@ -17,21 +17,39 @@ extension StreamRelay {
 
     var hasInboundRules: Bool { rules.contains { $0.direction == .inbound } }
 
-    /// Listeners in the agent's own netns on 127.0.0.1 and ::1 (sk_lookup assigns them
-    /// connections to any address), then the program. A connection made to them directly
-    /// is reset (`takeOverInbound`).
-    func openInboundListeners() throws {
+    /// Inbound relaying in `ns`: listeners on its 127.0.0.1 and ::1 (sk_lookup assigns
+    /// them connections to any address; one made to them directly is reset), then the
+    /// program: the main object's in the agent's namespace, an instance of its own in
+    /// any other. On failure nothing of it stays.
+    func openInbound(in ns: NetworkNamespace) throws {
+        guard inbound[ns.cookie] == nil else { return }
+        guard inbound.count < RelayKernel.maxListeners else {
+            throw KernelError.invalidArgument("inbound relaying runs in \(RelayKernel.maxListeners) network namespaces already")
+        }
+        let n = InboundNamespace(ns: ns)
         do {
-            inboundListenerFDs.append(try inboundListener(SocketAddress(family: AF_INET, address: .v4(0x7f00_0001), port: 0)))
-            // Without IPv6 in the namespace only IPv4 connections are relayed.
-            if let v6 = try? inboundListener(SocketAddress(family: AF_INET6, address: .v6(0, 1), port: 0)) { inboundListenerFDs.append(v6) }
-            try kernel.enableInbound(v4: inboundListenerFDs[0], v6: inboundListenerFDs.count > 1 ? inboundListenerFDs[1] : -1, netns: home)
+            try ns.run(from: home) {
+                n.listeners.append(try inboundListener(SocketAddress(family: AF_INET, address: .v4(0x7f00_0001), port: 0)))
+                // Without IPv6 in the namespace only IPv4 connections are relayed.
+                if let v6 = try? inboundListener(SocketAddress(family: AF_INET6, address: .v6(0, 1), port: 0)) { n.listeners.append(v6) }
+            }
+            let v6 = n.listeners.count > 1 ? n.listeners[1] : -1
+            if ns.cookie == home.cookie {
+                try kernel.enableInbound(v4: n.listeners[0], v6: v6, netns: home)
+            } else {
+                n.instance = try kernel.openInboundInstance(netns: ns, v4: n.listeners[0], v6: v6)
+            }
         } catch {
-            closeInboundListeners()
+            n.close()
             throw error
         }
-        for fd in inboundListenerFDs { epoll.add(fd, for: .readable) }
-        logger.info("relay: inbound listeners ready", metadata: ["netns": "\(home.cookie)"])
+        inbound[ns.cookie] = n
+        for fd in n.listeners {
+            inboundByFD[fd] = n
+            epoll.add(fd, for: .readable)
+        }
+        inboundCount.store(inbound.count, ordering: .relaxed)
+        logger.info("relay: inbound listeners ready", metadata: ["netns": "\(ns.cookie)"])
     }
 
     private func inboundListener(_ address: SocketAddress) throws -> Int32 {
@@ -48,12 +66,41 @@ extension StreamRelay {
         }
     }
 
-    func closeInboundListeners() {
-        for fd in inboundListenerFDs {
+    func dropInbound(_ n: InboundNamespace) {
+        for fd in n.listeners {
             epoll.remove(fd)
-            close(fd)
+            inboundByFD.removeValue(forKey: fd)
         }
-        inboundListenerFDs = []
+        n.close()
+        if inbound[n.ns.cookie] === n { inbound.removeValue(forKey: n.ns.cookie) }
+        inboundCount.store(inbound.count, ordering: .relaxed)
+    }
+
+    func closeInboundListeners() {
+        for n in Array(inbound.values) { dropInbound(n) }
+    }
+
+    /// Every few seconds with inbound rules: every network namespace a process is in gets
+    /// inbound relaying (servers in containers too); one no process is in any more, and
+    /// no relayed flow, is let go.
+    func followInboundNamespaces() {
+        guard hasInboundRules, drainDeadline == nil else { return }
+        var pidByInode: [UInt64: UInt32] = [:]
+        Self.eachProcessNamespace { pid, inode in if pidByInode[inode] == nil { pidByInode[inode] = pid } }
+        let known = Set(inbound.values.map(\.ns.inode))
+        for n in Array(inbound.values) where n.ns.cookie != home.cookie && pidByInode[n.ns.inode] == nil
+            && !flowByCookie.values.contains(where: { $0.netns == n.ns.cookie }) {
+            logger.info("relay: the network namespace is gone; its inbound listeners close", metadata: ["netns": "\(n.ns.cookie)"])
+            dropInbound(n)
+        }
+        for (inode, pid) in pidByInode where !known.contains(inode) && inode != home.inode {
+            do {
+                try openInbound(in: try NetworkNamespace.of(pid: pid, home: home))
+            } catch {
+                if inbound.count >= RelayKernel.maxListeners { return }
+                logger.debug("relay: no inbound relaying in a network namespace", metadata: ["pid": "\(pid)", "why": "\(error)"])
+            }
+        }
     }
 
     func acceptInbound(_ listener: Int32) {
@@ -63,10 +110,11 @@ extension StreamRelay {
     /// One incoming connection: the address the client reached is the server's.
     func takeOverInbound(_ s: Int32, from listener: Int32) {
         Self.setLinger(s, resetOnClose: true)
+        guard let ns = inboundByFD[listener]?.ns else { close(s); return }
         // A connection to the listener itself (sk_lookup sends none there), or from one of
         // the agent's own server-facing sockets, would have the relay connect to itself.
         guard let client = SocketAddress.peer(s), let server = SocketAddress.local(s),
-              server != SocketAddress.local(listener), !kernel.isInboundEndpoint(client, netns: home.cookie) else {
+              server != SocketAddress.local(listener), !kernel.isInboundEndpoint(client, netns: ns.cookie) else {
             counters.unknownConnections.add(1, ordering: .relaxed)
             close(s)
             return
@@ -82,25 +130,27 @@ extension StreamRelay {
         let destination = SocketAddress(family: family, address: server.address, port: server.port)
         let b: Int32, endpoint: SocketAddress, cookie: UInt64
         do {
-            (b, endpoint, cookie) = try connectServer(destination, for: client)
+            (b, endpoint, cookie) = try connectServer(destination, for: client, in: ns)
         } catch {
             counters.connectFailures.add(1, ordering: .relaxed)
             logger.notice("relay: cannot connect to the server", metadata: ["destination": "\(destination)", "why": "\(error)"])
             close(s)
             return
         }
-        let record = Self.inboundRecord(cookie: cookie, netns: home.cookie, server: destination, client: client, owner: nil, processes: processes)
-        let flow = RelayedFlow(cookie: cookie, netns: home.cookie, processSide: b, source: destination,
+        let record = Self.inboundRecord(cookie: cookie, netns: ns.cookie, server: destination, client: client, owner: nil, processes: processes)
+        let flow = RelayedFlow(cookie: cookie, netns: ns.cookie, processSide: b, source: destination,
                                destination: client, record: record, counters: counters) { [weak self] f in self?.delivered(f) }
         flow.peerSide = s
         flow.inboundEndpoint = endpoint
         adopt(flow)
     }
 
-    /// A marked socket bound to the server's address and a port of its own, published
-    /// before its SYN leaves, connecting (non-blocking) to the server.
-    private func connectServer(_ server: SocketAddress, for client: SocketAddress) throws -> (Int32, SocketAddress, UInt64) {
-        let b = socket(server.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    /// A marked socket in the server's namespace, bound to the server's address and a
+    /// port of its own, published before its SYN leaves, connecting (non-blocking) to it.
+    private func connectServer(_ server: SocketAddress, for client: SocketAddress, in ns: NetworkNamespace) throws -> (Int32, SocketAddress, UInt64) {
+        let b = try ns.run(from: home) {
+            socket(server.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        }
         guard b >= 0 else { throw KernelError.system("relay socket", errno) }
         var published: SocketAddress?
         do {
@@ -116,13 +166,13 @@ extension StreamRelay {
             guard getsockopt(b, SOL_SOCKET, Self.soCookie, &cookie, &len) == 0, cookie != 0 else {
                 throw KernelError.system("relay socket cookie", errno)
             }
-            try kernel.publishInbound(agentSide: bound, client: client, netns: home.cookie)
+            try kernel.publishInbound(agentSide: bound, client: client, netns: ns.cookie)
             published = bound
             let rc = server.withSockaddr { connect(b, $0, $1) }
             guard rc == 0 || errno == EINPROGRESS else { throw KernelError.system("connect to \(server)", errno) }
             return (b, bound, cookie)
         } catch {
-            if let published { kernel.forgetInbound(agentSide: published, netns: home.cookie) }
+            if let published { kernel.forgetInbound(agentSide: published, netns: ns.cookie) }
             close(b)
             throw error
         }

@@ -173,6 +173,18 @@ public final class RelayKernel: @unchecked Sendable {
         guard ftrelay_attach_inbound(h, netns.fd, &err, err.count) == 0 else { throw KernelError.attach(Self.text(err)) }
     }
 
+    /// The relay object's instance for inbound relaying in another namespace (its own
+    /// sk_lookup program, listeners and home cookie; every other map shared).
+    func openInboundInstance(netns: NetworkNamespace, v4: Int32, v6: Int32) throws -> OpaquePointer {
+        guard let h = handle else { throw KernelError.invalidArgument("the relay object is closed") }
+        var err = [CChar](repeating: 0, count: 1024)
+        var instance: OpaquePointer?
+        guard ftrelay_open_inbound(h, netns.fd, netns.cookie, v4, v6, &instance, &err, err.count) == 0, let instance else {
+            throw KernelError.attach(Self.text(err))
+        }
+        return instance
+    }
+
     static func endpoint(_ a: SocketAddress, netns: UInt64) -> ft_relay_endpoint {
         var e = ft_relay_endpoint()
         e.netns_cookie = netns

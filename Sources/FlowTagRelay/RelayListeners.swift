@@ -112,6 +112,7 @@ extension StreamRelay {
             }
             guard let ns else { throw KernelError.invalidArgument("no process is in that network namespace any more") }
             try openListeners(in: ns)
+            if hasInboundRules { try openInbound(in: ns) }
         } catch {
             logger.warning("relay: cannot listen in a process's network namespace; its connects go direct",
                            metadata: ["netns": "\(r.netns_cookie)", "pid": "\(r.tgid)", "why": "\(error)"])
@@ -122,6 +123,7 @@ extension StreamRelay {
     /// process and no relayed flow is in any more is let go (the listener would keep it alive).
     func housekeeping() {
         guard drainDeadline == nil else { return }
+        followInboundNamespaces()
         let live = listeners.count > 1 ? Self.namespacesInUse() : []
         for l in Array(listeners.values) {
             if l.ns.cookie != home.cookie, !live.contains(l.ns.inode), !flowByCookie.values.contains(where: { $0.netns == l.ns.cookie }) {
@@ -149,7 +151,7 @@ extension StreamRelay {
         return pids
     }
 
-    private static func eachProcessNamespace(_ body: (UInt32, UInt64) -> Void) {
+    static func eachProcessNamespace(_ body: (UInt32, UInt64) -> Void) {
         guard let dir = opendir("/proc") else { return }
         defer { closedir(dir) }
         while let e = readdir(dir) {

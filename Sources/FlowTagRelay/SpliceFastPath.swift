@@ -39,6 +39,10 @@ struct SpliceLane {
     var written: (hold: Bool, consumed: UInt64)?
     /// recv() said end of file while passed bytes were still on their way to the agent.
     var eofEarly = false
+    /// What the last tick saw: a lane whose kernel moved nothing since, with nothing
+    /// queued then, is not measured again.
+    var lastRedirected: UInt64 = 0
+    var lastLag: Int64 = 0
 }
 
 /// The fast path's state of one flow: its two sockets' cookies and a lane per direction.
@@ -177,36 +181,38 @@ extension StreamRelay {
     }
 
     /// Every millisecond while flows are on the fast path: holds a direction whose kernel
-    /// queue is over the limit and resumes it at 0, reads what an early EOF left, sends
-    /// FINs that waited for the queue, and resets flows whose socket reported an error.
+    /// queue is over the limit and resumes it at 0, reads what an early EOF left, and
+    /// sends FINs that waited for the queue. (A psock's send error is the socket's error:
+    /// epoll reports it.)
     func spliceTick() {
         for cookie in spliced {
             guard let flow = flowByCookie[cookie], flow.splice != nil else { spliced.remove(cookie); continue }
+            var waiting = false
             for d in [StreamDirection.send, .receive] {
                 let i = RelayedFlow.index(d)
                 guard !flow.finForwarded[i], let stat = spliceStat(flow, d) else { continue }
+                let lane = flow.splice!.lanes[i]
+                let finWaits = flow.finPending(d)
+                guard stat.redirected != lane.lastRedirected || lane.lastLag > 0 || lane.throttled || lane.eofEarly || finWaits else { continue }
                 let lag = spliceLag(flow, d, stat)
-                if !flow.splice!.lanes[i].throttled && lag > Int64(Self.spliceQueueLimit) {
+                flow.splice!.lanes[i].lastRedirected = stat.redirected
+                flow.splice!.lanes[i].lastLag = lag
+                if !lane.throttled && lag > Int64(Self.spliceQueueLimit) {
                     flow.splice!.lanes[i].throttled = true
                     counters.fastPathHolds.add(1, ordering: .relaxed)
-                } else if flow.splice!.lanes[i].throttled && lag <= 0 {
+                } else if lane.throttled && lag <= 0 {
                     // Only at 0: bytes the agent relays itself must not overtake
                     // redirected ones still queued for the writer.
                     flow.splice!.lanes[i].throttled = false
                 }
-                if flow.splice!.lanes[i].eofEarly {
+                if lane.eofEarly {
                     flow.splice!.lanes[i].eofEarly = false
                     read(flow, d)
+                    guard flowByCookie[cookie] === flow else { break }
                 }
-                guard flowByCookie[cookie] === flow else { break }
+                waiting = waiting || finWaits || lane.eofEarly || lane.throttled != flow.splice!.lanes[i].throttled
             }
-            guard flowByCookie[cookie] === flow else { continue }
-            for fd in [flow.processSide, flow.peerSide] {
-                var err: Int32 = 0
-                var len = socklen_t(4)
-                if getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0, err != 0 { abort(flow, why: err); break }
-            }
-            if flowByCookie[cookie] === flow { update(flow) }
+            if waiting, flowByCookie[cookie] === flow { update(flow) }
         }
     }
 

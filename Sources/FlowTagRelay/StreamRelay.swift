@@ -58,7 +58,10 @@ public final class StreamRelay: @unchecked Sendable {
     var flowByFD: [Int32: RelayedFlow] = [:]
     var flowByCookie: [UInt64: RelayedFlow] = [:]
     var requestsFD: Int32 = -1
-    var inboundListenerFDs: [Int32] = []
+    /// Inbound relaying per network namespace, and by listener socket.
+    var inbound: [UInt64: InboundNamespace] = [:]
+    var inboundByFD: [Int32: InboundNamespace] = [:]
+    let inboundCount = Atomic<Int>(0)
     /// Inbound flows connected to their server, waiting (until the instant) for sockops
     /// to name the server's socket before their callouts begin.
     var awaitingServer: [UInt64: ContinuousClock.Instant] = [:]
@@ -112,7 +115,10 @@ public final class StreamRelay: @unchecked Sendable {
             }, context: ctx)
             epoll.add(requestsFD, for: .readable)
             try openListeners(in: home)
-            if hasInboundRules { try openInboundListeners() }
+            if hasInboundRules {
+                try openInbound(in: home)
+                followInboundNamespaces()
+            }
             try kernel.setRules(rules)
         } catch {
             closeInboundListeners()
@@ -189,7 +195,7 @@ public final class StreamRelay: @unchecked Sendable {
             return
         }
         if let l = listenerByFD[fd] { acceptAll(l, fd: fd); return }
-        if inboundListenerFDs.contains(fd) { acceptInbound(fd); return }
+        if inboundByFD[fd] != nil { acceptInbound(fd); return }
         guard let flow = flowByFD[fd] else { return }
         if fd == flow.connectingSide && !flow.connected {
             finishConnect(flow)
@@ -261,6 +267,7 @@ public final class StreamRelay: @unchecked Sendable {
         if flow.isAborted { return reset(flow) }
         guard flow.connected else { return }
         enterFastPath(flow)
+        guard flowByCookie[flow.cookie] === flow else { return }
         for d in [StreamDirection.send, .receive] {
             let i = RelayedFlow.index(d)
             do {
@@ -369,7 +376,7 @@ public final class StreamRelay: @unchecked Sendable {
             kernel.removeListener(netns: netns)
             for fd in l.sockets { acceptAll(l, fd: fd) }
         }
-        for fd in inboundListenerFDs { acceptInbound(fd) }
+        for fd in Array(inboundByFD.keys) { acceptInbound(fd) }
         closeInboundListeners()
         closeListeners()
         drainDeadline = ContinuousClock.now.advanced(by: options.drain)
@@ -467,6 +474,8 @@ public final class StreamRelay: @unchecked Sendable {
             ReportedValue(metric: "relay_fast_path_refused", unit: "total",
                           help: "Connections the sockhash would not take (full): they were copied.",
                           kind: .counter) { c.fastPathRefused.load(ordering: .relaxed) },
+            ReportedValue(metric: "relay_inbound_namespaces", unit: "", help: "Network namespaces where inbound rules relay (each with its own sk_lookup program).",
+                          kind: .gauge) { [weak self] in UInt64(self?.inboundCount.load(ordering: .relaxed) ?? 0) },
             ReportedValue(metric: "relay_listeners", unit: "", help: "Network namespaces with a relay listener.", kind: .gauge) { [weak self] in
                 UInt64(self?.listenerCount.load(ordering: .relaxed) ?? 0) },
         ]

@@ -100,6 +100,12 @@ struct ABILayoutTests {
         #expect(MemoryLayout<ft_relay_inbound>.size == 104)
         #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.owner) == 32)
         #expect(MemoryLayout<ft_relay_inbound>.offset(of: \.server_cookie) == 96)
+        #expect(MemoryLayout<ft_relay_splice_ctl>.size == 24)
+        #expect(MemoryLayout<ft_relay_splice_ctl>.offset(of: \.consumed) == 8)
+        #expect(MemoryLayout<ft_relay_splice_ctl>.offset(of: \.hold) == 16)
+        #expect(MemoryLayout<ft_relay_splice_stat>.size == 56)
+        #expect(MemoryLayout<ft_relay_splice_stat>.offset(of: \.passed) == 8)
+        #expect(MemoryLayout<ft_relay_splice_stat>.offset(of: \.next_seq) == 40)
     }
 
     @Test func everyStructIsEightByteAligned() {
@@ -108,7 +114,8 @@ struct ABILayoutTests {
                      MemoryLayout<ft_close_stats>.size, MemoryLayout<ft_event>.size, MemoryLayout<ft_proc>.size,
                      MemoryLayout<ft_relay_orig>.size, MemoryLayout<ft_relay_pending_key>.size, MemoryLayout<ft_relay_listener>.size,
                      MemoryLayout<ft_relay_hint_key>.size, MemoryLayout<ft_relay_request>.size,
-                     MemoryLayout<ft_relay_endpoint>.size, MemoryLayout<ft_relay_inbound>.size] {
+                     MemoryLayout<ft_relay_endpoint>.size, MemoryLayout<ft_relay_inbound>.size,
+                     MemoryLayout<ft_relay_splice_ctl>.size, MemoryLayout<ft_relay_splice_stat>.size] {
             #expect(size % 8 == 0)
         }
     }

@@ -153,6 +153,52 @@ struct RelayFaultTests {
         }
     }
 
+    @Test("inbound in another network namespace (a container's server): relayed once the agent finds the namespace; the server sees the real client")
+    func inboundInAnotherNamespace() async throws {
+        let ns = try TestNetns()
+        defer { ns.remove() }
+        let port = try freeTCPPort()
+        try await withRelayAgent("""
+              rules:
+                - direction: inbound
+                  local_port: \(port)
+              callouts:
+                - type: edit
+                  direction: receive
+                  pattern: rainy
+                  replacement: cloudy
+                - type: edit
+                  direction: send
+                  pattern: cloudy
+                  replacement: sunny
+            """) { a in
+            // The namespace has no process until the server starts: the agent finds it at
+            // its next look at the namespaces (every 5 s) and attaches a program there.
+            let (server, _) = try await startServer(bind: ns.nsAddress, netns: ns.name, port: port, in: a.cgroup)
+            defer { server.kill() }
+            let (rc, out, err) = try runCommand(ns.wrap([Paths.python, "-c",
+                "import socket;s=socket.socket();print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET,71,8),'little'))"]))
+            let cookie = out.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(rc == 0 && !cookie.isEmpty, "\(err)")
+            func ready() -> Bool {
+                a.process.stderrText.split(separator: "\n").contains { $0.contains("inbound listeners ready") && $0.contains("netns=\(cookie)") }
+            }
+            for _ in 0..<150 where !ready() { try await Task.sleep(for: .milliseconds(100)) }
+            #expect(ready(), "the agent never relayed inbound in the server's namespace: \(a.process.stderrText.suffix(1500))")
+            // The client is on the host: its connection comes in through the veth.
+            let c = try Child([Paths.python, Paths.relayPeer, "client", ns.nsAddress, "\(port)", "--text", "--edit",
+                               "--size", "200000", "--max-chunk", "4096", "--seed", "31"])
+            #expect(try await c.wait(timeout: 90) == 0, "\(c.stderrText)")
+            let r = firstResult(c.jsonLines.last ?? [:])
+            #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r) hops \(relayHops(a))")
+            let served = try await server.waitForLines(1)
+            #expect(served.first?["sha"] as? String == r["server_sha"] as? String, "the server got the receive-side edit: \(served)")
+            #expect(served.first?["peer_port"] as? Int == r["local_port"] as? Int, "the server's accept names the real client: \(served)")
+            #expect(try a.stats()["relay_inbound_redirected"] as? Int == 1)
+            #expect(try relayedFlowCount(a) == 1)
+        }
+    }
+
     @Test("the documented example callout (a user-written StreamCallout) builds and runs")
     func exampleCalloutRuns() async throws {
         let (server, port) = try await startServer()

@@ -153,6 +153,13 @@ int ftrelay_attach_inbound(struct ftrelay *r, int netns_fd, char *err, size_t er
 /* Attach the fast path's verdict to its sockhash (released with the map when the agent
  * exits, however it exits). */
 int ftrelay_attach_splice(struct ftrelay *r, char *err, size_t err_len);
+/* Inbound relaying in another network namespace: a second instance of the relay object
+ * sharing every map of `main` but its own ft_relay_home (set to netns_cookie) and
+ * ft_relay_inbound_listener (v4_fd, and v6_fd when >= 0: listeners made in that
+ * namespace), with only its sk_lookup program loaded and attached to netns_fd. Free
+ * with ftrelay_destroy (it detaches). */
+int ftrelay_open_inbound(struct ftrelay *main, int netns_fd, uint64_t netns_cookie, int v4_fd, int v6_fd,
+                         struct ftrelay **out, char *err, size_t err_len);
 /* Detach, close and free. NULL is fine. */
 void ftrelay_destroy(struct ftrelay *r);
 int ftrelay_map_fd(struct ftrelay *r, enum ftrelay_map map);
