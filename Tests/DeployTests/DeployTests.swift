@@ -172,7 +172,7 @@ struct RelayCapabilityTests {
     /// The unit's set plus CAP_SYS_ADMIN relays a container's connects (setns into its
     /// network namespace to listen there); without it the agent still relays its own
     /// namespace, and the container's connects go direct, counted and logged.
-    @Test("sys_admin is what relaying another network namespace needs; the unit's other capabilities suffice for the agent's own")
+    @Test("sys_admin is what relaying another network namespace needs; the unit's other capabilities suffice for the agent's own, sockmap fast path included")
     func relayCapabilities() async throws {
         try ensureBPFFS()
         let ns = try TestNetns()
@@ -189,7 +189,7 @@ struct RelayCapabilityTests {
             try FileManager.default.createDirectory(atPath: bpfDir, withIntermediateDirectories: true)
             chown(dir, 65534, 65534); chown(bpfDir, 65534, 65534)
             defer { try? FileManager.default.removeItem(atPath: dir); _ = try? runCommand(["/bin/rm", "-rf", bpfDir]) }
-            try "stream:\n  rules:\n    - remote_port: \(port)\n".write(toFile: dir + "/config.yaml", atomically: true, encoding: .utf8)
+            try "stream:\n  fast_path: sockmap\n  callouts:\n    - type: allow\n  rules:\n    - remote_port: \(port)\n".write(toFile: dir + "/config.yaml", atomically: true, encoding: .utf8)
             let set = caps.map { "+" + $0 }.joined(separator: ",")
             let a = try Child(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all," + set,
                                "--ambient-caps=-all," + set, "--bounding-set=-all," + set, Paths.flowtagd, "--config", dir + "/config.yaml",
@@ -198,9 +198,9 @@ struct RelayCapabilityTests {
             defer { a.kill() }
             for _ in 0..<500 where access(dir + "/api.sock", F_OK) != 0 && a.isRunning { try await Task.sleep(for: .milliseconds(20)) }
             try #require(a.isRunning, "agent with \(caps): \(a.stderrText)")
-            func relayed() throws -> Int {
+            func relayed(_ field: String = "relayed_flows") throws -> Int {
                 let r = try APIClient(socketPath: dir + "/api.sock").get("/v1/stats")
-                return ((try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any])?["relayed_flows"] as? Int) ?? -1
+                return ((try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any])?[field] as? Int) ?? -1
             }
             func echo(_ argv: [String]) throws {
                 let script = "import socket;s=socket.create_connection(('\(ns.hostAddress)',\(port)),timeout=5);s.sendall(b'x');assert s.recv(1)==b'x'"
@@ -209,6 +209,7 @@ struct RelayCapabilityTests {
             }
             try echo([])
             #expect(try relayed() == 1, "the agent's own namespace is relayed with \(caps)")
+            #expect(try relayed("relay_fast_path_flows") == 1, "on the sockmap fast path with \(caps): \(a.stderrText.suffix(800))")
             for _ in 0..<4 {
                 try echo(ns.wrap([]))
                 try await Task.sleep(for: .milliseconds(300))
