@@ -158,20 +158,7 @@ struct RelayFaultTests {
         let ns = try TestNetns()
         defer { ns.remove() }
         let port = try freeTCPPort()
-        try await withRelayAgent("""
-              rules:
-                - direction: inbound
-                  local_port: \(port)
-              callouts:
-                - type: edit
-                  direction: receive
-                  pattern: rainy
-                  replacement: cloudy
-                - type: edit
-                  direction: send
-                  pattern: cloudy
-                  replacement: sunny
-            """) { a in
+        try await withRelayAgent(inboundEditStream(port: port)) { a in
             // The namespace has no process until the server starts: the agent finds it at
             // its next look at the namespaces (every 5 s) and attaches a program there.
             let (server, _) = try await startServer(bind: ns.nsAddress, netns: ns.name, port: port, in: a.cgroup)

@@ -89,6 +89,27 @@ func expectFastPathUsed(_ a: RunningAgent, _ fastPath: String, flows: Int, sourc
     #expect((metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0) > 0, "the kernel moved no byte", sourceLocation: sourceLocation)
 }
 
+/// An inbound rule for a server's port with relaypeer's `--edit` pair of callouts. Into
+/// the local process is `receive`, out of it `send`: the client's bytes are edited on the
+/// way in (rainy → cloudy), the server's answer on the way out (cloudy → sunny).
+func inboundEditStream(port: UInt16) -> String {
+    """
+      rules:
+        - direction: inbound
+          local_port: \(port)
+      callouts:
+        - type: edit
+          direction: receive
+          pattern: rainy
+          replacement: cloudy
+        - type: edit
+          direction: send
+          pattern: cloudy
+          replacement: sunny
+
+    """
+}
+
 /// Runs a relaypeer client (`client`, `upload`, …) inside the agent's cgroup; returns its last JSON line.
 func relayPeer(_ a: RunningAgent, _ command: String, _ args: [String], timeout: Double = 90) async throws -> [String: Any] {
     let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, command] + args))

@@ -377,22 +377,7 @@ struct RelayStreamTests {
           arguments: ["127.0.0.1", "::1"])
     func inboundThroughTheCallouts(address: String) async throws {
         let port = try freeTCPPort()
-        // Into the local process is `receive`, out of it `send`: the client's bytes are
-        // edited on the way in, the server's answer on the way out.
-        try await withRelayAgent("""
-              rules:
-                - direction: inbound
-                  local_port: \(port)
-              callouts:
-                - type: edit
-                  direction: receive
-                  pattern: rainy
-                  replacement: cloudy
-                - type: edit
-                  direction: send
-                  pattern: cloudy
-                  replacement: sunny
-            """) { a in
+        try await withRelayAgent(inboundEditStream(port: port)) { a in
             let (server, _) = try await startServer(bind: address, port: port, in: a.cgroup)
             defer { server.kill() }
             var clientPorts: [Int] = [], wanted: [String] = []
