@@ -133,8 +133,10 @@ int ftrelay_open_inbound(struct ftrelay *main, int netns_fd, uint64_t netns_cook
 {
     *out = NULL;
     struct ftrelay *r = calloc(1, sizeof(*r));
-    if (!r)
+    if (!r) {
+        ftbpf_set_err(err, err_len, "allocate a network namespace's inbound program", -ENOMEM);
         return -ENOMEM;
+    }
     int rc = 0;
     r->skel = relay_bpf__open();
     if (!r->skel) {

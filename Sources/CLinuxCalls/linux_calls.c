@@ -30,7 +30,7 @@ int lc_accept_nonblock(int listener)
     int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     return fd < 0 ? -errno : fd;
 }
-int lc_tcp_bytes_queued(int fd, uint64_t *out)
+static int tcp_bytes_acked(int fd, uint64_t *acked)
 {
     struct tcp_info info;
     socklen_t len = sizeof(info);
@@ -39,11 +39,29 @@ int lc_tcp_bytes_queued(int fd, uint64_t *out)
         return -errno;
     if (len < offsetof(struct tcp_info, tcpi_bytes_acked) + sizeof(info.tcpi_bytes_acked))
         return -ENOTSUP;
-    int queued = 0;
+    *acked = info.tcpi_bytes_acked;
+    return 0;
+}
+int lc_tcp_bytes_queued(int fd, int upper, uint64_t *out)
+{
+    uint64_t acked = 0;
+    int queued = 0, rc;
+    if (!upper && (rc = tcp_bytes_acked(fd, &acked)))
+        return rc;
     if (ioctl(fd, SIOCOUTQ, &queued))
         return -errno;
-    *out = info.tcpi_bytes_acked + (uint64_t)(queued > 0 ? queued : 0);
+    if (upper && (rc = tcp_bytes_acked(fd, &acked)))
+        return rc;
+    *out = acked + (uint64_t)(queued > 0 ? queued : 0);
     return 0;
+}
+int lc_tcp_state(int fd)
+{
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len))
+        return -errno;
+    return info.tcpi_state;
 }
 int lc_statfs_type(const char *path, int64_t *type)
 {

@@ -332,11 +332,13 @@ public final class KernelPrograms: @unchecked Sendable {
 
 /// Reads a whole BPF hash map: in batches (one system call per few thousand entries),
 /// or key by key where the kernel has no batch reads for the map type.
-struct MapIterator<Key, Value> {
+public struct MapIterator<Key, Value> {
     let fd: Int32
     static var batch: Int { 4096 }
 
-    func all() -> [(Key, Value)] {
+    public init(fd: Int32) { self.fd = fd }
+
+    public func all() -> [(Key, Value)] {
         if let batched = allBatched() { return batched }
         return allByKey()
     }

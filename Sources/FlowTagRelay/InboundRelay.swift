@@ -83,6 +83,8 @@ extension StreamRelay {
     /// Every few seconds with inbound rules: every network namespace a process is in gets
     /// inbound relaying (servers in containers too); one no process is in any more, and
     /// no relayed flow, is let go.
+    static let inboundOpensPerLook = 16
+
     func followInboundNamespaces() {
         guard hasInboundRules, drainDeadline == nil else { return }
         var pidByInode: [UInt64: UInt32] = [:]
@@ -93,12 +95,18 @@ extension StreamRelay {
             logger.info("relay: the network namespace is gone; its inbound listeners close", metadata: ["netns": "\(n.ns.cookie)"])
             dropInbound(n)
         }
-        for (inode, pid) in pidByInode where !known.contains(inode) && inode != home.inode {
+        inboundFailed.formIntersection(pidByInode.keys)
+        // A few per look: each is a program load, and the relay thread relays meanwhile.
+        var opened = 0
+        for (inode, pid) in pidByInode where !known.contains(inode) && inode != home.inode && !inboundFailed.contains(inode) {
+            guard opened < Self.inboundOpensPerLook, inbound.count < RelayKernel.maxListeners else { return }
+            opened += 1
             do {
                 try openInbound(in: try NetworkNamespace.of(pid: pid, home: home))
             } catch {
-                if inbound.count >= RelayKernel.maxListeners { return }
-                logger.debug("relay: no inbound relaying in a network namespace", metadata: ["pid": "\(pid)", "why": "\(error)"])
+                // Not tried again while the namespace lives (a process leaving, a setns refused).
+                inboundFailed.insert(inode)
+                logger.notice("relay: no inbound relaying in a network namespace", metadata: ["pid": "\(pid)", "why": "\(error)"])
             }
         }
     }

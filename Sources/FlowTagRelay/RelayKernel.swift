@@ -143,6 +143,11 @@ public final class RelayKernel: @unchecked Sendable {
         return value
     }
 
+    /// Every fast-path socket's counters, by cookie (one system call per few thousand).
+    func spliceStats() -> [UInt64: ft_relay_splice_stat] {
+        Dictionary(MapIterator<UInt64, ft_relay_splice_stat>(fd: fd(FTRELAY_MAP_SPLICE_STAT)).all(), uniquingKeysWith: { a, _ in a })
+    }
+
     /// Attaches the sockmap fast path's verdict (stream.fast_path: sockmap).
     func attachFastPath() throws {
         guard let h = handle else { throw KernelError.invalidArgument("the relay object is closed") }

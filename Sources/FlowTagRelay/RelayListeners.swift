@@ -112,7 +112,11 @@ extension StreamRelay {
             }
             guard let ns else { throw KernelError.invalidArgument("no process is in that network namespace any more") }
             try openListeners(in: ns)
-            if hasInboundRules { try openInbound(in: ns) }
+            if hasInboundRules {
+                do { try openInbound(in: ns) } catch {
+                    logger.warning("relay: no inbound relaying in a process's network namespace", metadata: ["netns": "\(ns.cookie)", "why": "\(error)"])
+                }
+            }
         } catch {
             logger.warning("relay: cannot listen in a process's network namespace; its connects go direct",
                            metadata: ["netns": "\(r.netns_cookie)", "pid": "\(r.tgid)", "why": "\(error)"])

@@ -54,11 +54,12 @@ extension StreamRelay {
     /// Redirected bytes queued in the kernel above this pause a direction.
     static let spliceQueueLimit: UInt64 = 4 << 20
 
-    /// Bytes ever put into a socket's send queue (0 if the kernel cannot say: the FIN
-    /// then waits, never goes early).
-    static func queuedTotal(_ fd: Int32) -> UInt64 {
+    /// Bytes ever put into a socket's send queue: a lower bound (`upper` false: what the
+    /// writer has taken, so lag is never under-estimated) or an upper bound (the base at
+    /// entry, for the same reason). nil if the kernel cannot say.
+    static func queuedTotal(_ fd: Int32, upper: Bool = false) -> UInt64? {
         var total: UInt64 = 0
-        return lc_tcp_bytes_queued(fd, &total) == 0 ? total : 0
+        return lc_tcp_bytes_queued(fd, upper ? 1 : 0, &total) == 0 ? total : nil
     }
 
     static func socketCookie(_ fd: Int32) -> UInt64? {
@@ -79,10 +80,22 @@ extension StreamRelay {
               awaitingServer[flow.cookie] == nil, flow.readClosed == [false, false], flow.finForwarded == [false, false],
               passesThrough(flow, .send) || passesThrough(flow, .receive),
               let process = Self.socketCookie(flow.processSide), let peer = Self.socketCookie(flow.peerSide) else { return }
+        // Only established sockets go in (one whose FIN came would be refused after the
+        // other went in). The bases are measured now: nothing is redirected before the
+        // holds are lifted, and the agent writes nothing in between.
+        let tcpEstablished: Int32 = 1
+        guard lc_tcp_state(flow.processSide) == tcpEstablished, lc_tcp_state(flow.peerSide) == tcpEstablished,
+              let peerBase = Self.queuedTotal(flow.peerSide, upper: true),
+              let processBase = Self.queuedTotal(flow.processSide, upper: true) else {
+            flow.fastPathRefused = true
+            counters.fastPathRefused.add(1, ordering: .relaxed)
+            return
+        }
         var lanes: [SpliceLane] = []
         for d in [StreamDirection.send, .receive] {
             let (reader, writer) = d == .send ? (process, peer) : (peer, process)
-            lanes.append(SpliceLane(readerCookie: reader, writerCookie: writer, passedRead: UInt64(flow.pendingBytes(d)), baseOut: 0))
+            lanes.append(SpliceLane(readerCookie: reader, writerCookie: writer, passedRead: UInt64(flow.pendingBytes(d)),
+                                    baseOut: d == .send ? peerBase : processBase))
         }
         flow.splice = SplicedFlow(lanes: lanes)
         for lane in lanes {
@@ -93,14 +106,24 @@ extension StreamRelay {
         }
         // Held while the sockets go in: a redirect to a socket not in the map yet would fail.
         for d in [StreamDirection.send, .receive] { writeControl(flow, d, hold: true) }
-        for (fd, cookie) in [(flow.peerSide, peer), (flow.processSide, process)] {
+        for (n, (fd, cookie)) in [(flow.peerSide, peer), (flow.processSide, process)].enumerated() {
             var key = cookie
             var value = UInt64(fd)
             let rc = ftbpf_map_update(kernel.fd(FTRELAY_MAP_SPLICE), &key, &value, 1 /* BPF_NOEXIST */)
-            guard rc == 0 else { return refuseFastPath(flow, -rc) }
+            guard rc == 0 else {
+                if n == 0 { return refuseFastPath(flow, -rc) }
+                // The peer's socket went in: taking it out drops what its psock holds. Read
+                // that out, take the socket out, then check nothing came in between.
+                read(flow, .receive)
+                guard flowByCookie[flow.cookie] === flow, flow.splice != nil else { return }
+                var first = peer
+                _ = ftbpf_map_delete(kernel.fd(FTRELAY_MAP_SPLICE), &first)
+                let lost = (spliceStat(flow, .receive)?.passed ?? 0) > flow.splice!.lanes[1].passedRead
+                refuseFastPath(flow, -rc)
+                if lost { abort(flow, why: -rc) }
+                return
+            }
         }
-        flow.splice!.lanes[0].baseOut = Self.queuedTotal(flow.peerSide)
-        flow.splice!.lanes[1].baseOut = Self.queuedTotal(flow.processSide)
         counters.fastPathFlows.add(1, ordering: .relaxed)
         spliced.insert(flow.cookie)
         syncFastPath(flow)
@@ -109,7 +132,8 @@ extension StreamRelay {
         read(flow, .receive)
     }
 
-    /// The kernel would not take the flow (the sockhash is full): it is copied.
+    /// The kernel would not take the flow (the sockhash is full, or a socket is no longer
+    /// established): it is copied.
     private func refuseFastPath(_ flow: RelayedFlow, _ err: Int32) {
         logger.notice("relay: fast path refused, the flow is copied", metadata: [
             "flow": "\(flow.cookie)", "why": "\(String(cString: strerror(err)))"])
@@ -141,7 +165,8 @@ extension StreamRelay {
     /// Redirected bytes of a direction not yet in its writing socket's send queue.
     func spliceLag(_ flow: RelayedFlow, _ d: StreamDirection, _ stat: ft_relay_splice_stat) -> Int64 {
         guard let lane = flow.splice?.lanes[RelayedFlow.index(d)] else { return 0 }
-        let inWriter = Int64(bitPattern: Self.queuedTotal(flow.writer(d)) &- lane.baseOut &- lane.agentWritten)
+        guard let queued = Self.queuedTotal(flow.writer(d)) else { return Int64.max } // unknown: wait
+        let inWriter = Int64(bitPattern: queued &- lane.baseOut &- lane.agentWritten)
         return Int64(bitPattern: stat.redirected) - inWriter
     }
 
@@ -155,6 +180,22 @@ extension StreamRelay {
             let lane = flow.splice!.lanes[i]
             writeControl(flow, d, hold: !through || lane.throttled || lane.draining)
         }
+    }
+
+    /// While reading passed bytes: writes them on at once (if nothing redirected is still
+    /// on its way). False when the flow ended. The read that finds nothing more tells the
+    /// verdict that nothing is owed (`syncFastPath`): the moment between them is all a
+    /// busy stream has to slip another skb into the agent's queue, so it is kept short.
+    func spliceWriteOn(_ flow: RelayedFlow, _ d: StreamDirection) -> Bool {
+        guard flow.connected, !flow.isAborted, spliceMayWrite(flow, d) else { return !flow.isAborted }
+        do {
+            let n = try flow.flush(d)
+            flow.splice?.lanes[RelayedFlow.index(d)].agentWritten += UInt64(n)
+        } catch RelayError.io(let err) {
+            abort(flow, why: err)
+            return false
+        } catch {}
+        return true
     }
 
     /// The agent read `n` passed bytes.
@@ -173,6 +214,13 @@ extension StreamRelay {
         return final
     }
 
+    /// Whether the agent may write a direction's output now: not while redirected bytes
+    /// are still on their way to the writer (they came first).
+    func spliceMayWrite(_ flow: RelayedFlow, _ d: StreamDirection) -> Bool {
+        guard flow.splice != nil, flow.pendingBytes(d) > 0 else { return true }
+        return spliceFINReady(flow, d)
+    }
+
     /// Whether the FIN of a direction may go on: every redirected byte is in the writing
     /// socket's send queue (no event says so: the tick polls).
     func spliceFINReady(_ flow: RelayedFlow, _ d: StreamDirection) -> Bool {
@@ -180,20 +228,31 @@ extension StreamRelay {
         return spliceLag(flow, d, stat) <= 0
     }
 
-    /// Every millisecond while flows are on the fast path: holds a direction whose kernel
-    /// queue is over the limit and resumes it at 0, reads what an early EOF left, and
-    /// sends FINs that waited for the queue. (A psock's send error is the socket's error:
-    /// epoll reports it.)
+    /// How often the fast path's counters are read: every millisecond for up to 64 flows,
+    /// less often with more (one batched read each time; what a direction can queue
+    /// beyond the hold limit grows with the interval).
+    var spliceTickInterval: Duration { .microseconds(max(1000, spliced.count * 1000 / 64)) }
+
+    /// Holds a direction whose kernel queue is over the limit and resumes it at 0, reads
+    /// what an early EOF left, sends FINs that waited for the queue, and resets a flow
+    /// whose verdict could not trim an skb (never a silent duplicate). A psock's send
+    /// error is the socket's error: epoll reports it.
     func spliceTick() {
+        let stats = kernel.spliceStats()
         for cookie in spliced {
             guard let flow = flowByCookie[cookie], flow.splice != nil else { spliced.remove(cookie); continue }
             var waiting = false
             for d in [StreamDirection.send, .receive] {
                 let i = RelayedFlow.index(d)
-                guard !flow.finForwarded[i], let stat = spliceStat(flow, d) else { continue }
-                let lane = flow.splice!.lanes[i]
-                let finWaits = flow.finPending(d)
-                guard stat.redirected != lane.lastRedirected || lane.lastLag > 0 || lane.throttled || lane.eofEarly || finWaits else { continue }
+                guard !flow.finForwarded[i], let lane = flow.splice?.lanes[i], let stat = stats[lane.readerCookie] else { continue }
+                if stat.trim_failed != 0 {
+                    logger.error("relay: the fast path could not cut a repeated skb head; the flow is reset", metadata: ["flow": "\(flow.cookie)"])
+                    abort(flow, why: EPROTO)
+                    break
+                }
+                let finWaits = flow.finPending(d), outputWaits = flow.pendingBytes(d) > 0
+                guard stat.redirected != lane.lastRedirected || lane.lastLag > 0 || lane.throttled || lane.eofEarly || finWaits
+                        || outputWaits else { continue }
                 let lag = spliceLag(flow, d, stat)
                 flow.splice!.lanes[i].lastRedirected = stat.redirected
                 flow.splice!.lanes[i].lastLag = lag
@@ -210,7 +269,7 @@ extension StreamRelay {
                     read(flow, d)
                     guard flowByCookie[cookie] === flow else { break }
                 }
-                waiting = waiting || finWaits || lane.eofEarly || lane.throttled != flow.splice!.lanes[i].throttled
+                waiting = waiting || finWaits || outputWaits || lane.eofEarly || lane.throttled != flow.splice!.lanes[i].throttled
             }
             if waiting, flowByCookie[cookie] === flow { update(flow) }
         }

@@ -62,6 +62,8 @@ public final class StreamRelay: @unchecked Sendable {
     var inbound: [UInt64: InboundNamespace] = [:]
     var inboundByFD: [Int32: InboundNamespace] = [:]
     let inboundCount = Atomic<Int>(0)
+    /// Namespaces (by inode) where inbound relaying could not start.
+    var inboundFailed: Set<UInt64> = []
     /// Inbound flows connected to their server, waiting (until the instant) for sockops
     /// to name the server's socket before their callouts begin.
     var awaitingServer: [UInt64: ContinuousClock.Instant] = [:]
@@ -77,6 +79,7 @@ public final class StreamRelay: @unchecked Sendable {
 
     static let readSize = 1 << 16
     static let readRounds = 4
+    static let spliceReadRounds = 64
     /// How long the relay thread keeps polling after an event before it sleeps in epoll.
     static let busyPoll: Duration = .microseconds(50)
 
@@ -170,7 +173,7 @@ public final class StreamRelay: @unchecked Sendable {
             if !awaitingServer.isEmpty { checkAwaitingServers() }
             if !spliced.isEmpty && ContinuousClock.now >= nextSpliceTick {
                 spliceTick()
-                nextSpliceTick = ContinuousClock.now.advanced(by: .milliseconds(1))
+                nextSpliceTick = ContinuousClock.now.advanced(by: spliceTickInterval)
             }
             if n > 0 { lastBusy = ContinuousClock.now }
             for cookie in dirty.withLock({ d -> [UInt64] in defer { d.removeAll() }; return d }) {
@@ -234,7 +237,9 @@ public final class StreamRelay: @unchecked Sendable {
     /// turn; epoll reports the rest again) into the callouts.
     func read(_ flow: RelayedFlow, _ d: StreamDirection) {
         let fd = flow.reader(d)
-        for _ in 0..<Self.readRounds {
+        // On the fast path the agent catches up with what it was passed (until EAGAIN):
+        // the kernel redirects again only once it owes nothing.
+        for _ in 0..<(flow.splice == nil ? Self.readRounds : Self.spliceReadRounds) {
             guard canRead(flow, d) else { return }
             var n = 0, err: Int32 = 0
             let bytes = [UInt8](unsafeUninitializedCapacity: Self.readSize) { buf, count in
@@ -248,13 +253,14 @@ public final class StreamRelay: @unchecked Sendable {
                 // Small reads are kept at their size: what waits is bounded by bytes, and a
                 // 64 KiB array per 1 KiB message would hold 64 times that in memory.
                 flow.received(n > Self.readSize / 2 ? bytes : Array(bytes[...]), d)
+                if flow.splice != nil && !spliceWriteOn(flow, d) { return }
             } else if n == 0 {
                 guard spliceEOFIsFinal(flow, d) else { return }
                 flow.readClosed[RelayedFlow.index(d)] = true
                 flow.receivedFIN(d)
                 return
             } else {
-                if err != EAGAIN && err != EINTR { abort(flow, why: err) }
+                if err != EAGAIN && err != EINTR { abort(flow, why: err) } else { syncFastPath(flow) }
                 return
             }
         }
@@ -268,8 +274,12 @@ public final class StreamRelay: @unchecked Sendable {
         guard flow.connected else { return }
         enterFastPath(flow)
         guard flowByCookie[flow.cookie] === flow else { return }
+        if flow.isAborted { return reset(flow) } // a callout dropped it while enterFastPath read
+        var mayWrite = [true, true]
         for d in [StreamDirection.send, .receive] {
             let i = RelayedFlow.index(d)
+            mayWrite[i] = spliceMayWrite(flow, d)
+            guard mayWrite[i] else { continue } // the tick comes back at lag 0
             do {
                 let n = try flow.flush(d)
                 flow.splice?.lanes[i].agentWritten += UInt64(n)
@@ -287,9 +297,9 @@ public final class StreamRelay: @unchecked Sendable {
             // A psock drops what it holds unread silently on close: reset instead.
             return spliceFullyRead(flow) ? closeCleanly(flow) : abort(flow, why: EPIPE)
         }
-        watch(flow.processSide, flow, readable: canRead(flow, .send), writable: flow.pendingBytes(.receive) > 0,
+        watch(flow.processSide, flow, readable: canRead(flow, .send), writable: mayWrite[1] && flow.pendingBytes(.receive) > 0,
               done: flow.readClosed[0] && flow.finForwarded[1])
-        watch(flow.peerSide, flow, readable: canRead(flow, .receive), writable: flow.pendingBytes(.send) > 0,
+        watch(flow.peerSide, flow, readable: canRead(flow, .receive), writable: mayWrite[0] && flow.pendingBytes(.send) > 0,
               done: flow.readClosed[1] && flow.finForwarded[0])
     }
 
@@ -472,7 +482,7 @@ public final class StreamRelay: @unchecked Sendable {
                           help: "Times a fast-path direction was held because the kernel's queue toward its writer was over the limit.",
                           kind: .counter) { c.fastPathHolds.load(ordering: .relaxed) },
             ReportedValue(metric: "relay_fast_path_refused", unit: "total",
-                          help: "Connections the sockhash would not take (full): they were copied.",
+                          help: "Connections the sockhash would not take (full, or a socket no longer established): copied, or reset if one of their sockets had gone in.",
                           kind: .counter) { c.fastPathRefused.load(ordering: .relaxed) },
             ReportedValue(metric: "relay_inbound_namespaces", unit: "", help: "Network namespaces where inbound rules relay (each with its own sk_lookup program).",
                           kind: .gauge) { [weak self] in UInt64(self?.inboundCount.load(ordering: .relaxed) ?? 0) },

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Synchronization
 @testable import FlowTagTestSupport
 
 #if canImport(Glibc)
@@ -24,20 +25,41 @@ func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: Strin
     return (server, port)
 }
 
-/// A TCP port nothing listens on now (for a rule written before its server starts).
+/// A TCP port nothing is bound to now (127.0.0.1 and ::1), below the kernel's ephemeral
+/// range: no client's source port can take it before the test's server binds it (other
+/// suites run at the same time). Spread by process id and a counter.
 func freeTCPPort() throws -> UInt16 {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
-    defer { close(fd) }
-    var sin = sockaddr_in()
-    sin.sin_family = sa_family_t(AF_INET)
-    sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let rc = withUnsafeMutablePointer(to: &sin) { p in
-        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 ? getsockname(fd, $0, &len) : -1 }
+    let range = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? "32768"
+    let low = range.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).first.flatMap { Int($0) } ?? 32768
+    let span = max(1, low - 10_000)
+    for _ in 0..<2000 {
+        let n = Int(portCounter.add(1, ordering: .relaxed).newValue)
+        let port = UInt16(10_000 + (Int(getpid()) * 7919 + n * 104_729) % span)
+        if bindable(port, family: AF_INET) && bindable(port, family: AF_INET6) { return port }
     }
-    guard rc == 0 else { throw TestFailure("bind: \(errno)") }
-    return UInt16(bigEndian: sin.sin_port)
+    throw TestFailure("no free TCP port below \(low)")
+}
+
+private let portCounter = Atomic<Int>(0)
+
+private func bindable(_ port: UInt16, family: Int32) -> Bool {
+    let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return family == AF_INET6 } // no IPv6 here: only IPv4 matters
+    defer { close(fd) }
+    if family == AF_INET {
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        sin.sin_port = port.bigEndian
+        sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        return withUnsafePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
+    }
+    var sin6 = sockaddr_in6()
+    sin6.sin6_family = sa_family_t(AF_INET6)
+    sin6.sin6_port = port.bigEndian
+    withUnsafeMutableBytes(of: &sin6.sin6_addr) { $0[15] = 1 }
+    return withUnsafePointer(to: &sin6) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) == 0 } }
 }
 
 /// Writes a config file with this `stream:` section (and any other top-level keys).
@@ -158,6 +180,17 @@ func relayedFlowCount(_ a: RunningAgent) throws -> Int {
 func socketState(port: UInt16) -> String {
     let filter = "( sport = :\(port) or dport = :\(port) )"
     return (try? runCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
+}
+
+/// Waits (up to 5 s) until process `pid` listens on `port`: a server that could not bind
+/// fails the test here, not as resets later.
+func waitForListener(port: UInt16, pid: Int32) async throws {
+    func listening() -> Bool {
+        let out = (try? runCommand(["/usr/bin/ss", "-Htlnp", "sport = :\(port)"]))?.1 ?? ""
+        return out.contains("pid=\(pid),")
+    }
+    for _ in 0..<250 where !listening() { try await Task.sleep(for: .milliseconds(20)) }
+    try #require(listening(), "pid \(pid) does not listen on port \(port): \(socketState(port: port))")
 }
 
 /// A file of `size` seeded random bytes and its sha256 (hex).

@@ -32,11 +32,10 @@ struct RelayRealClientsTests {
     func socatServer(fastPath: String) async throws {
         let data = try randomFile(size: 3_000_000, seed: 22)
         defer { unlink(data.path) }
-        let (probe, port) = socketListener()
-        close(probe)
+        let port = try freeTCPPort()
         let server = try Child(["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"])
         defer { server.kill() }
-        for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
+        try await waitForListener(port: port, pid: server.pid)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("download")
@@ -69,11 +68,10 @@ struct RelayRealClientsTests {
 
     @Test("iperf3: control and data connections relayed, the test completes both ways", arguments: ["copy", "sockmap"])
     func iperf3(fastPath: String) async throws {
-        let (probe, port) = socketListener()
-        close(probe)
+        let port = try freeTCPPort()
         let server = try Child(["/usr/bin/iperf3", "-s", "-B", "127.0.0.1", "-p", "\(port)"])
         defer { server.kill() }
-        for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
+        try await waitForListener(port: port, pid: server.pid)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for reverse in [false, true] {
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
@@ -97,8 +95,7 @@ struct RelayRealClientsTests {
         let data = try randomFile(size: 8_000_000, seed: 24)
         defer { unlink(data.path) }
         _ = try runCommand(["/bin/cp", data.path, dir + "/www/blob"])
-        let (probe, port) = socketListener()
-        close(probe)
+        let port = try freeTCPPort()
         try """
             daemon off; master_process off; worker_processes 1; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
             events { worker_connections 64; }
@@ -108,7 +105,7 @@ struct RelayRealClientsTests {
             """.write(toFile: dir + "/nginx.conf", atomically: true, encoding: .utf8)
         let nginx = try Child(["/usr/sbin/nginx", "-c", dir + "/nginx.conf", "-p", dir])
         defer { nginx.kill() }
-        for _ in 0..<100 where !socketState(port: port).contains("LISTEN") { try await Task.sleep(for: .milliseconds(20)) }
+        try await waitForListener(port: port, pid: nginx.pid)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("blob")

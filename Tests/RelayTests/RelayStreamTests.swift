@@ -343,8 +343,7 @@ struct RelayStreamTests {
 
     @Test("a destination that refuses: the process sees a reset on its first read, counted and logged")
     func refusedDestination() async throws {
-        let (fd, port) = socketListener()
-        close(fd) // nothing listens there now
+        let port = try freeTCPPort() // nothing listens there now
         try await withRelayAgent("""
               rules:
                 - remote_port: \(port)

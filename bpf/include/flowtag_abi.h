@@ -361,7 +361,7 @@ struct ft_relay_splice_stat {
     ft_u64 redirect_failed; /* peer not in the sockhash: passed instead */
     ft_u32 next_seq;        /* TCP sequence number after the last byte seen */
     ft_u32 seq_valid;
-    ft_u64 pad;
+    ft_u64 trim_failed;     /* skbs whose seen head could not be cut (the agent resets) */
 };
 
 /* Indexes of the relay object's per-CPU counters. */

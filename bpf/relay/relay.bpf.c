@@ -398,8 +398,10 @@ struct {
     __type(value, struct ft_relay_splice_stat);
 } ft_relay_splice_stat SEC(".maps");
 
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+/* Weak: resolved only where they exist, so the object (copy path, other namespaces'
+ * instances) loads on a kernel without them; only the verdict needs them. */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
 /* Cuts the head of an skb whose start was seen already: the verdict gets whole skbs, also
  * the first one after the socket went in, part of which the agent may have read with
@@ -432,6 +434,8 @@ static __always_inline __u32 trim_seen(struct __sk_buff *skb, struct ft_relay_sp
             old -= n;
             s->trimmed += n;
         }
+        if (old > 0)
+            s->trim_failed++;
     }
     s->next_seq = seq + len;
     s->seq_valid = 1;

@@ -28,9 +28,12 @@ int lc_setns_net(int fd);
 int lc_accept_nonblock(int listener);
 
 /* Bytes ever put into a TCP socket's send queue: acknowledged (TCP_INFO) plus still
- * queued (SIOCOUTQ), read in that order so an ACK in between can only under-count.
- * 0 or -errno. */
-int lc_tcp_bytes_queued(int fd, uint64_t *out);
+ * queued (SIOCOUTQ). An ACK between the two readings moves bytes from one to the other:
+ * with upper == 0 they are read so that it can only under-count, with upper != 0 so
+ * that it can only over-count. 0 or -errno. */
+int lc_tcp_bytes_queued(int fd, int upper, uint64_t *out);
+/* The TCP state of a socket (TCP_ESTABLISHED is 1), or -errno. */
+int lc_tcp_state(int fd);
 
 /* Returns freed heap memory to the kernel (malloc_trim). */
 void lc_heap_trim(void);
