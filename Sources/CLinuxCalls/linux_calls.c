@@ -55,6 +55,11 @@ int lc_tcp_bytes_queued(int fd, int upper, uint64_t *out)
     *out = acked + (uint64_t)(queued > 0 ? queued : 0);
     return 0;
 }
+int lc_tcp_outq(int fd)
+{
+    int queued = 0;
+    return ioctl(fd, SIOCOUTQ, &queued) ? -errno : queued;
+}
 int lc_tcp_state(int fd)
 {
     struct tcp_info info;

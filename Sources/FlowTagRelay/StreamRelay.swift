@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import Logging
 import CFlowTagBPF
+import CLinuxCalls
 import FlowContext
 import FlowTagCore
 import FlowTagKernel
@@ -74,6 +75,8 @@ public final class StreamRelay: @unchecked Sendable {
     var acceptPausedUntil: ContinuousClock.Instant?
     var nextHousekeeping = ContinuousClock.now
     var drainDeadline: ContinuousClock.Instant?
+    /// Past the drain deadline: the agent ends the streams itself.
+    var finishing = false
     private let activeCount = Atomic<Int>(0)
     let records = Mutex<[UInt64: FlowRecord]>([:])
 
@@ -294,6 +297,10 @@ public final class StreamRelay: @unchecked Sendable {
         }
         syncFastPath(flow)
         if flow.finForwarded[0] && flow.finForwarded[1] {
+            // At the stop deadline the agent sent the FINs itself while both sides may still
+            // be sending: close (and let the kernel reset them for what comes later) only
+            // once each side has acknowledged what it was sent, FIN included.
+            if finishing && (lc_tcp_outq(flow.processSide) > 0 || lc_tcp_outq(flow.peerSide) > 0) { return }
             // A psock drops what it holds unread silently on close: reset instead.
             return spliceFullyRead(flow) ? closeCleanly(flow) : abort(flow, why: EPIPE)
         }
@@ -398,6 +405,7 @@ public final class StreamRelay: @unchecked Sendable {
     /// all out; what is still open then is reset (each side sees an error, never a
     /// silent truncation).
     private func finishAll() {
+        finishing = true
         for flow in Array(flowByCookie.values) {
             guard flow.connected else { reset(flow); continue }
             drainFastPath(flow)

@@ -95,7 +95,7 @@ struct RelayFaultTests {
         #expect(Date().timeIntervalSince(t0) < 10, "\(a.process.stderrText.suffix(3000))")
         #expect(try await client.wait(timeout: 30) == 0)
         let end = client.jsonLines.last ?? [:]
-        #expect(end["end"] as? String == "eof", "\(end)")
+        #expect(end["end"] as? String == "eof", "\(end)\n\(a.process.stderrText.suffix(3000))")
         #expect(end["prefix_equal"] as? Bool == true, "\(end)")
         // The peer got a FIN (not a reset), after every byte it echoed back had been sent.
         let served = try await server.waitForLines(1).first ?? [:]

@@ -20,7 +20,7 @@ func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: Strin
     if let netns { argv = ["/usr/sbin/ip", "netns", "exec", netns] + argv }
     if let cgroup { argv = cgroup.wrap(argv) }
     let server = try Child(argv)
-    let port = try await waitForPort(portFile)
+    let port = try await waitForPort(portFile, timeout: 30) // a loaded machine starts Python slowly
     unlink(portFile)
     return (server, port)
 }

@@ -32,6 +32,8 @@ int lc_accept_nonblock(int listener);
  * with upper == 0 they are read so that it can only under-count, with upper != 0 so
  * that it can only over-count. 0 or -errno. */
 int lc_tcp_bytes_queued(int fd, int upper, uint64_t *out);
+/* Bytes (and FIN) in a TCP socket's send queue not yet acknowledged (SIOCOUTQ), or -errno. */
+int lc_tcp_outq(int fd);
 /* The TCP state of a socket (TCP_ESTABLISHED is 1), or -errno. */
 int lc_tcp_state(int fd);
 
