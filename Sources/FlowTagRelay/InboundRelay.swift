@@ -80,15 +80,13 @@ extension StreamRelay {
         for n in Array(inbound.values) { dropInbound(n) }
     }
 
-    /// Every few seconds with inbound rules: every network namespace a process is in gets
-    /// inbound relaying (servers in containers too); one no process is in any more, and
-    /// no relayed flow, is let go.
     static let inboundOpensPerLook = 16
 
-    func followInboundNamespaces() {
+    /// Every few seconds with inbound rules: every network namespace a process is in
+    /// (`pidByInode`, from /proc) gets inbound relaying (servers in containers too); one no
+    /// process is in any more, and no relayed flow, is let go.
+    func followInboundNamespaces(_ pidByInode: [UInt64: UInt32]) {
         guard hasInboundRules, drainDeadline == nil else { return }
-        var pidByInode: [UInt64: UInt32] = [:]
-        Self.eachProcessNamespace { pid, inode in if pidByInode[inode] == nil { pidByInode[inode] = pid } }
         let known = Set(inbound.values.map(\.ns.inode))
         for n in Array(inbound.values) where n.ns.cookie != home.cookie && pidByInode[n.ns.inode] == nil
             && !flowByCookie.values.contains(where: { $0.netns == n.ns.cookie }) {
@@ -169,11 +167,7 @@ extension StreamRelay {
             guard local.withSockaddr({ bind(b, $0, $1) }) == 0 else { throw KernelError.system("bind to \(local)", errno) }
             guard let bound = SocketAddress.local(b) else { throw KernelError.system("relay socket address", errno) }
             // The relay's flows are keyed by this socket's cookie until the server's is known.
-            var cookie: UInt64 = 0
-            var len = socklen_t(8)
-            guard getsockopt(b, SOL_SOCKET, Self.soCookie, &cookie, &len) == 0, cookie != 0 else {
-                throw KernelError.system("relay socket cookie", errno)
-            }
+            guard let cookie = Self.socketCookie(b), cookie != 0 else { throw KernelError.system("relay socket cookie", errno) }
             try kernel.publishInbound(agentSide: bound, client: client, netns: ns.cookie)
             published = bound
             let rc = server.withSockaddr { connect(b, $0, $1) }

@@ -127,10 +127,11 @@ extension StreamRelay {
     /// process and no relayed flow is in any more is let go (the listener would keep it alive).
     func housekeeping() {
         guard drainDeadline == nil else { return }
-        followInboundNamespaces()
-        let live = listeners.count > 1 ? Self.namespacesInUse() : []
+        // One look at /proc serves both the inbound namespaces and the listeners.
+        let live = listeners.count > 1 || hasInboundRules ? Self.processByNamespace() : [:]
+        followInboundNamespaces(live)
         for l in Array(listeners.values) {
-            if l.ns.cookie != home.cookie, !live.contains(l.ns.inode), !flowByCookie.values.contains(where: { $0.netns == l.ns.cookie }) {
+            if l.ns.cookie != home.cookie, live[l.ns.inode] == nil, !flowByCookie.values.contains(where: { $0.netns == l.ns.cookie }) {
                 logger.info("relay: the network namespace is gone; its listener closes", metadata: ["netns": "\(l.ns.cookie)"])
                 dropListeners(l)
                 continue
@@ -141,10 +142,10 @@ extension StreamRelay {
         }
     }
 
-    /// Inodes of the network namespaces of every process.
-    static func namespacesInUse() -> Set<UInt64> {
-        var found = Set<UInt64>()
-        eachProcessNamespace { _, inode in found.insert(inode) }
+    /// The inode of every process's network namespace, with one process in it.
+    static func processByNamespace() -> [UInt64: UInt32] {
+        var found: [UInt64: UInt32] = [:]
+        eachProcessNamespace { pid, inode in if found[inode] == nil { found[inode] = pid } }
         return found
     }
 
@@ -155,7 +156,7 @@ extension StreamRelay {
         return pids
     }
 
-    static func eachProcessNamespace(_ body: (UInt32, UInt64) -> Void) {
+    private static func eachProcessNamespace(_ body: (UInt32, UInt64) -> Void) {
         guard let dir = opendir("/proc") else { return }
         defer { closedir(dir) }
         while let e = readdir(dir) {

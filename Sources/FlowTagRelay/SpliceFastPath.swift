@@ -45,7 +45,7 @@ struct SpliceLane {
     var lastLag: Int64 = 0
 }
 
-/// The fast path's state of one flow: its two sockets' cookies and a lane per direction.
+/// The fast path's state of one flow: a lane per direction (index: `RelayedFlow.index`).
 struct SplicedFlow {
     var lanes: [SpliceLane]
 }

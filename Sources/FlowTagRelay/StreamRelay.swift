@@ -123,7 +123,7 @@ public final class StreamRelay: @unchecked Sendable {
             try openListeners(in: home)
             if hasInboundRules {
                 try openInbound(in: home)
-                followInboundNamespaces()
+                followInboundNamespaces(Self.processByNamespace())
             }
             try kernel.setRules(rules)
         } catch {
