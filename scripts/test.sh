@@ -20,6 +20,10 @@ if [ "$what" != kernel ]; then
     timeout --kill-after=30 600 swift test --skip-build --filter "$unit"
 fi
 if [ "$what" != unit ]; then
+    # Every test removes what it made, also when it fails: the check after each part
+    # names (and removes) anything a finished test process left behind.
     timeout --kill-after=30 3000 swift test --skip-build --filter "$kernel" --skip Reliability
+    scripts/cleanup-stale.sh --check
     timeout --kill-after=30 1800 swift test --skip-build --filter Reliability
+    scripts/cleanup-stale.sh --check
 fi

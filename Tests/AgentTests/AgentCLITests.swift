@@ -28,6 +28,7 @@ struct AgentCLITests {
     @Test("connections open before the agent started are listed (seeded) and their end is seen")
     func flowsPredatingTheAgent() async throws {
         let cgroup = try TestCgroup()
+        defer { cgroup.remove() } // passed to the agent, which leaves it alone
         // Connected, 1000 bytes each way, then held until told to close.
         let script = """
         import socket, json, os, sys
@@ -231,6 +232,7 @@ struct AgentCLITests {
         try "socket_group: \"54321\"\n".write(toFile: config, atomically: true, encoding: .utf8)
         defer { unlink(config) }
         let a = try await RunningAgent(extra: ["--config", config])
+        defer { a.cleanUp() }
         var st = stat()
         #expect(stat(a.socket, &st) == 0 && st.st_gid == 54321, "gid \(st.st_gid)")
         await a.stop()
@@ -239,7 +241,7 @@ struct AgentCLITests {
     @Test("kill -9 and restart: the programs are adopted, not attached twice; no flow lost or duplicated")
     func killNineRecovery() async throws {
         let a = try await RunningAgent()
-        defer { a.process.kill() }
+        defer { a.cleanUp() }
         let attachedBefore = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
         let (held, _, heldPort) = try await holdConnection(a, seconds: 30)
         defer { held.kill() }
@@ -321,7 +323,7 @@ struct AgentCLITests {
         try await Task.sleep(for: .milliseconds(1500)) // one journal batch
         await first.stop()
         let second = try await RunningAgent(journal: journal)
-        defer { Task { await second.stop() } }
+        defer { second.cleanUp() }
         let (hrc, out, err) = try second.cli(["history", "--since", "10m", "--port", "\(port)", "--exe", "/usr/bin/curl", "-o", "json"])
         #expect(hrc == 0, "\(err)")
         let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
@@ -341,7 +343,7 @@ struct AgentCLITests {
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
         let a = try await RunningAgent()
-        defer { a.process.kill(); a.cgroup.remove(); for s in ["", "-wal", "-shm"] { unlink(a.journal + s) } }
+        defer { a.cleanUp() }
         let storm = try Child(a.cgroup.wrap([Paths.python, Paths.peer, "storm", "\(port)", "4000", "bash", "4"]))
         defer { storm.kill() }
         var committed = 0

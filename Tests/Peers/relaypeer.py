@@ -71,7 +71,44 @@ def server(args):
         except OSError: pass
         c.close()
 
+    def stream_echo(c, peer):
+        """An echo that reads before it writes on every wake-up (as the stream client does),
+        so the first read that sees the end names it: "eof" for a FIN that came after every
+        byte, even when its own later echoes provoke a reset (a blocking echo would be stuck
+        in sendall then and see only the reset). The rest is echoed after the EOF."""
+        c.setblocking(False)
+        pending = bytearray(); n = 0; h = hashlib.sha256(); r = None
+        p = select.poll(); p.register(c, select.POLLIN)
+        try:
+            while r is None:
+                events = dict(p.poll(1000)).get(c.fileno(), 0)
+                if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                    try:
+                        d = c.recv(65536)
+                        if not d:
+                            r = {"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]}
+                            break
+                        h.update(d); n += len(d); pending.extend(d)
+                    except BlockingIOError:
+                        pass
+                if events & select.POLLOUT and pending:
+                    try:
+                        del pending[:c.send(pending[:65536])]
+                    except BlockingIOError:
+                        pass
+                p.modify(c, select.POLLIN | (select.POLLOUT if pending else 0))
+        except OSError as e:
+            r = {"received": n, "error": str(e)}
+        print(json.dumps(r), flush=True)
+        try:
+            c.setblocking(True); c.sendall(pending); c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        c.close()
+
     def serve(c, peer):
+        if args.mode == "stream":
+            return stream_echo(c, peer)
         if args.mode == "push":
             return push(c)
         if args.mode == "digest":
@@ -316,7 +353,7 @@ def slowread(args):
 p = argparse.ArgumentParser()
 sub = p.add_subparsers(dest="cmd", required=True)
 a = sub.add_parser("server"); a.add_argument("portfile"); a.add_argument("--bind", default="127.0.0.1")
-a.add_argument("--mode", default="echo", choices=["echo", "trailer", "reset", "push", "digest", "whoami"])
+a.add_argument("--mode", default="echo", choices=["echo", "stream", "trailer", "reset", "push", "digest", "whoami"])
 a.add_argument("--expect", type=int, default=0); a.add_argument("--port", type=int, default=0)
 a = sub.add_parser("client"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=100000); a.add_argument("--seed", type=int, default=1)

@@ -38,7 +38,7 @@ struct RelayFaultTests {
         #expect(direct["echo_equal"] as? Bool == true && direct["eof"] as? Bool == true, "\(direct)")
         // A new agent on the same pins relays the very next connect.
         let b = try await RunningAgent(extra: ["--config", config], cgroup: a.cgroup, pins: a.pins)
-        defer { b.process.kill() }
+        defer { b.cleanUp() }
         let r = firstResult(try await relayClient(b, ["127.0.0.1", "\(port)", "--size", "1000000"]))
         #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r)")
         #expect(try relayedFlowCount(b) == 1)
@@ -79,7 +79,9 @@ struct RelayFaultTests {
     @Test("SIGTERM with an open connection: past drain_seconds each side gets every byte the relay took, then a FIN",
           arguments: ["copy", "sockmap"])
     func sigtermEndsLongConnections(fastPath: String) async throws {
-        let (server, port) = try await startServer()
+        // The echo reads before it writes: its echoes after our FIN are reset, and a
+        // blocking echo stuck in sendall would see that reset instead of the FIN.
+        let (server, port) = try await startServer(mode: "stream")
         defer { server.kill() }
         let config = try relayConfig("  drain_seconds: 1\n  rules:\n    - remote_port: \(port)\n" + (fastPath == "sockmap" ? fastPathStream(fastPath) : ""),
                                      extra: "log_level: debug\n")

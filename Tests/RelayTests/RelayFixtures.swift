@@ -182,15 +182,22 @@ func socketState(port: UInt16) -> String {
     return (try? runCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
 }
 
-/// Waits (up to 5 s) until process `pid` listens on `port`: a server that could not bind
-/// fails the test here, not as resets later.
-func waitForListener(port: UInt16, pid: Int32) async throws {
+/// Waits (up to 10 s) until `server` listens on `port`: a server that could not bind
+/// fails the test here, with its exit status and stderr, not as resets later.
+func waitForListener(port: UInt16, server: Child) async throws {
     func listening() -> Bool {
         let out = (try? runCommand(["/usr/bin/ss", "-Htlnp", "sport = :\(port)"]))?.1 ?? ""
-        return out.contains("pid=\(pid),")
+        return out.contains("pid=\(server.pid),")
     }
-    for _ in 0..<250 where !listening() { try await Task.sleep(for: .milliseconds(20)) }
-    try #require(listening(), "pid \(pid) does not listen on port \(port): \(socketState(port: port))")
+    let deadline = ContinuousClock.now + .seconds(10)
+    while !listening() && server.isRunning && ContinuousClock.now < deadline {
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    let exited = server.exitStatus.map { "exited with status \($0)" } ?? "still running"
+    try #require(listening(), """
+        \(server.argv[0]) (pid \(server.pid), \(exited)) does not listen on port \(port): \
+        stderr: \(server.stderrText.suffix(500)) sockets: \(socketState(port: port))
+        """)
 }
 
 /// A file of `size` seeded random bytes and its sha256 (hex).

@@ -35,7 +35,7 @@ struct RelayRealClientsTests {
         let port = try freeTCPPort()
         let server = try Child(["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"])
         defer { server.kill() }
-        try await waitForListener(port: port, pid: server.pid)
+        try await waitForListener(port: port, server: server)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("download")
@@ -71,7 +71,7 @@ struct RelayRealClientsTests {
         let port = try freeTCPPort()
         let server = try Child(["/usr/bin/iperf3", "-s", "-B", "127.0.0.1", "-p", "\(port)"])
         defer { server.kill() }
-        try await waitForListener(port: port, pid: server.pid)
+        try await waitForListener(port: port, server: server)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for reverse in [false, true] {
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
@@ -105,7 +105,7 @@ struct RelayRealClientsTests {
             """.write(toFile: dir + "/nginx.conf", atomically: true, encoding: .utf8)
         let nginx = try Child(["/usr/sbin/nginx", "-c", dir + "/nginx.conf", "-p", dir])
         defer { nginx.kill() }
-        try await waitForListener(port: port, pid: nginx.pid)
+        try await waitForListener(port: port, server: nginx)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("blob")

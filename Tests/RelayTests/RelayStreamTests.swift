@@ -122,6 +122,7 @@ struct RelayStreamTests {
         let (server, port) = try await startServer()
         defer { server.kill() }
         let cgroup = try TestCgroup()
+        defer { cgroup.remove() } // passed to the agent, which leaves it alone
         let child = cgroup.path + "/inner"
         try #require(mkdir(child, 0o755) == 0)
         let python = try #require(readLink(Paths.python).map { $0.hasPrefix("/") ? $0 : "/usr/bin/" + $0 } ?? Paths.python)

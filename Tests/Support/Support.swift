@@ -58,13 +58,14 @@ final class TestCgroup: @unchecked Sendable {
             _ = write(fd, "1", 1)
             close(fd)
         }
-        // Child cgroups a test made go first (a cgroup with children cannot be removed).
-        let children = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-        for c in children {
-            var isDir: ObjCBool = false
-            if FileManager.default.fileExists(atPath: path + "/" + c, isDirectory: &isDir), isDir.boolValue { rmdir(path + "/" + c) }
-        }
+        // Child cgroups a test made go first (a cgroup with children cannot be removed);
+        // both are retried while killed processes are still exiting.
         for _ in 0..<100 {
+            let children = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+            for c in children {
+                var isDir: ObjCBool = false
+                if FileManager.default.fileExists(atPath: path + "/" + c, isDirectory: &isDir), isDir.boolValue { rmdir(path + "/" + c) }
+            }
             if rmdir(path) == 0 || errno == ENOENT { return }
             usleep(20_000)
         }
