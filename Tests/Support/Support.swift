@@ -192,7 +192,7 @@ func runCommand(_ argv: [String], timeout: Double = 120) throws -> (Int32, Strin
 }
 
 /// Reads the port a peer wrote to a file.
-func waitForPort(_ file: String, timeout: Double = 10) async throws -> UInt16 {
+func waitForPort(_ file: String, timeout: Double = 30) async throws -> UInt16 { // Python starts slowly under load
     let deadline = Date().addingTimeInterval(timeout)
     while Date() < deadline {
         if let text = try? String(contentsOfFile: file, encoding: .utf8), let p = UInt16(text) { return p }
@@ -207,7 +207,13 @@ func startSink(_ mode: String = "drain") async throws -> (Child, UInt16) {
     let portFile = tempPath("sink")
     defer { unlink(portFile) }
     let sink = try Child([Paths.python, Paths.peer, "sink", portFile, mode])
-    return (sink, try await waitForPort(portFile))
+    do {
+        return (sink, try await waitForPort(portFile))
+    } catch {
+        let status = sink.exitStatus.map { "exited with status \($0)" } ?? "still running"
+        sink.kill()
+        throw TestFailure("\(error): the sink \(status), stderr: \(sink.stderrText.suffix(500))")
+    }
 }
 
 func tempPath(_ what: String) -> String { NSTemporaryDirectory() + uniqueName(what) }
