@@ -49,6 +49,7 @@ struct AgentCLITests {
         let line = try await peer.waitForLines(1)[0]
         let client = try #require(line["client"] as? Int), server = try #require(line["server"] as? Int)
         let a = try await RunningAgent(cgroup: cgroup)
+        defer { a.cleanUp() }
         do {
             let (rc, out, err) = try a.cli(["flows", "--port", "\(server)", "-o", "json"])
             #expect(rc == 0, "\(err)")
