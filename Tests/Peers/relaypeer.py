@@ -3,12 +3,29 @@
 
 Data is deterministic (seeded), written in random chunk sizes so that patterns split
 across writes. Each peer prints one JSON line with what it saw; the tests compare."""
-import argparse, fcntl, hashlib, json, os, random, select, socket, struct, sys, termios, threading, time
+import argparse, errno, fcntl, hashlib, json, os, random, select, socket, struct, sys, termios, threading, time
 
 def write_port(path, port):
     with open(path + ".tmp", "w") as f:
         f.write(str(port))
     os.rename(path + ".tmp", path)
+
+def end_after_send_error(s, e, take):
+    """How a stream ended when a send failed first. A reset that finds the socket with
+    the peer's FIN already in (CLOSE_WAIT) is reported as EPIPE: the stream ended with
+    that FIN, and the reset came after it (provoked by sends in flight); the bytes before
+    the FIN are still readable, and `take` gets them. Any other error is the end itself."""
+    if e.errno != errno.EPIPE:
+        return "error: " + str(e)
+    s.setblocking(True); s.settimeout(5)
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return "eof"
+            take(d)
+    except OSError as e2:
+        return "error: " + str(e2)
 
 def payload(size, seed, text):
     if text:
@@ -96,6 +113,15 @@ def server(args):
                         del pending[:c.send(pending[:65536])]
                     except BlockingIOError:
                         pass
+                    except OSError as e:
+                        def take(d):
+                            nonlocal n
+                            h.update(d); n += len(d)
+                        end = end_after_send_error(c, e, take)
+                        r = {"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]} if end == "eof" \
+                            else {"received": n, "error": end}
+                        pending.clear()
+                        break
                 p.modify(c, select.POLLIN | (select.POLLOUT if pending else 0))
         except OSError as e:
             r = {"received": n, "error": str(e)}
@@ -211,8 +237,8 @@ def client(args):
 def stream(args):
     """Writes and reads until the connection ends: for stopping the agent mid-transfer.
     One thread, reading before writing on every wake-up, so the first syscall that sees the
-    end names it: "eof" for a FIN (a reset provoked by later sends comes after it), the
-    error for a reset (a socket reports its reset only once, to whichever call sees it)."""
+    end names it: "eof" for a FIN (also when a send meets the reset after it first: see
+    end_after_send_error), the error for a reset that came without one."""
     s = socket.create_connection((args.host, args.port), timeout=30)
     s.setblocking(False)
     data = payload(64 << 20, args.seed, False)
@@ -231,7 +257,11 @@ def stream(args):
                     running = True
                     print(json.dumps({"running": True}), flush=True)
             if events & select.POLLOUT and i < len(data):
-                i += s.send(data[i:i + 16384])
+                try:
+                    i += s.send(data[i:i + 16384])
+                except OSError as e:
+                    if isinstance(e, BlockingIOError): raise
+                    end = end_after_send_error(s, e, got.extend); break
                 time.sleep(0.001)
         except BlockingIOError:
             pass
