@@ -18,10 +18,13 @@ struct RelayRealClientsTests {
         defer { unlink(data.path) }
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<10 {
+                let started = Date()
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/socat -b 1000 STDIO TCP:127.0.0.1:\(port) < \(data.path)"]))
                 #expect(rc == 0, "run \(run): \(err)")
                 let answer = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
-                #expect(answer["received"] as? Int == 2_000_016 && answer["sha"] as? String == data.sha, "run \(run): \(out) \(err)")
+                let took = Date().timeIntervalSince(started)
+                #expect(answer["received"] as? Int == 2_000_016 && answer["sha"] as? String == data.sha,
+                        "run \(run): \(out) \(err) after \(took) s; the server saw: \(server.stdout.suffix(600))")
             }
             #expect(try relayedFlowCount(a) == 10)
             try await expectFastPathUsed(a, fastPath, flows: 10)
