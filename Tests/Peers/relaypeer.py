@@ -10,22 +10,22 @@ def write_port(path, port):
         f.write(str(port))
     os.rename(path + ".tmp", path)
 
-def end_after_send_error(s, e, take):
-    """How a stream ended when a send failed first. A reset that finds the socket with
-    the peer's FIN already in (CLOSE_WAIT) is reported as EPIPE: the stream ended with
-    that FIN, and the reset came after it (provoked by sends in flight); the bytes before
-    the FIN are still readable, and `take` gets them. Any other error is the end itself."""
+def reset_after_fin(s, e, take):
+    """Whether error `e` is a reset that came after the peer's FIN: Linux reports a reset
+    that finds the FIN already in (CLOSE_WAIT) as EPIPE, one without it as ECONNRESET. The
+    stream then ended with that FIN (the reset was provoked by sends in flight), and the
+    bytes before it are still readable: `take` gets them."""
     if e.errno != errno.EPIPE:
-        return "error: " + str(e)
+        return False
     s.setblocking(True); s.settimeout(5)
     try:
         while True:
             d = s.recv(65536)
             if not d:
-                return "eof"
+                return True
             take(d)
-    except OSError as e2:
-        return "error: " + str(e2)
+    except OSError:
+        return False
 
 def payload(size, seed, text):
     if text:
@@ -94,18 +94,20 @@ def server(args):
         byte, even when its own later echoes provoke a reset (a blocking echo would be stuck
         in sendall then and see only the reset). The rest is echoed after the EOF."""
         c.setblocking(False)
-        pending = bytearray(); n = 0; h = hashlib.sha256(); r = None
+        pending = bytearray(); n = 0; h = hashlib.sha256(); error = None
+        def take(d):
+            nonlocal n
+            h.update(d); n += len(d)
         p = select.poll(); p.register(c, select.POLLIN)
         try:
-            while r is None:
+            while True:
                 events = dict(p.poll(1000)).get(c.fileno(), 0)
                 if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
                     try:
                         d = c.recv(65536)
                         if not d:
-                            r = {"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]}
                             break
-                        h.update(d); n += len(d); pending.extend(d)
+                        take(d); pending.extend(d)
                     except BlockingIOError:
                         pass
                 if events & select.POLLOUT and pending:
@@ -113,18 +115,13 @@ def server(args):
                         del pending[:c.send(pending[:65536])]
                     except BlockingIOError:
                         pass
-                    except OSError as e:
-                        def take(d):
-                            nonlocal n
-                            h.update(d); n += len(d)
-                        end = end_after_send_error(c, e, take)
-                        r = {"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]} if end == "eof" \
-                            else {"received": n, "error": end}
-                        pending.clear()
-                        break
                 p.modify(c, select.POLLIN | (select.POLLOUT if pending else 0))
         except OSError as e:
-            r = {"received": n, "error": str(e)}
+            pending.clear()
+            if not reset_after_fin(c, e, take):
+                error = str(e)
+        r = {"received": n, "error": error} if error else \
+            {"received": n, "sha": h.hexdigest(), "eof": True, "peer_port": peer[1]}
         print(json.dumps(r), flush=True)
         try:
             c.setblocking(True); c.sendall(pending); c.shutdown(socket.SHUT_WR)
@@ -238,7 +235,7 @@ def stream(args):
     """Writes and reads until the connection ends: for stopping the agent mid-transfer.
     One thread, reading before writing on every wake-up, so the first syscall that sees the
     end names it: "eof" for a FIN (also when a send meets the reset after it first: see
-    end_after_send_error), the error for a reset that came without one."""
+    reset_after_fin), the error for a reset that came without one."""
     s = socket.create_connection((args.host, args.port), timeout=30)
     s.setblocking(False)
     data = payload(64 << 20, args.seed, False)
@@ -257,16 +254,12 @@ def stream(args):
                     running = True
                     print(json.dumps({"running": True}), flush=True)
             if events & select.POLLOUT and i < len(data):
-                try:
-                    i += s.send(data[i:i + 16384])
-                except OSError as e:
-                    if isinstance(e, BlockingIOError): raise
-                    end = end_after_send_error(s, e, got.extend); break
+                i += s.send(data[i:i + 16384])
                 time.sleep(0.001)
         except BlockingIOError:
             pass
         except OSError as e:
-            end = "error: " + str(e)
+            end = "eof" if reset_after_fin(s, e, got.extend) else "error: " + str(e)
     print(json.dumps({"end": end or "none", "got": len(got), "prefix_equal": bytes(got) == data[:len(got)],
                       "sent": i}), flush=True)
 

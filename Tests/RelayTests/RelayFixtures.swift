@@ -193,9 +193,8 @@ func waitForListener(port: UInt16, server: Child) async throws {
     while !listening() && server.isRunning && ContinuousClock.now < deadline {
         try await Task.sleep(for: .milliseconds(20))
     }
-    let exited = server.exitStatus.map { "exited with status \($0)" } ?? "still running"
     try #require(listening(), """
-        \(server.argv[0]) (pid \(server.pid), \(exited)) does not listen on port \(port): \
+        \(server.argv[0]) (pid \(server.pid), \(server.state)) does not listen on port \(port): \
         stderr: \(server.stderrText.suffix(500)) sockets: \(socketState(port: port))
         """)
 }

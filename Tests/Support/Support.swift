@@ -142,6 +142,8 @@ final class Child: @unchecked Sendable {
         }
     }
     var isRunning: Bool { exitStatus == nil }
+    /// For failure messages: "exited with status N" or "still running".
+    var state: String { exitStatus.map { "exited with status \($0)" } ?? "still running" }
 
     /// Waits until stdout holds `count` JSON lines.
     func waitForLines(_ count: Int, timeout: Double = 20) async throws -> [[String: Any]] {
@@ -210,9 +212,9 @@ func startSink(_ mode: String = "drain") async throws -> (Child, UInt16) {
     do {
         return (sink, try await waitForPort(portFile))
     } catch {
-        let status = sink.exitStatus.map { "exited with status \($0)" } ?? "still running"
+        let state = sink.state
         sink.kill()
-        throw TestFailure("\(error): the sink \(status), stderr: \(sink.stderrText.suffix(500))")
+        throw TestFailure("\(error): the sink \(state), stderr: \(sink.stderrText.suffix(500))")
     }
 }
 
