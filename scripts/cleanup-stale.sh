@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Removes kernel state left by test runs that were killed (pins, cgroups, namespaces named
-# flowtag-test-PID-*) whose process is gone. State of live runs is left alone.
+# flowtag-test-PID-*) whose process is gone, and the processes such a run started that
+# outlived it (an agent keeps its programs loaded). State of live runs is left alone.
 # With --check (after a suite): names what it removes and exits 1 if anything was left.
 set -uo pipefail
 check=0; [ "${1:-}" = --check ] && check=1
@@ -9,6 +10,16 @@ left() { found=1; [ $check = 1 ] && echo "left behind by a test: $1" >&2; return
 alive() { [ -d "/proc/$1" ]; }
 owner() { sed -n 's/.*flowtag-test-\([0-9]*\)-.*/\1/p' <<<"$1"; }
 
+# First the processes: an agent holds its programs and links until it is gone.
+killed=0
+for p in /proc/[0-9]*; do
+    args=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+    [[ "$args" == *flowtag-test-* ]] && [ "${p#/proc/}" != $$ ] && [ "${p#/proc/}" != $PPID ] || continue
+    pid=$(owner "$args"); [ -n "$pid" ] || continue
+    alive "$pid" && continue
+    left "process ${p#/proc/}: $args"; kill -9 "${p#/proc/}" 2>/dev/null && killed=1
+done
+[ $killed = 1 ] && sleep 0.5
 for pin in /sys/fs/bpf/flowtag-test-*; do
     [ -e "$pin" ] || continue
     pid=$(owner "$pin"); [ -n "$pid" ] && alive "$pid" && continue
