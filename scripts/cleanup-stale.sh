@@ -13,7 +13,7 @@ owner() { sed -n 's/.*flowtag-test-\([0-9]*\)-.*/\1/p' <<<"$1"; }
 # First the processes: an agent holds its programs and links until it is gone.
 killed=0
 for p in /proc/[0-9]*; do
-    args=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+    args=$(tr '\0' ' ' 2>/dev/null < "$p/cmdline") || continue
     [[ "$args" == *flowtag-test-* ]] && [ "${p#/proc/}" != $$ ] && [ "${p#/proc/}" != $PPID ] || continue
     pid=$(owner "$args"); [ -n "$pid" ] || continue
     alive "$pid" && continue
