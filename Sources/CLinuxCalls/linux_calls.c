@@ -42,18 +42,24 @@ static int tcp_bytes_acked(int fd, uint64_t *acked)
     *acked = info.tcpi_bytes_acked;
     return 0;
 }
-int lc_tcp_bytes_queued(int fd, int upper, uint64_t *out)
+int lc_tcp_bytes_queued(int fd, int exact, uint64_t *out)
 {
-    uint64_t acked = 0;
-    int queued = 0, rc;
-    if (!upper && (rc = tcp_bytes_acked(fd, &acked)))
-        return rc;
-    if (ioctl(fd, SIOCOUTQ, &queued))
-        return -errno;
-    if (upper && (rc = tcp_bytes_acked(fd, &acked)))
-        return rc;
-    *out = acked + (uint64_t)(queued > 0 ? queued : 0);
-    return 0;
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        uint64_t acked = 0, acked_after = 0;
+        int queued = 0, rc;
+        if ((rc = tcp_bytes_acked(fd, &acked)))
+            return rc;
+        if (ioctl(fd, SIOCOUTQ, &queued))
+            return -errno;
+        /* bytes_acked only grows: equal readings mean no ACK came between them. */
+        if (exact && (rc = tcp_bytes_acked(fd, &acked_after)))
+            return rc;
+        if (exact && acked_after != acked)
+            continue;
+        *out = acked + (uint64_t)(queued > 0 ? queued : 0);
+        return 0;
+    }
+    return -EAGAIN;
 }
 int lc_tcp_outq(int fd)
 {

@@ -54,12 +54,13 @@ extension StreamRelay {
     /// Redirected bytes queued in the kernel above this pause a direction.
     static let spliceQueueLimit: UInt64 = 4 << 20
 
-    /// Bytes ever put into a socket's send queue: a lower bound (`upper` false: what the
-    /// writer has taken, so lag is never under-estimated) or an upper bound (the base at
-    /// entry, for the same reason). nil if the kernel cannot say.
-    static func queuedTotal(_ fd: Int32, upper: Bool = false) -> UInt64? {
+    /// Bytes ever put into a socket's send queue: a lower bound (so lag is never
+    /// under-estimated), or `exact` (the base at entry, while nothing writes: a base too
+    /// high would keep lag above 0 for the flow's life and its FIN back). nil if the
+    /// kernel cannot say.
+    static func queuedTotal(_ fd: Int32, exact: Bool = false) -> UInt64? {
         var total: UInt64 = 0
-        return lc_tcp_bytes_queued(fd, upper ? 1 : 0, &total) == 0 ? total : nil
+        return lc_tcp_bytes_queued(fd, exact ? 1 : 0, &total) == 0 ? total : nil
     }
 
     static func socketCookie(_ fd: Int32) -> UInt64? {
@@ -85,8 +86,8 @@ extension StreamRelay {
         // holds are lifted, and the agent writes nothing in between.
         let tcpEstablished: Int32 = 1
         guard lc_tcp_state(flow.processSide) == tcpEstablished, lc_tcp_state(flow.peerSide) == tcpEstablished,
-              let peerBase = Self.queuedTotal(flow.peerSide, upper: true),
-              let processBase = Self.queuedTotal(flow.processSide, upper: true) else {
+              let peerBase = Self.queuedTotal(flow.peerSide, exact: true),
+              let processBase = Self.queuedTotal(flow.processSide, exact: true) else {
             flow.fastPathRefused = true
             counters.fastPathRefused.add(1, ordering: .relaxed)
             return

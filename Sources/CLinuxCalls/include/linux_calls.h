@@ -29,9 +29,11 @@ int lc_accept_nonblock(int listener);
 
 /* Bytes ever put into a TCP socket's send queue: acknowledged (TCP_INFO) plus still
  * queued (SIOCOUTQ). An ACK between the two readings moves bytes from one to the other:
- * with upper == 0 they are read so that it can only under-count, with upper != 0 so
- * that it can only over-count. 0 or -errno. */
-int lc_tcp_bytes_queued(int fd, int upper, uint64_t *out);
+ * with exact == 0 they are read so that it can only under-count; with exact != 0 the
+ * acknowledged count is read before and after the queue and the reading repeats until
+ * they agree (exact while nothing is written meanwhile; -EAGAIN if ACKs never pause).
+ * 0 or -errno. */
+int lc_tcp_bytes_queued(int fd, int exact, uint64_t *out);
 /* Bytes (and FIN) in a TCP socket's send queue not yet acknowledged (SIOCOUTQ), or -errno. */
 int lc_tcp_outq(int fd);
 /* The TCP state of a socket (TCP_ESTABLISHED is 1), or -errno. */
