@@ -99,15 +99,19 @@ struct ReliabilityTests {
             defer { unlink(portsFile) }
             let udpPort = UInt16(40000 + run)
             defer { unlink(portsFile + ".udp") }
-            let storm = try a.storm(port: port, count: connects, portsFile: portsFile, udpPort: udpPort)
-            defer { storm.kill() }
             // Into the storm, with rows committed and rows waiting: then kill -9 and restart.
-            try await Task.sleep(for: .milliseconds(Int.random(in: 800...1600, using: &rng)))
+            // At a seeded share of its connects, not after a fixed time: on an idle machine
+            // the whole storm can end within a second, before any sleep of ours.
+            let killAt = Int.random(in: max(1, connects / 5)...max(1, connects / 2), using: &rng)
+            let storm = try a.storm(port: port, count: connects, portsFile: portsFile, udpPort: udpPort, reportAt: killAt)
+            defer { storm.kill() }
+            let reached = try await storm.waitForLines(1, timeout: 120)[0]
+            try #require(reached["reached"] as? Int == killAt, "the storm did not report its progress: \(reached)")
             kill(a.process.pid, SIGKILL)
             _ = try await a.process.wait()
             a = try await a.restarted()
             let recovered = a.process.stderrText.split(separator: "\n").first { $0.contains("had not journaled") } ?? "none"
-            let summary = try await storm.waitForLines(1, timeout: 120)[0]
+            let summary = try await storm.waitForLines(2, timeout: 120)[1]
             let pid = try #require(summary["pid"] as? Int), made = try #require(summary["connects"] as? Int)
             let datagrams = try #require(summary["datagrams"] as? Int)
             let ports = Set(try String(contentsOfFile: portsFile, encoding: .utf8).split(separator: "\n").compactMap { Int($0) })
@@ -122,7 +126,7 @@ struct ReliabilityTests {
             }
             let missing = ports.subtracting(try a.journalPorts(pid: pid, remotePort: Int(port)))
             let missingUDP = udpPorts.subtracting(try a.journalPorts(pid: pid, remotePort: Int(udpPort), proto: "udp"))
-            report.append("run \(run): \(made) connects + \(datagrams) UDP flows, \(distinct) + \(udpDistinct) journaled, "
+            report.append("run \(run): killed at connect \(killAt), \(made) connects + \(datagrams) UDP flows, \(distinct) + \(udpDistinct) journaled, "
                           + "\(missing.count + missingUDP.count) missing, \(rows - distinct + udpRows - udpDistinct) duplicates; \(recovered)")
             #expect(recovered.contains("closes="), "run \(run): the restarted agent recovered no close: the kill missed the window it tests")
             #expect(distinct == made && missing.isEmpty, "run \(run): \(made - distinct) TCP flows missing (ports e.g. \(missing.sorted().prefix(10)))")

@@ -161,12 +161,14 @@ def storm(port, count, exes, parallel):
             running.pop(0).wait()
     for p in running: p.wait()
 
-def connect_loop(port, count, ports_file, seconds="0", udp_port="0"):
+def connect_loop(port, count, ports_file, seconds="0", udp_port="0", report_at="0"):
     """Connects `count` times (or for `seconds`, if nonzero) to 127.0.0.1:port, one
     connection after the other, each closed at once; with `udp_port`, every fourth time
-    also one datagram from a new UDP socket, closed at once (a UDP flow each). Writes every
-    local port, one a line, to `ports_file` (UDP ones to ports_file.udp: the ground
-    truth), then prints {"pid", "connects", "datagrams"}."""
+    also one datagram from a new UDP socket, closed at once (a UDP flow each). With
+    `report_at`, prints {"reached": n} once that many connects are made (a test acts in
+    the storm, not after a guessed time). Writes every local port, one a line, to
+    `ports_file` (UDP ones to ports_file.udp: the ground truth), then prints
+    {"pid", "connects", "datagrams"}."""
     deadline = time.monotonic() + float(seconds) if float(seconds) > 0 else None
     ports, udp, n = [], [], 0
     while (deadline is None and n < int(count)) or (deadline is not None and time.monotonic() < deadline):
@@ -178,6 +180,8 @@ def connect_loop(port, count, ports_file, seconds="0", udp_port="0"):
         ports.append(c.getsockname()[1])
         c.close()
         n += 1
+        if n == int(report_at):
+            print(json.dumps({"reached": n}), flush=True)
         if int(udp_port) and n % 4 == 0:
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.sendto(b"x", ("127.0.0.1", int(udp_port)))

@@ -90,9 +90,11 @@ final class RunningAgent: @unchecked Sendable {
     }
 
     /// A connect loop inside the agent's cgroup (count connects, or for `seconds`).
-    func storm(port: UInt16, count: Int = 0, seconds: Int = 0, portsFile: String? = nil, udpPort: UInt16 = 0) throws -> Child {
+    /// With `reportAt`, the storm prints {"reached": n} first, once it made that many connects.
+    func storm(port: UInt16, count: Int = 0, seconds: Int = 0, portsFile: String? = nil, udpPort: UInt16 = 0,
+               reportAt: Int = 0) throws -> Child {
         try Child(cgroup.wrap([Paths.python, Paths.peer, "connect-loop", "\(port)", "\(count)", portsFile ?? "/dev/null",
-                               "\(seconds)", "\(udpPort)"]))
+                               "\(seconds)", "\(udpPort)", "\(reportAt)"]))
     }
 
     /// A first storm, so the agent's memory is at its working size before a measurement.
