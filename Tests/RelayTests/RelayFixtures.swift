@@ -162,6 +162,16 @@ func relayHops(_ a: RunningAgent) -> [String: Int] {
     return hops
 }
 
+/// The largest buffer TCP may give a socket: the third field of net.ipv4.`name`
+/// (tcp_rmem or tcp_wmem); autotuning grows a socket's buffer up to it.
+func socketBufferMax(_ name: String) throws -> Int {
+    let text = try String(contentsOfFile: "/proc/sys/net/ipv4/" + name, encoding: .utf8)
+    guard let max = text.split(whereSeparator: \.isWhitespace).compactMap({ Int($0) }).last else {
+        throw TestFailure("/proc/sys/net/ipv4/\(name): no maximum in \(text.debugDescription)")
+    }
+    return max
+}
+
 /// One counter or gauge of the agent's metrics (nil when absent).
 func metric(_ a: RunningAgent, _ name: String) -> Int? {
     guard let text = try? a.metrics() else { return nil }
