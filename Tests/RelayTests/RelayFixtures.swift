@@ -192,9 +192,30 @@ func socketState(port: UInt16) -> String {
     return (try? runCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
 }
 
-/// Waits (up to 10 s) until `server` listens on `port`: a server that could not bind
-/// fails the test here, with its exit status and stderr, not as resets later.
-func waitForListener(port: UInt16, server: Child) async throws {
+/// Starts a server (`argv` for a port) on a free port and waits (up to 10 s) until it
+/// listens. A port is free only when picked: a server that exits before it listens (another
+/// suite bound the port first) is started again on the next port, up to `attempts` times;
+/// any other server that does not listen fails the test here, with its stderr.
+func startListening(attempts: Int = 5, ports: () throws -> UInt16 = freeTCPPort,
+                    _ argv: (UInt16) throws -> [String]) async throws -> (Child, UInt16) {
+    var failures: [String] = []
+    for _ in 0..<max(1, attempts) {
+        let port = try ports()
+        let server = try Child(try argv(port))
+        if try await waitForListener(port: port, server: server) {
+            if !failures.isEmpty { print("started again on a new port: \(failures.joined(separator: "; "))") }
+            return (server, port)
+        }
+        let failure = "port \(port): \(server.argv[0]) (pid \(server.pid), \(server.state)) did not listen: " +
+            "stderr: \(server.stderrText.suffix(300)) sockets: \(socketState(port: port))"
+        guard !server.isRunning else { server.kill(); throw TestFailure(failure) }
+        failures.append(failure)
+    }
+    throw TestFailure("no server listened in \(failures.count) attempts: " + failures.joined(separator: "; "))
+}
+
+/// Whether `server` listens on `port` within 10 s (false at once if it exits).
+private func waitForListener(port: UInt16, server: Child) async throws -> Bool {
     func listening() -> Bool {
         let out = (try? runCommand(["/usr/bin/ss", "-Htlnp", "sport = :\(port)"]))?.1 ?? ""
         return out.contains("pid=\(server.pid),")
@@ -203,10 +224,7 @@ func waitForListener(port: UInt16, server: Child) async throws {
     while !listening() && server.isRunning && ContinuousClock.now < deadline {
         try await Task.sleep(for: .milliseconds(20))
     }
-    try #require(listening(), """
-        \(server.argv[0]) (pid \(server.pid), \(server.state)) does not listen on port \(port): \
-        stderr: \(server.stderrText.suffix(500)) sockets: \(socketState(port: port))
-        """)
+    return listening()
 }
 
 /// A file of `size` seeded random bytes and its sha256 (hex).

@@ -41,10 +41,10 @@ struct RelayRealClientsTests {
     func socatServer(fastPath: String) async throws {
         let data = try randomFile(size: 3_000_000, seed: 22)
         defer { unlink(data.path) }
-        let port = try freeTCPPort()
-        let server = try Child(["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"])
+        let (server, port) = try await startListening { port in
+            ["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"]
+        }
         defer { server.kill() }
-        try await waitForListener(port: port, server: server)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("download")
@@ -77,10 +77,8 @@ struct RelayRealClientsTests {
 
     @Test("iperf3: control and data connections relayed, the test completes both ways", arguments: ["copy", "sockmap"])
     func iperf3(fastPath: String) async throws {
-        let port = try freeTCPPort()
-        let server = try Child(["/usr/bin/iperf3", "-s", "-B", "127.0.0.1", "-p", "\(port)"])
+        let (server, port) = try await startListening { port in ["/usr/bin/iperf3", "-s", "-B", "127.0.0.1", "-p", "\(port)"] }
         defer { server.kill() }
-        try await waitForListener(port: port, server: server)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for reverse in [false, true] {
                 let (rc, out, err) = try runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
@@ -104,17 +102,17 @@ struct RelayRealClientsTests {
         let data = try randomFile(size: 8_000_000, seed: 24)
         defer { unlink(data.path) }
         _ = try runCommand(["/bin/cp", data.path, dir + "/www/blob"])
-        let port = try freeTCPPort()
-        try """
-            daemon off; master_process off; worker_processes 1; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
-            events { worker_connections 64; }
-            http { access_log off; client_body_temp_path \(dir); proxy_temp_path \(dir); fastcgi_temp_path \(dir);
-                   uwsgi_temp_path \(dir); scgi_temp_path \(dir);
-                   server { listen 127.0.0.1:\(port); root \(dir)/www; } }
-            """.write(toFile: dir + "/nginx.conf", atomically: true, encoding: .utf8)
-        let nginx = try Child(["/usr/sbin/nginx", "-c", dir + "/nginx.conf", "-p", dir])
+        let (nginx, port) = try await startListening { port in
+            try """
+                daemon off; master_process off; worker_processes 1; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
+                events { worker_connections 64; }
+                http { access_log off; client_body_temp_path \(dir); proxy_temp_path \(dir); fastcgi_temp_path \(dir);
+                       uwsgi_temp_path \(dir); scgi_temp_path \(dir);
+                       server { listen 127.0.0.1:\(port); root \(dir)/www; } }
+                """.write(toFile: dir + "/nginx.conf", atomically: true, encoding: .utf8)
+            return ["/usr/sbin/nginx", "-c", dir + "/nginx.conf", "-p", dir]
+        }
         defer { nginx.kill() }
-        try await waitForListener(port: port, server: nginx)
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
                 let out = tempPath("blob")
