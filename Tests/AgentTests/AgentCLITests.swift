@@ -22,7 +22,25 @@ struct AgentCLITests {
         """
         let p = try Child(a.cgroup.wrap([Paths.python, "-c", script]))
         let line = try await p.waitForLines(1)[0]
-        return (p, line["client"] as! Int, line["server"] as! Int)
+        let server = line["server"] as! Int
+        try await waitForFlows(a, ["--port", "\(server)"]) { $0.flows.count == 2 }
+        return (p, line["client"] as! Int, server)
+    }
+
+    /// Waits (up to 20 s) until `flows <args> -o json` (as `user`) answers what `done` wants:
+    /// the agent learns of a flow from its ring buffer, after the process's connect returned
+    /// (a fixed 200 ms pause lost that race on a loaded machine).
+    func waitForFlows(_ a: RunningAgent, _ args: [String], as user: UInt32? = nil,
+                      until done: (APIFlowList) -> Bool) async throws {
+        let deadline = ContinuousClock.now + .seconds(20)
+        var last = ""
+        while ContinuousClock.now < deadline {
+            let (rc, out, err) = try a.cli(["flows"] + args + ["-o", "json"], as: user)
+            last = "rc \(rc): \(out.prefix(500)) \(err.prefix(300))"
+            if rc == 0, let list = try? JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8)), done(list) { return }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw TestFailure("flows \(args) did not list what the test waits for in 20 s; last answer: \(last)")
     }
 
     @Test("connections open before the agent started are listed (seeded) and their end is seen")
@@ -88,7 +106,6 @@ struct AgentCLITests {
         try await withAgent { a in
             let (peer, client, server) = try await holdConnection(a)
             defer { peer.kill() }
-            try await Task.sleep(for: .milliseconds(200))
             let (rc, table, _) = try a.cli(["flows", "--port", "\(server)"])
             #expect(rc == 0)
             #expect(table.hasPrefix("PROTO"))
@@ -113,7 +130,6 @@ struct AgentCLITests {
         try await withAgent { a in
             let (peer, client, server) = try await holdConnection(a)
             defer { peer.kill() }
-            try await Task.sleep(for: .milliseconds(200))
             let (rc, out, _) = try a.cli(["lookup", "127.0.0.1:\(client)", "127.0.0.1:\(server)", "-o", "json"])
             #expect(rc == 0)
             let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
@@ -201,7 +217,7 @@ struct AgentCLITests {
             let nobody = try Child(a.cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                                   Paths.python, "-c", nobodyScript]))
             defer { nobody.kill() }
-            try await Task.sleep(for: .milliseconds(400))
+            try await waitForFlows(a, [], as: 65534) { !$0.flows.isEmpty }
             let (rc, out, err) = try a.cli(["flows", "-o", "json"], as: 65534)
             #expect(rc == 0, "\(err)")
             let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
@@ -246,7 +262,6 @@ struct AgentCLITests {
         let attachedBefore = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
         let (held, _, heldPort) = try await holdConnection(a, seconds: 30)
         defer { held.kill() }
-        try await Task.sleep(for: .milliseconds(200))
         kill(a.process.pid, SIGKILL)
         _ = try await a.process.wait()
         // While no agent runs: a whole flow opens and closes.
