@@ -32,15 +32,14 @@ struct AgentCLITests {
     /// (a fixed 200 ms pause lost that race on a loaded machine).
     func waitForFlows(_ a: RunningAgent, _ args: [String], as user: UInt32? = nil,
                       until done: (APIFlowList) -> Bool) async throws {
-        let deadline = ContinuousClock.now + .seconds(20)
         var last = ""
-        while ContinuousClock.now < deadline {
+        let listed = try await poll(timeout: 20, every: .milliseconds(50)) { () -> Bool? in
             let (rc, out, err) = try a.cli(["flows"] + args + ["-o", "json"], as: user)
             last = "rc \(rc): \(out.prefix(500)) \(err.prefix(300))"
-            if rc == 0, let list = try? JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8)), done(list) { return }
-            try await Task.sleep(for: .milliseconds(50))
+            guard rc == 0, let list = try? JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8)), done(list) else { return nil }
+            return true
         }
-        throw TestFailure("flows \(args) did not list what the test waits for in 20 s; last answer: \(last)")
+        if listed == nil { throw TestFailure("flows \(args) did not list what the test waits for in 20 s; last answer: \(last)") }
     }
 
     @Test("connections open before the agent started are listed (seeded) and their end is seen")
@@ -149,7 +148,7 @@ struct AgentCLITests {
             defer { unlink(portFile) }
             let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "1"])
             defer { server.kill() }
-            let port = try await waitForPort(portFile)
+            let port = try await waitForPort(portFile, peer: server)
             let watcher = try Child([Paths.flowtag, "watch", "--port", "\(port)", "-o", "json", "--socket", a.socket])
             defer { watcher.kill() }
             // Until the agent counts the watcher (a fixed pause lost the race on a loaded machine).
@@ -269,7 +268,7 @@ struct AgentCLITests {
         defer { unlink(portFile) }
         let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "1"])
         defer { server.kill() }
-        let port = try await waitForPort(portFile)
+        let port = try await waitForPort(portFile, peer: server)
         _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         // Restart on the same pins.
         let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none",
@@ -301,7 +300,7 @@ struct AgentCLITests {
             defer { unlink(portFile) }
             let server = try Child([Paths.python, Paths.peer, "http", portFile, "100", "2"])
             defer { server.kill() }
-            let port = try await waitForPort(portFile)
+            let port = try await waitForPort(portFile, peer: server)
             for _ in 0..<2 { _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"])) }
             try await Task.sleep(for: .milliseconds(300))
             let log = a.process.stderrText
@@ -332,7 +331,7 @@ struct AgentCLITests {
         defer { unlink(portFile) }
         let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "2"])
         defer { server.kill() }
-        let port = try await waitForPort(portFile)
+        let port = try await waitForPort(portFile, peer: server)
         let first = try await RunningAgent(journal: journal)
         let (rc, _, _) = try runCommand(first.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         #expect(rc == 0)
@@ -441,7 +440,7 @@ struct AgentCLITests {
             defer { unlink(portFile) }
             let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "3"])
             defer { server.kill() }
-            let port = try await waitForPort(portFile)
+            let port = try await waitForPort(portFile, peer: server)
             for _ in 0..<3 {
                 _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
             }

@@ -30,7 +30,7 @@ struct FlowtagdBinaryTests {
         defer { unlink(portFile) }
         let server = try Child([Paths.python, Paths.peer, "http", portFile, "100", "1"])
         defer { server.kill() }
-        let port = try await waitForPort(portFile)
+        let port = try await waitForPort(portFile, peer: server)
         let (rc, _, _) = try runCommand(cg.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         #expect(rc == 0)
         let lines = try await agent.waitForLines(2)

@@ -20,7 +20,7 @@ struct KernelFlowTests {
             defer { unlink(portFile) }
             let server = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "http", portFile, "5000", "1"]))
             defer { server.kill() }
-            let port = try await waitForPort(portFile)
+            let port = try await waitForPort(portFile, peer: server)
             let curl = try Child(h.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w",
                                                 "%{size_request} %{size_header} %{size_download}",
                                                 "http://127.0.0.1:\(port)/"]))
@@ -121,7 +121,7 @@ struct KernelFlowTests {
             defer { unlink(portFile) }
             let server = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "udp-server", family, portFile]))
             defer { server.kill() }
-            let port = try await waitForPort(portFile)
+            let port = try await waitForPort(portFile, peer: server)
             let client = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "udp-client", family, String(port)]))
             let c = try await client.waitForLines(1)[0]
             _ = try await server.waitForLines(1)

@@ -36,6 +36,23 @@ struct RelayFixtureTests {
         #expect(picked.count == 2 && port == picked[1] && port != taken, "picked \(picked), listening on \(port)")
         #expect(server.isRunning)
     }
+
+    @Test("a poller starved past its deadline (every pool thread blocked) still finds the port written meanwhile")
+    func starvedPollerLooksOnceMore() async throws {
+        let file = tempPath("port")
+        defer { unlink(file) }
+        let waiter = Task { try await waitForPort(file, timeout: 0.5) }
+        try await Task.sleep(for: .milliseconds(100)) // its first look found no file
+        // Block every thread of the pool for 1.5 s, as tests waiting in runCommand do; the
+        // port is written by a thread outside the pool while they block.
+        let blockers = (0...ProcessInfo.processInfo.activeProcessorCount).map { _ in Task.detached { usleep(1_500_000) } }
+        Thread.detachNewThread {
+            usleep(200_000)
+            try? "4242".write(toFile: file, atomically: true, encoding: .utf8)
+        }
+        for b in blockers { await b.value }
+        #expect(try await waiter.value == 4242)
+    }
 }
 
 /// A socket listening on a free port of 127.0.0.1 without SO_REUSEADDR, as another suite's

@@ -19,10 +19,9 @@ func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: Strin
                 "--port", "\(port)"]
     if let netns { argv = ["/usr/sbin/ip", "netns", "exec", netns] + argv }
     if let cgroup { argv = cgroup.wrap(argv) }
+    defer { unlink(portFile) } // also when the server writes it after the test gave up
     let server = try Child(argv)
-    let port = try await waitForPort(portFile, timeout: 30) // a loaded machine starts Python slowly
-    unlink(portFile)
-    return (server, port)
+    return (server, try await waitForPort(portFile, peer: server))
 }
 
 /// A TCP port nothing is bound to now (127.0.0.1 and ::1), below the kernel's ephemeral

@@ -193,14 +193,29 @@ func runCommand(_ argv: [String], timeout: Double = 120) throws -> (Int32, Strin
     return (c.exitStatus ?? -1, c.stdout, c.stderrText)
 }
 
-/// Reads the port a peer wrote to a file.
-func waitForPort(_ file: String, timeout: Double = 30) async throws -> UInt16 { // Python starts slowly under load
-    let deadline = Date().addingTimeInterval(timeout)
-    while Date() < deadline {
-        if let text = try? String(contentsOfFile: file, encoding: .utf8), let p = UInt16(text) { return p }
-        try await Task.sleep(for: .milliseconds(10))
+/// Reads the port a peer wrote to a file (Python starts slowly under load). With `peer`,
+/// a peer that exits first fails at once, with its stderr.
+func waitForPort(_ file: String, timeout: Double = 30, peer: Child? = nil) async throws -> UInt16 {
+    let started = ContinuousClock.now
+    let port = try await poll(timeout: timeout) { () -> UInt16?? in
+        if let text = try? String(contentsOfFile: file, encoding: .utf8), let p = UInt16(text) { return .some(p) }
+        return peer.map { $0.isRunning } == false ? .some(nil) : nil
     }
-    throw TestFailure("no port in \(file)")
+    if let port = port ?? nil { return port }
+    throw TestFailure("no port in \(file) after \(ContinuousClock.now - started)" +
+                      (peer.map { ": \($0.argv.suffix(6)) \($0.state), stderr: \($0.stderrText.suffix(500))" } ?? ""))
+}
+
+/// Polls `check` until it returns a value or `timeout` seconds passed, and looks once more
+/// after the deadline: Swift Testing's pool has a thread per core, and tests blocked in
+/// `runCommand` can starve a poller past its deadline while what it waits for has long held.
+func poll<T>(timeout: Double, every: Duration = .milliseconds(10), _ check: () throws -> T?) async throws -> T? {
+    let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
+    while ContinuousClock.now < deadline {
+        if let value = try check() { return value }
+        try await Task.sleep(for: every)
+    }
+    return try check()
 }
 
 /// A TCP sink peer outside any watched cgroup ("drain" reads until EOF, "close" hangs up
@@ -210,7 +225,7 @@ func startSink(_ mode: String = "drain") async throws -> (Child, UInt16) {
     defer { unlink(portFile) }
     let sink = try Child([Paths.python, Paths.peer, "sink", portFile, mode])
     do {
-        return (sink, try await waitForPort(portFile))
+        return (sink, try await waitForPort(portFile, peer: sink))
     } catch {
         let state = sink.state
         sink.kill()
