@@ -12,8 +12,10 @@ import Glibc
 struct RelayFixtureTests {
     @Test("a server whose port is taken starts again on the next port; with one attempt the error names the bind failure")
     func takenPortIsRetried() async throws {
-        let (holder, taken) = try takeFreePort()
+        // Another suite's server: listening, without SO_REUSEADDR.
+        let (holder, taken) = socketListener()
         defer { close(holder) }
+        try #require(holder >= 0 && taken != 0, "no loopback listener")
         let socat = { (port: UInt16) in
             ["/usr/bin/socat", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:/dev/null,rdonly"]
         }
@@ -53,39 +55,20 @@ struct RelayFixtureTests {
         for b in blockers { await b.value }
         #expect(try await waiter.value == 4242)
     }
-}
 
-/// A socket listening on a free port of 127.0.0.1 without SO_REUSEADDR, as another suite's
-/// server: the next free port if the one picked was taken meanwhile (seen once).
-private func takeFreePort() throws -> (Int32, UInt16) {
-    var failures: [String] = []
-    for _ in 0..<10 {
-        let port = try freeTCPPort()
+    @Test("a peer that exits without writing its port fails the wait at once, with its exit status and stderr")
+    func exitedPeerFailsAtOnce() async throws {
+        let file = tempPath("port")
+        defer { unlink(file) }
+        let peer = try Child(["/bin/sh", "-c", "echo cannot bind >&2; exit 3"])
+        let started = ContinuousClock.now
         do {
-            let fd = try listeningSocket(port: port)
-            if !failures.isEmpty { print("taken before the holder listened: \(failures) \(socketState(port: port))") }
-            return (fd, port)
-        } catch { failures.append("\(error) \(socketState(port: port))") }
-    }
-    throw TestFailure(failures.joined(separator: "; "))
-}
-
-private func listeningSocket(port: UInt16) throws -> Int32 {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw TestFailure("socket: \(String(cString: strerror(errno)))") }
-    var sin = sockaddr_in()
-    sin.sin_family = sa_family_t(AF_INET)
-    sin.sin_port = port.bigEndian
-    sin.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
-    let bound = withUnsafePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-    guard bound == 0 else { return try failed("bind") }
-    guard listen(fd, 8) == 0 else { return try failed("listen") }
-    return fd
-
-    func failed(_ call: String) throws -> Int32 {
-        let message = String(cString: strerror(errno))
-        close(fd)
-        throw TestFailure("\(call) 127.0.0.1:\(port): \(message)")
+            let port = try await waitForPort(file, timeout: 600, peer: peer)
+            Issue.record("a port from a peer that wrote none: \(port)")
+        } catch {
+            #expect("\(error)".contains("exited with status 3") && "\(error)".contains("cannot bind"), "\(error)")
+        }
+        // Not a speed check: without the early exit the wait runs its whole 600 s.
+        #expect(ContinuousClock.now - started < .seconds(300))
     }
 }

@@ -197,13 +197,17 @@ func runCommand(_ argv: [String], timeout: Double = 120) throws -> (Int32, Strin
 /// a peer that exits first fails at once, with its stderr.
 func waitForPort(_ file: String, timeout: Double = 30, peer: Child? = nil) async throws -> UInt16 {
     let started = ContinuousClock.now
-    let port = try await poll(timeout: timeout) { () -> UInt16?? in
-        if let text = try? String(contentsOfFile: file, encoding: .utf8), let p = UInt16(text) { return .some(p) }
-        return peer.map { $0.isRunning } == false ? .some(nil) : nil
+    func noPort() -> TestFailure {
+        TestFailure("no port in \(file) after \(ContinuousClock.now - started)" +
+                    (peer.map { ": \($0.argv.suffix(6)) \($0.state), stderr: \($0.stderrText.suffix(500))" } ?? ""))
     }
-    if let port = port ?? nil { return port }
-    throw TestFailure("no port in \(file) after \(ContinuousClock.now - started)" +
-                      (peer.map { ": \($0.argv.suffix(6)) \($0.state), stderr: \($0.stderrText.suffix(500))" } ?? ""))
+    let port = try await poll(timeout: timeout) { () throws -> UInt16? in
+        if let text = try? String(contentsOfFile: file, encoding: .utf8), let p = UInt16(text) { return p }
+        if let peer, !peer.isRunning { throw noPort() }
+        return nil
+    }
+    guard let port else { throw noPort() }
+    return port
 }
 
 /// Polls `check` until it returns a value or `timeout` seconds passed, and looks once more
@@ -224,13 +228,7 @@ func startSink(_ mode: String = "drain") async throws -> (Child, UInt16) {
     let portFile = tempPath("sink")
     defer { unlink(portFile) }
     let sink = try Child([Paths.python, Paths.peer, "sink", portFile, mode])
-    do {
-        return (sink, try await waitForPort(portFile, peer: sink))
-    } catch {
-        let state = sink.state
-        sink.kill()
-        throw TestFailure("\(error): the sink \(state), stderr: \(sink.stderrText.suffix(500))")
-    }
+    return (sink, try await waitForPort(portFile, peer: sink)) // its state and stderr if not
 }
 
 func tempPath(_ what: String) -> String { NSTemporaryDirectory() + uniqueName(what) }
