@@ -301,6 +301,12 @@ extension StreamRelay {
         guard let s = flow.splice else { return }
         for d in [StreamDirection.send, .receive] {
             if let stat = spliceStat(flow, d) {
+                let lane = s.lanes[RelayedFlow.index(d)]
+                logger.debug("relay: fast path ends", metadata: [
+                    "flow": "\(flow.cookie)", "direction": "\(d)", "redirected": "\(stat.redirected)",
+                    "passed": "\(stat.passed)", "read": "\(lane.passedRead)", "consumed": "\(lane.consumed)",
+                    "redirect_failed": "\(stat.redirect_failed)", "trimmed": "\(stat.trimmed)",
+                    "held": "\(lane.throttled || lane.draining)"])
                 let moved = stat.redirected
                 counters.fastPathBytes.add(moved, ordering: .relaxed)
                 if d == .send {

@@ -34,7 +34,7 @@ struct AgentCLITests {
                       until done: (APIFlowList) -> Bool) async throws {
         var last = ""
         let listed = try await poll(timeout: 20, every: .milliseconds(50)) { () -> Bool? in
-            let (rc, out, err) = try a.cli(["flows"] + args + ["-o", "json"], as: user)
+            let (rc, out, err) = try await a.cli(["flows"] + args + ["-o", "json"], as: user)
             last = "rc \(rc): \(out.prefix(500)) \(err.prefix(300))"
             guard rc == 0, let list = try? JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8)), done(list) else { return nil }
             return true
@@ -68,7 +68,7 @@ struct AgentCLITests {
         let a = try await RunningAgent(cgroup: cgroup)
         defer { a.cleanUp() }
         do {
-            let (rc, out, err) = try a.cli(["flows", "--port", "\(server)", "-o", "json"])
+            let (rc, out, err) = try await a.cli(["flows", "--port", "\(server)", "-o", "json"])
             #expect(rc == 0, "\(err)")
             func decode(_ text: String) -> [[String: Any]] {
                 ((try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
@@ -87,7 +87,7 @@ struct AgentCLITests {
             peer.send("")
             var closed: [[String: Any]] = []
             for _ in 0..<100 {
-                let (_, c, _) = try a.cli(["flows", "--port", "\(server)", "--state", "closed", "-o", "json"])
+                let (_, c, _) = try await a.cli(["flows", "--port", "\(server)", "--state", "closed", "-o", "json"])
                 closed = decode(c)
                 if closed.count == 2 { break }
                 try await Task.sleep(for: .milliseconds(100))
@@ -105,21 +105,21 @@ struct AgentCLITests {
         try await withAgent { a in
             let (peer, client, server) = try await holdConnection(a)
             defer { peer.kill() }
-            let (rc, table, _) = try a.cli(["flows", "--port", "\(server)"])
+            let (rc, table, _) = try await a.cli(["flows", "--port", "\(server)"])
             #expect(rc == 0)
             #expect(table.hasPrefix("PROTO"))
             #expect(table.contains("127.0.0.1:\(client)") && table.contains("\(peer.pid)"))
-            let (_, noHeaders, _) = try a.cli(["flows", "--port", "\(server)", "--no-headers"])
+            let (_, noHeaders, _) = try await a.cli(["flows", "--port", "\(server)", "--no-headers"])
             #expect(!noHeaders.contains("PROTO") && noHeaders.split(separator: "\n").count == 2)
-            let (_, wide, _) = try a.cli(["flows", "--port", "\(server)", "-o", "wide"])
+            let (_, wide, _) = try await a.cli(["flows", "--port", "\(server)", "-o", "wide"])
             #expect(wide.contains("ATTRIBUTION") && wide.contains("outbound") && wide.contains("inbound"))
-            let (_, json, _) = try a.cli(["flows", "--pid", "\(peer.pid)", "-o", "json"])
+            let (_, json, _) = try await a.cli(["flows", "--pid", "\(peer.pid)", "-o", "json"])
             let list = try JSONDecoder().decode(APIFlowList.self, from: Data(json.utf8))
             #expect(list.flows.count == 2 && list.flows.allSatisfy { $0.record.process.pid == UInt32(peer.pid) && $0.state == .open })
             // Filters that exclude.
-            let (rc2, _, err2) = try a.cli(["flows", "--pid", "\(peer.pid)", "--remote", "10.0.0.0/8"])
+            let (rc2, _, err2) = try await a.cli(["flows", "--pid", "\(peer.pid)", "--remote", "10.0.0.0/8"])
             #expect(rc2 == ExitStatus.nothingFound.rawValue && err2.contains("no flows found"))
-            let (rc3, _, _) = try a.cli(["flows", "--proto", "udp", "--pid", "\(peer.pid)"])
+            let (rc3, _, _) = try await a.cli(["flows", "--proto", "udp", "--pid", "\(peer.pid)"])
             #expect(rc3 == ExitStatus.nothingFound.rawValue)
         }
     }
@@ -129,14 +129,14 @@ struct AgentCLITests {
         try await withAgent { a in
             let (peer, client, server) = try await holdConnection(a)
             defer { peer.kill() }
-            let (rc, out, _) = try a.cli(["lookup", "127.0.0.1:\(client)", "127.0.0.1:\(server)", "-o", "json"])
+            let (rc, out, _) = try await a.cli(["lookup", "127.0.0.1:\(client)", "127.0.0.1:\(server)", "-o", "json"])
             #expect(rc == 0)
             let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
             #expect(list.flows.first?.record.process.pid == UInt32(peer.pid))
             #expect(list.flows.first?.record.direction == .outbound)
-            let (rc2, _, err2) = try a.cli(["lookup", "127.0.0.1:1", "127.0.0.1:2"])
+            let (rc2, _, err2) = try await a.cli(["lookup", "127.0.0.1:1", "127.0.0.1:2"])
             #expect(rc2 == ExitStatus.nothingFound.rawValue && err2.contains("no live tcp flow"))
-            let (rc3, _, err3) = try a.cli(["lookup", "not-an-endpoint", "127.0.0.1:2"])
+            let (rc3, _, err3) = try await a.cli(["lookup", "not-an-endpoint", "127.0.0.1:2"])
             #expect(rc3 == ExitStatus.usage.rawValue && err3.contains("not IP:PORT"))
         }
     }
@@ -153,11 +153,11 @@ struct AgentCLITests {
             defer { watcher.kill() }
             // Until the agent counts the watcher (a fixed pause lost the race on a loaded machine).
             for _ in 0..<250 {
-                let (_, out, _) = try a.cli(["stats", "-o", "json"])
+                let (_, out, _) = try await a.cli(["stats", "-o", "json"])
                 if out.contains("\"watchers\":1") { break }
                 try await Task.sleep(for: .milliseconds(20))
             }
-            let (rc, _, _) = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+            let (rc, _, _) = try await runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
             #expect(rc == 0)
             let lines = try await watcher.waitForLines(2)
             #expect(lines.map { $0["event"] as? String } == ["open", "close"])
@@ -168,8 +168,8 @@ struct AgentCLITests {
     @Test("bad requests get a 4xx with a message; the agent keeps serving")
     func badRequests() async throws {
         try await withAgent { a in
-            func curl(_ args: [String]) throws -> (String, String) {
-                let (_, out, _) = try runCommand(["/usr/bin/curl", "-s", "-w", "\n%{http_code}", "--unix-socket", a.socket] + args)
+            func curl(_ args: [String]) async throws -> (String, String) {
+                let (_, out, _) = try await runCommand(["/usr/bin/curl", "-s", "-w", "\n%{http_code}", "--unix-socket", a.socket] + args)
                 let parts = out.split(separator: "\n")
                 return (String(parts.last ?? ""), parts.dropLast().joined(separator: "\n"))
             }
@@ -182,7 +182,7 @@ struct AgentCLITests {
                 (["http://x/v1/lookup?local=1.2.3.4&remote=1.2.3.4:5"], "400", "bad local"),
             ]
             for (args, code, message) in cases {
-                let (status, body) = try curl(args)
+                let (status, body) = try await curl(args)
                 #expect(status == code, "\(args): \(status) \(body)")
                 #expect(body.contains(message), "\(args): \(body)")
             }
@@ -198,9 +198,9 @@ struct AgentCLITests {
                     data += b
                 print(data.split(b"\\r\\n")[0].decode(), round(time.monotonic() - start, 1))
                 """
-            let (rc, out, err) = try runCommand([Paths.python, "-c", garbage, a.socket])
+            let (rc, out, err) = try await runCommand([Paths.python, "-c", garbage, a.socket])
             #expect(rc == 0 && out.hasPrefix("HTTP/1.1 400"), "\(out) \(err)")
-            let (status, body) = try curl(["http://x/v1/version"])
+            let (status, body) = try await curl(["http://x/v1/version"])
             #expect(status == "200" && body.contains(flowtagVersion))
         }
     }
@@ -217,22 +217,22 @@ struct AgentCLITests {
                                                   Paths.python, "-c", nobodyScript]))
             defer { nobody.kill() }
             try await waitForFlows(a, [], as: 65534) { !$0.flows.isEmpty }
-            let (rc, out, err) = try a.cli(["flows", "-o", "json"], as: 65534)
+            let (rc, out, err) = try await a.cli(["flows", "-o", "json"], as: 65534)
             #expect(rc == 0, "\(err)")
             let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
             #expect(!list.flows.isEmpty)
             #expect(list.flows.allSatisfy { $0.record.process.uid == 65534 })
-            let (_, rootOut, _) = try a.cli(["flows", "-o", "json"])
+            let (_, rootOut, _) = try await a.cli(["flows", "-o", "json"])
             let all = try JSONDecoder().decode(APIFlowList.self, from: Data(rootOut.utf8))
             #expect(all.flows.contains { $0.record.process.uid == 0 })
             // Machine-wide counters tell of everyone's flows: refused to an outsider (77).
-            let (src, _, serr) = try a.cli(["stats"], as: 65534)
+            let (src, _, serr) = try await a.cli(["stats"], as: 65534)
             #expect(src == ExitStatus.permission.rawValue && serr.contains("machine-wide"), "\(serr)")
-            let (rootStats, _, _) = try a.cli(["stats"])
+            let (rootStats, _, _) = try await a.cli(["stats"])
             #expect(rootStats == 0)
             // With the socket back to 0660 root:flowtag, an outsider cannot connect at all.
             chmod(a.socket, 0o660)
-            let (rc2, _, err2) = try a.cli(["flows"], as: 65534)
+            let (rc2, _, err2) = try await a.cli(["flows"], as: 65534)
             #expect(rc2 == ExitStatus.permission.rawValue, "\(err2)")
         }
     }
@@ -269,7 +269,7 @@ struct AgentCLITests {
         let server = try Child([Paths.python, Paths.peer, "http", portFile, "10", "1"])
         defer { server.kill() }
         let port = try await waitForPort(portFile, peer: server)
-        _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+        _ = try await runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         // Restart on the same pins.
         let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none",
                                    "--metrics-address", "127.0.0.1:0", "--journal", a.journal])
@@ -278,11 +278,11 @@ struct AgentCLITests {
         #expect(restarted.stderrText.contains("resuming the programs pinned"), "\(restarted.stderrText)")
         #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path) == attachedBefore, "programs attached twice")
         try await Task.sleep(for: .milliseconds(300))
-        let (lrc, live, lerr) = try a.cli(["flows", "--port", "\(heldPort)", "-o", "json"])
+        let (lrc, live, lerr) = try await a.cli(["flows", "--port", "\(heldPort)", "-o", "json"])
         try #require(lrc == 0, "flows: \(lerr); agent: \(restarted.stderrText)")
         let held2 = try JSONDecoder().decode(APIFlowList.self, from: Data(live.utf8))
         #expect(held2.flows.count == 2 && held2.flows.allSatisfy { $0.record.process.pid == UInt32(held.pid) })
-        let (crc, closed, cerr) = try a.cli(["flows", "--port", "\(port)", "--state", "closed", "-o", "json"])
+        let (crc, closed, cerr) = try await a.cli(["flows", "--port", "\(port)", "--state", "closed", "-o", "json"])
         try #require(crc == 0, "flows: \(cerr); agent: \(restarted.stderrText)")
         let missed = try JSONDecoder().decode(APIFlowList.self, from: Data(closed.utf8))
         #expect(missed.flows.count == 1 && missed.flows.first?.record.process.exe == "/usr/bin/curl")
@@ -301,11 +301,11 @@ struct AgentCLITests {
             let server = try Child([Paths.python, Paths.peer, "http", portFile, "100", "2"])
             defer { server.kill() }
             let port = try await waitForPort(portFile, peer: server)
-            for _ in 0..<2 { _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"])) }
+            for _ in 0..<2 { _ = try await runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"])) }
             try await Task.sleep(for: .milliseconds(300))
             let log = a.process.stderrText
             let url = try #require(log.split(separator: "\n").first { $0.contains("metrics on ") }?.split(separator: " ").last)
-            let (rc, text, _) = try runCommand(["/usr/bin/curl", "-s", String(url)])
+            let (rc, text, _) = try await runCommand(["/usr/bin/curl", "-s", String(url)])
             #expect(rc == 0)
             for name in ["flowtag_active_flows", "flowtag_flows_opened_total", "flowtag_flows_closed_total",
                          "flowtag_flow_bytes_total{direction=\"sent\"}", "flowtag_kernel_events_lost_total",
@@ -317,7 +317,7 @@ struct AgentCLITests {
             let opened = text.split(separator: "\n").first { $0.hasPrefix("flowtag_flows_opened_total ") }
             #expect(Int(opened?.split(separator: " ").last ?? "") ?? 0 >= 2)
             #expect(!text.contains("pid=") && !text.contains("flow=\""))
-            let (_, notFound, _) = try runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+            let (_, notFound, _) = try await runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                                                    String(url).replacingOccurrences(of: "/metrics", with: "/other")])
             #expect(notFound == "404")
         }
@@ -333,22 +333,22 @@ struct AgentCLITests {
         defer { server.kill() }
         let port = try await waitForPort(portFile, peer: server)
         let first = try await RunningAgent(journal: journal)
-        let (rc, _, _) = try runCommand(first.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+        let (rc, _, _) = try await runCommand(first.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         #expect(rc == 0)
         try await Task.sleep(for: .milliseconds(1500)) // one journal batch
         await first.stop()
         let second = try await RunningAgent(journal: journal)
         defer { second.cleanUp() }
-        let (hrc, out, err) = try second.cli(["history", "--since", "10m", "--port", "\(port)", "--exe", "/usr/bin/curl", "-o", "json"])
+        let (hrc, out, err) = try await second.cli(["history", "--since", "10m", "--port", "\(port)", "--exe", "/usr/bin/curl", "-o", "json"])
         #expect(hrc == 0, "\(err)")
         let list = try JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8))
         #expect(list.flows.count == 1)
         #expect(list.flows.first?.record.remote.port == port && list.flows.first?.record.closeReason != nil)
-        let (_, table, _) = try second.cli(["history", "--since", "10m", "--remote", "127.0.0.0/8", "--port", "\(port)"])
+        let (_, table, _) = try await second.cli(["history", "--since", "10m", "--remote", "127.0.0.0/8", "--port", "\(port)"])
         #expect(table.contains("/usr/bin/curl"))
-        let (rc2, _, _) = try second.cli(["history", "--until", "2000-01-01T00:00:00Z", "--port", "\(port)"])
+        let (rc2, _, _) = try await second.cli(["history", "--until", "2000-01-01T00:00:00Z", "--port", "\(port)"])
         #expect(rc2 == ExitStatus.nothingFound.rawValue)
-        let (rc3, _, err3) = try second.cli(["history", "--since", "yesterday"])
+        let (rc3, _, err3) = try await second.cli(["history", "--since", "yesterday"])
         #expect(rc3 == ExitStatus.usage.rawValue && err3.contains("--since"))
         await second.stop()
     }
@@ -364,7 +364,7 @@ struct AgentCLITests {
         var committed = 0
         for _ in 0..<100 where committed < 200 {
             try await Task.sleep(for: .milliseconds(100))
-            let (_, out, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])
+            let (_, out, _) = try await a.cli(["history", "--port", "\(port)", "-o", "json"])
             committed = (try? JSONDecoder().decode(APIFlowList.self, from: Data(out.utf8)).flows.count) ?? 0
         }
         try #require(committed >= 200, "the journal did not fill")
@@ -376,7 +376,7 @@ struct AgentCLITests {
         let rows = try j.count()
         #expect(rows >= committed, "\(rows) rows after kill -9, \(committed) were committed before")
         storm.kill()
-        _ = try? runCommand(["/usr/bin/rm", "-rf", a.pins])
+        _ = try? await runCommand(["/usr/bin/rm", "-rf", a.pins])
     }
 
     @Test("a socket connected again after connect(AF_UNSPEC) keeps its cookie: two flows, both journaled once")
@@ -390,7 +390,7 @@ struct AgentCLITests {
             let pid = try #require(line["pid"] as? Int)
             var rows: [[String: Any]] = []
             for _ in 0..<100 {
-                let (_, out, _) = try a.cli(["history", "--pid", "\(pid)", "--port", "\(port)", "-o", "json"])
+                let (_, out, _) = try await a.cli(["history", "--pid", "\(pid)", "--port", "\(port)", "-o", "json"])
                 rows = ((try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
                 if rows.count >= 2 { break }
                 try await Task.sleep(for: .milliseconds(100))
@@ -398,38 +398,38 @@ struct AgentCLITests {
             #expect(rows.count == 2, "\(rows)")
             #expect(Set(rows.compactMap { $0["flow"] as? Int }).count == 1, "one socket, one cookie")
             #expect(rows.compactMap { $0["bytes_sent"] as? Int }.sorted() == [5, 7], "\(rows)")
-            let (_, live, _) = try a.cli(["flows", "--pid", "\(pid)", "--state", "open", "-o", "json"])
+            let (_, live, _) = try await a.cli(["flows", "--pid", "\(pid)", "--state", "open", "-o", "json"])
             #expect(!live.contains("\"state\":\"open\""), "a flow of the reconnected socket stayed open: \(live)")
         }
     }
 
     @Test("a bad config is refused at start with the key and the reason")
-    func badConfig() throws {
+    func badConfig() async throws {
         let path = tempPath("config") + ".yaml"
         defer { unlink(path) }
         for (yaml, expected) in [("udp_idle_seconds: soon\n", "udp_idle_seconds"), ("colour: blue\n", "unknown key"),
                                  ("metrics_address: nowhere\n", "metrics_address"), ("output: loud\n", "output"),
                                  (": : :\n  - [\n", "not valid YAML")] {
             try yaml.write(toFile: path, atomically: true, encoding: .utf8)
-            let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", path])
+            let (rc, _, err) = try await runCommand([Paths.flowtagd, "--config", path])
             #expect(rc == 78, "\(yaml): \(err)")
             #expect(err.contains(expected), "\(yaml): \(err)")
         }
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", "/nonexistent/flowtagd.yaml"])
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--config", "/nonexistent/flowtagd.yaml"])
         #expect(rc == 78 && err.contains("cannot read"))
     }
 
     @Test("agent not running and bad arguments: distinct exit codes")
-    func cliErrors() throws {
+    func cliErrors() async throws {
         let sock = tempPath("none") + ".sock"
-        let (rc, _, err) = try runCommand([Paths.flowtag, "flows", "--socket", sock])
+        let (rc, _, err) = try await runCommand([Paths.flowtag, "flows", "--socket", sock])
         #expect(rc == ExitStatus.agentDown.rawValue && err.contains("not running"))
-        let (rc2, _, err2) = try runCommand([Paths.flowtag, "flows", "--socket", sock, "--state", "sleeping"])
+        let (rc2, _, err2) = try await runCommand([Paths.flowtag, "flows", "--socket", sock, "--state", "sleeping"])
         #expect(rc2 == ExitStatus.usage.rawValue && err2.contains("open or closed"))
-        let (rc3, _, _) = try runCommand([Paths.flowtag, "flows", "-o", "yaml"])
+        let (rc3, _, _) = try await runCommand([Paths.flowtag, "flows", "-o", "yaml"])
         #expect(rc3 == ExitStatus.usage.rawValue)
         // The CLI's own version still prints; the missing agent is an error (README: 69).
-        let (rc4, out4, err4) = try runCommand([Paths.flowtag, "version", "--socket", sock])
+        let (rc4, out4, err4) = try await runCommand([Paths.flowtag, "version", "--socket", sock])
         #expect(rc4 == ExitStatus.agentDown.rawValue && out4.contains("flowtag \(flowtagVersion)") && err4.contains("not running"))
     }
 
@@ -442,17 +442,17 @@ struct AgentCLITests {
             defer { server.kill() }
             let port = try await waitForPort(portFile, peer: server)
             for _ in 0..<3 {
-                _ = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+                _ = try await runCommand(a.cgroup.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
             }
             try await Task.sleep(for: .milliseconds(300))
-            let (rc, out, _) = try a.cli(["stats", "-o", "json"])
+            let (rc, out, _) = try await a.cli(["stats", "-o", "json"])
             #expect(rc == 0)
             let st = try JSONDecoder().decode(AgentStats.self, from: Data(out.utf8))
             #expect(st.flowsOpened >= 3 && st.flowsClosed >= 3 && st.kernelEventsLost == 0)
             #expect(st.attribution["kernel"] ?? 0 >= 3)
             // Every closed flow's tagging context was removed, its flowDelete run.
             #expect(st.flowContextsDeleted == st.flowsClosed && st.flowContextsDeleted >= 3, "\(st)")
-            let (_, closed, _) = try a.cli(["flows", "--state", "closed", "--port", "\(port)", "-o", "json"])
+            let (_, closed, _) = try await a.cli(["flows", "--state", "closed", "--port", "\(port)", "-o", "json"])
             let list = try JSONDecoder().decode(APIFlowList.self, from: Data(closed.utf8))
             #expect(list.flows.count == 3 && list.flows.allSatisfy { $0.state == .closed && $0.record.bytesReceived > 0 })
         }

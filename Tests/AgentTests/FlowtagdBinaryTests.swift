@@ -31,7 +31,7 @@ struct FlowtagdBinaryTests {
         let server = try Child([Paths.python, Paths.peer, "http", portFile, "100", "1"])
         defer { server.kill() }
         let port = try await waitForPort(portFile, peer: server)
-        let (rc, _, _) = try runCommand(cg.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
+        let (rc, _, _) = try await runCommand(cg.wrap(["/usr/bin/curl", "-s", "-o", "/dev/null", "http://127.0.0.1:\(port)/"]))
         #expect(rc == 0)
         let lines = try await agent.waitForLines(2)
         kill(agent.pid, SIGINT)
@@ -53,25 +53,25 @@ struct FlowtagdBinaryTests {
     }
 
     @Test("a cgroup path that does not exist: clear error, non-zero exit")
-    func missingCgroup() throws {
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", "/sys/fs/cgroup/does-not-exist-\(getpid())"])
+    func missingCgroup() async throws {
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--cgroup", "/sys/fs/cgroup/does-not-exist-\(getpid())"])
         #expect(rc != 0)
         #expect(err.contains("cgroup path does not exist"), "\(err)")
     }
 
     @Test("a directory that is not a cgroup v2: clear error")
-    func notACgroup() throws {
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", "/tmp"])
+    func notACgroup() async throws {
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--cgroup", "/tmp"])
         #expect(rc != 0)
         #expect(err.contains("not a cgroup v2 directory"), "\(err)")
     }
 
     @Test("no bpffs where the pins go: clear error, nothing attached")
-    func missingBPFFS() throws {
+    func missingBPFFS() async throws {
         let cg = try TestCgroup()
         defer { cg.remove() }
         let dir = tempPath("nobpffs")
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", dir + "/flowtag"])
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", dir + "/flowtag"])
         #expect(rc != 0)
         #expect(err.contains("no BPF filesystem"), "\(err)")
         #expect(try Self.attachedPrograms(cg.path).isEmpty)
@@ -79,10 +79,10 @@ struct FlowtagdBinaryTests {
     }
 
     @Test("no privileges: clear error, nothing attached")
-    func unprivileged() throws {
+    func unprivileged() async throws {
         let cg = try TestCgroup()
         defer { cg.remove() }
-        let (rc, _, err) = try runCommand(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        let (rc, _, err) = try await runCommand(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                            "--inh-caps=-all", Paths.flowtagd, "--cgroup", cg.path,
                                            "--pin-dir", "/sys/fs/bpf/" + uniqueName("pins")])
         #expect(rc != 0)
@@ -91,11 +91,11 @@ struct FlowtagdBinaryTests {
     }
 
     @Test("bad arguments: usage error")
-    func badArguments() throws {
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--udp-idle-seconds", "0"])
+    func badArguments() async throws {
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--udp-idle-seconds", "0"])
         #expect(rc != 0)
         #expect(err.contains("--udp-idle-seconds"), "\(err)")
-        let (rc2, _, err2) = try runCommand([Paths.flowtagd, "--no-such-flag"])
+        let (rc2, _, err2) = try await runCommand([Paths.flowtagd, "--no-such-flag"])
         #expect(rc2 != 0)
         #expect(err2.contains("no-such-flag"), "\(err2)")
     }
@@ -109,7 +109,7 @@ struct FlowtagdBinaryTests {
         let first = try Child([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", "", "--journal", ""])
         defer { first.kill() }
         for _ in 0..<500 where access(pins + "/links", F_OK) != 0 { try await Task.sleep(for: .milliseconds(20)) }
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", "", "--journal", ""])
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--cgroup", cg.path, "--pin-dir", pins, "--socket", "", "--metrics-address", "", "--journal", ""])
         #expect(rc != 0)
         #expect(err.contains("another flowtag agent is running"), "\(err)")
         #expect(access(pins + "/links", F_OK) == 0, "the first agent's pins were removed")

@@ -26,8 +26,8 @@ struct ReliabilityStartupTests {
         // Its socket in another directory (a lock beside the socket once let it start).
         let elsewhere = tempPath("second")
         mkdir(elsewhere, 0o755)
-        defer { _ = try? runCommand(["/usr/bin/rm", "-rf", elsewhere]) }
-        let (rc, _, err) = try runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", a.pins,
+        defer { _ = try? runQuickCommand(["/usr/bin/rm", "-rf", elsewhere]) }
+        let (rc, _, err) = try await runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", a.pins,
                                            "--socket", elsewhere + "/api.sock", "--metrics-address", "", "--journal", ""])
         #expect(rc == 1)
         #expect(err.contains("another flowtag agent is running with pins at \(a.pins)"), "\(err)")
@@ -39,9 +39,9 @@ struct ReliabilityStartupTests {
         let link = "/sys/fs/bpf/" + uniqueName("link")
         mkdir(target, 0o700)
         defer { rmdir(target); unlink(link) }
-        let (src, _, serr) = try runCommand(["/usr/bin/ln", "-s", target, link])
+        let (src, _, serr) = try await runCommand(["/usr/bin/ln", "-s", target, link])
         if src != 0 { print("bpffs refuses symlinks here (\(serr)): the symlink case is moot") } else {
-            let (lrc, _, lerr) = try runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", link,
+            let (lrc, _, lerr) = try await runCommand([Paths.flowtagd, "--cgroup", other.path, "--pin-dir", link,
                                                  "--socket", "", "--metrics-address", "", "--journal", ""])
             #expect(lrc == 1 && lerr.contains("symlink"), "\(lerr)")
             #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).isEmpty)
@@ -71,7 +71,7 @@ struct ReliabilityStartupTests {
         kill(b.process.pid, SIGKILL)
         _ = try await b.process.wait()
         // Pins that claim another build (an upgrade): replaced, never adopted.
-        let (rc, _, err) = try runCommand(["/usr/sbin/bpftool", "map", "update", "pinned", a.pins + "/maps/ft_build",
+        let (rc, _, err) = try await runCommand(["/usr/sbin/bpftool", "map", "update", "pinned", a.pins + "/maps/ft_build",
                                            "key", "0", "0", "0", "0", "value"] + Array(repeating: "7", count: 24))
         try #require(rc == 0, "bpftool: \(err)")
         let c = try await RunningAgent(journal: a.journal, cgroup: other, pins: a.pins, socket: a.socket)
@@ -98,7 +98,7 @@ struct ReliabilityStartupTests {
         let attached = try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path)
         kill(a.process.pid, SIGKILL)
         _ = try await a.process.wait()
-        let (rc, _, err) = try runCommand(["/usr/bin/env", "FLOWTAG_FAIL_AT=before-publish", Paths.flowtagd, "--cgroup", a.cgroup.path,
+        let (rc, _, err) = try await runCommand(["/usr/bin/env", "FLOWTAG_FAIL_AT=before-publish", Paths.flowtagd, "--cgroup", a.cgroup.path,
                                            "--pin-dir", a.pins, "--socket", a.socket, "--metrics-address", "", "--journal", a.journal,
                                            "--output", "none"], timeout: 60)
         #expect(rc == 1 && err.contains("resuming") && err.contains("before-publish"), "\(err)")
@@ -165,7 +165,7 @@ struct ReliabilityStartupTests {
         case "a socket_group that does not exist":
             config = "socket_group: no-such-group-\(getpid())\n"
         case "a journal of another program":
-            let (rc, _, _) = try runCommand(["/usr/bin/sqlite3", journal, "CREATE TABLE accounts (id INTEGER, owner TEXT)"])
+            let (rc, _, _) = try await runCommand(["/usr/bin/sqlite3", journal, "CREATE TABLE accounts (id INTEGER, owner TEXT)"])
             try #require(rc == 0)
         case "a journal written by a newer flowtag":
             let j = try Journal(path: journal)
@@ -191,7 +191,7 @@ struct ReliabilityStartupTests {
             argv += ["--config", path]
         }
         if let failAt { argv = ["/usr/bin/env", "FLOWTAG_FAIL_AT=\(failAt)"] + argv }
-        let (rc, _, err) = try runCommand(argv, timeout: 60)
+        let (rc, _, err) = try await runCommand(argv, timeout: 60)
         #expect(rc == fault.expectedStatus, "\(fault.name): exit \(rc), stderr: \(err.suffix(1000))")
         #expect(access(socket, F_OK) != 0 || fault.name.contains("socket path") || other != nil, "\(fault.name): the socket was left behind")
         #expect(err.contains(fault.says), "\(fault.name): \(err.suffix(1000))")
@@ -210,7 +210,7 @@ struct ReliabilityStartupTests {
     }
 
     @Test("config files at and past every limit: refused with the key (78), never a crash or a hang; good ones pass --check-config")
-    func configFiles() throws {
+    func configFiles() async throws {
         let bomb = """
             a: &a ["x","x","x","x","x","x","x","x","x"]
             b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
@@ -243,7 +243,7 @@ struct ReliabilityStartupTests {
             let path = tempPath("config") + ".yaml"
             defer { unlink(path) }
             FileManager.default.createFile(atPath: path, contents: Data(bytes))
-            let (rc, out, err) = try runCommand([Paths.flowtagd, "--check-config", "--config", path], timeout: 30)
+            let (rc, out, err) = try await runCommand([Paths.flowtagd, "--check-config", "--config", path], timeout: 30)
             #expect(rc == status, "\(name): exit \(rc): \(err.suffix(500))")
             #expect((out + err).contains(says), "\(name): \((out + err).suffix(500))")
             #expect(err.utf8.count < 4096, "\(name): a \(err.utf8.count)-byte error message")
@@ -270,7 +270,7 @@ struct ReliabilityStartupTests {
                                  ["history", "--since", "9223372036854775807s"], ["flows", "--port", "65536"],
                                  ["lookup", "1.2.3.4:1", "5.6.7.8:99999"], ["history", "--limit", "18446744073709551616"]]
         for (i, args) in known.enumerated() {
-            let (rc, _, err) = try runCommand([Paths.flowtag] + args + ["--socket", a.socket], timeout: 30)
+            let (rc, _, err) = try await runCommand([Paths.flowtag] + args + ["--socket", a.socket], timeout: 30)
             #expect(rc == 64, "known case \(i): flowtag \(args) exited \(rc): \(err.prefix(500))")
         }
         for i in 0..<runs {
@@ -282,7 +282,7 @@ struct ReliabilityStartupTests {
             // Never another socket than the test agent's (nor the watch stream forever).
             args = args.filter { $0 != "--socket" }
             if args.first == "watch" { args[0] = "flows" }
-            let (rc, _, err) = try runCommand([Paths.flowtag] + args + ["--socket", a.socket], timeout: 30)
+            let (rc, _, err) = try await runCommand([Paths.flowtag] + args + ["--socket", a.socket], timeout: 30)
             statuses[rc, default: 0] += 1
             #expect(allowed.contains(rc), "run \(i): flowtag \(args.map { String($0.prefix(40)) }) exited \(rc): \(err.prefix(500))")
             if rc == 64 { #expect(!err.isEmpty, "run \(i): exit 64 without a message") }

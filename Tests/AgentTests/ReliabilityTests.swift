@@ -37,7 +37,7 @@ struct ReliabilityTests {
         defer { a.cleanUp() }
         let storm = try a.storm(port: port, seconds: 600)
         defer { storm.kill() }
-        let (rc, out, err) = try runCommand([Paths.python, Paths.repo + "/Tests/Peers/apifuzz.py", a.socket, "\(count)", "\(seed)"], timeout: 1200)
+        let (rc, out, err) = try await runCommand([Paths.python, Paths.repo + "/Tests/Peers/apifuzz.py", a.socket, "\(count)", "\(seed)"], timeout: 1200)
         print("API fuzz: \(out.split(separator: "\n").first ?? "")")
         #expect(rc == 0, "violations (seed \(seed)):\n\(out.prefix(4000))\(err.prefix(2000))")
         #expect(a.process.isRunning, "the agent died: \(a.process.stderrText.suffix(2000))")
@@ -170,7 +170,7 @@ struct ReliabilityTests {
         #expect(distinct + dropped == made, "\(made - distinct) flows missing from the journal, \(dropped) counted as dropped")
         #expect(rows == distinct, "\(rows - distinct) duplicate rows")
         #expect(stats["active_flows"] as? Int == 0, "phantom open flows: \(stats)")
-        let (_, flows, _) = try a.cli(["flows", "--state", "open", "--port", "\(port)", "-o", "json"])
+        let (_, flows, _) = try await a.cli(["flows", "--state", "open", "--port", "\(port)", "-o", "json"])
         #expect(!flows.contains("\"state\":\"open\""), "live flows that ended: \(flows.prefix(500))")
         try await a.stopCleanly()
     }
@@ -179,9 +179,9 @@ struct ReliabilityTests {
     func fullJournal() async throws {
         let mount = tempPath("fulljournal")
         try FileManager.default.createDirectory(atPath: mount, withIntermediateDirectories: true)
-        let (mrc, _, merr) = try runCommand(["/bin/mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount])
+        let (mrc, _, merr) = try await runCommand(["/bin/mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mount])
         try #require(mrc == 0, "mount tmpfs: \(merr)")
-        defer { _ = try? runCommand(["/bin/umount", "-l", mount]); rmdir(mount) }
+        defer { _ = try? runQuickCommand(["/bin/umount", "-l", mount]); rmdir(mount) }
         let (sink, port) = try await startSink("close")
         defer { sink.kill() }
         let a = try await RunningAgent(journal: mount + "/flows.db")
@@ -201,7 +201,7 @@ struct ReliabilityTests {
         #expect(Self.metric(metrics, "flowtag_journal_write_errors_total") > 0, "no journal write error counted")
         #expect(Self.metric(metrics, "flowtag_journal_rows_waiting") > 0)
         // Space returns: the waiting rows are written.
-        let (rrc, _, rerr) = try runCommand(["/bin/mount", "-o", "remount,size=64m", mount])
+        let (rrc, _, rerr) = try await runCommand(["/bin/mount", "-o", "remount,size=64m", mount])
         try #require(rrc == 0, "remount: \(rerr)")
         let pid = try #require(storm.jsonLines.first?["pid"] as? Int)
         var rows = 0
@@ -212,7 +212,7 @@ struct ReliabilityTests {
         }
         #expect(rows == made, "after space returned the journal holds \(rows) of \(made)")
         // Full again, with rows waiting: SIGTERM still stops promptly, and says what it lost.
-        let (drc, _, _) = try runCommand(["/bin/dd", "if=/dev/zero", "of=\(mount)/filler", "bs=1M", "count=100"])
+        let (drc, _, _) = try await runCommand(["/bin/dd", "if=/dev/zero", "of=\(mount)/filler", "bs=1M", "count=100"])
         _ = drc
         let errorsBefore = Self.metric(try a.metrics(), "flowtag_journal_write_errors_total")
         let storm2 = try a.storm(port: port, count: 20_000)

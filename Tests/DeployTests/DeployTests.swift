@@ -11,22 +11,22 @@ import Glibc
 @Suite("Deployment", .serialized)
 struct DeployTests {
     @Test("the systemd unit passes systemd-analyze verify")
-    func systemdVerify() throws {
+    func systemdVerify() async throws {
         let unit = try String(contentsOfFile: Paths.repo + "/deploy/systemd/flowtagd.service", encoding: .utf8)
         let path = tempPath("unit") + ".service"
         defer { unlink(path) }
         try unit.replacingOccurrences(of: "/usr/local/bin/flowtagd", with: Paths.flowtagd).write(toFile: path, atomically: true, encoding: .utf8)
-        let (rc, out, err) = try runCommand(["/usr/bin/systemd-analyze", "verify", path])
+        let (rc, out, err) = try await runCommand(["/usr/bin/systemd-analyze", "verify", path])
         #expect(rc == 0, "\(out)\(err)")
         #expect(!err.contains(path), "warnings about the unit: \(err)")
     }
 
     @Test("the Kubernetes manifests pass kubernetes-validate")
-    func kubernetesValidate() throws {
+    func kubernetesValidate() async throws {
         let dir = Paths.repo + "/deploy/kubernetes"
         let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".yaml") }.sorted()
         #expect(files == ["configmap.yaml", "daemonset.yaml", "namespace.yaml"])
-        let (rc, out, err) = try runCommand(["/usr/bin/env", "python3", "-m", "kubernetes_validate", "-k", "1.30.0"] + files.map { dir + "/" + $0 })
+        let (rc, out, err) = try await runCommand(["/usr/bin/env", "python3", "-m", "kubernetes_validate", "-k", "1.30.0"] + files.map { dir + "/" + $0 })
         #expect(rc == 0, "\(out)\(err)")
     }
 
@@ -56,7 +56,7 @@ struct DeployTests {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             try FileManager.default.createDirectory(atPath: bpfDir, withIntermediateDirectories: true)
             chown(dir, 65534, 65534); chown(bpfDir, 65534, 65534)
-            defer { try? FileManager.default.removeItem(atPath: dir); _ = try? runCommand(["/bin/rm", "-rf", bpfDir]) }
+            defer { try? FileManager.default.removeItem(atPath: dir); _ = try? runQuickCommand(["/bin/rm", "-rf", bpfDir]) }
             let early = try Child(cg.wrap([Paths.python, Paths.peer, "wait-connect", String(port)]))
             defer { early.kill() }
             _ = try await early.waitForLines(1)
@@ -93,15 +93,15 @@ struct DeployTests {
     }
 
     @Test("make install and make uninstall")
-    func installUninstall() throws {
+    func installUninstall() async throws {
         let root = tempPath("destdir")
         defer { try? FileManager.default.removeItem(atPath: root) }
-        let (rc, out, err) = try runCommand(["/usr/bin/make", "-C", Paths.repo, "install", "NOBUILD=1", "DESTDIR=\(root)", "PREFIX=/usr/local"], timeout: 120)
+        let (rc, out, err) = try await runCommand(["/usr/bin/make", "-C", Paths.repo, "install", "NOBUILD=1", "DESTDIR=\(root)", "PREFIX=/usr/local"], timeout: 120)
         #expect(rc == 0, "\(out)\(err)")
         for f in ["/usr/local/bin/flowtagd", "/usr/local/bin/flowtag", "/etc/systemd/system/flowtagd.service", "/etc/flowtag/flowtagd.yaml"] {
             #expect(access(root + f, F_OK) == 0, "\(f) not installed")
         }
-        let (rc2, _, _) = try runCommand(["/usr/bin/make", "-C", Paths.repo, "uninstall", "DESTDIR=\(root)", "PREFIX=/usr/local"])
+        let (rc2, _, _) = try await runCommand(["/usr/bin/make", "-C", Paths.repo, "uninstall", "DESTDIR=\(root)", "PREFIX=/usr/local"])
         #expect(rc2 == 0)
         for f in ["/usr/local/bin/flowtagd", "/usr/local/bin/flowtag", "/etc/systemd/system/flowtagd.service"] {
             #expect(access(root + f, F_OK) != 0, "\(f) left after uninstall")
@@ -116,25 +116,25 @@ struct DeployTests {
         try ensureBPFFS()
         let archive = Paths.repo + "/.build/flowtagd-image.tar"
         try #require(access(archive, R_OK) == 0, "no image at \(archive): `make image` builds it (scripts/test.sh does)")
-        let (rc, out, err) = try runCommand(["/usr/bin/buildah", "from", "--quiet", "oci-archive:" + archive], timeout: 120)
+        let (rc, out, err) = try await runCommand(["/usr/bin/buildah", "from", "--quiet", "oci-archive:" + archive], timeout: 120)
         try #require(rc == 0, "buildah from: \(err)")
         let container = out.trimmingCharacters(in: .whitespacesAndNewlines)
-        defer { _ = try? runCommand(["/usr/bin/buildah", "rm", container]) }
-        let (rc2, mountOut, err2) = try runCommand(["/usr/bin/buildah", "mount", container])
+        defer { _ = try? runQuickCommand(["/usr/bin/buildah", "rm", container]) }
+        let (rc2, mountOut, err2) = try await runCommand(["/usr/bin/buildah", "mount", container])
         try #require(rc2 == 0, "buildah mount: \(err2)")
         let root = mountOut.trimmingCharacters(in: .whitespacesAndNewlines)
-        defer { _ = try? runCommand(["/usr/bin/buildah", "umount", container]) }
+        defer { _ = try? runQuickCommand(["/usr/bin/buildah", "umount", container]) }
         // What the DaemonSet mounts from the host: /proc (hostPID) and /sys (bpffs, cgroup).
-        #expect(try runCommand(["/bin/mount", "-t", "proc", "proc", root + "/proc"]).0 == 0)
-        defer { _ = try? runCommand(["/bin/umount", "-l", root + "/proc"]) }
-        #expect(try runCommand(["/bin/mount", "--rbind", "/sys", root + "/sys"]).0 == 0)
-        defer { _ = try? runCommand(["/bin/umount", "-l", root + "/sys"]) }
+        #expect(try await runCommand(["/bin/mount", "-t", "proc", "proc", root + "/proc"]).0 == 0)
+        defer { _ = try? runQuickCommand(["/bin/umount", "-l", root + "/proc"]) }
+        #expect(try await runCommand(["/bin/mount", "--rbind", "/sys", root + "/sys"]).0 == 0)
+        defer { _ = try? runQuickCommand(["/bin/umount", "-l", root + "/sys"]) }
 
         let cg = try TestCgroup()
         defer { cg.remove() }
         let socket = "/tmp/" + uniqueName("image") + ".sock"
         let pins = "/sys/fs/bpf/" + uniqueName("image")
-        defer { _ = try? runCommand(["/bin/rm", "-rf", pins]) }
+        defer { _ = try? runQuickCommand(["/bin/rm", "-rf", pins]) }
         let agent = try Child(["/usr/sbin/chroot", root, "/usr/local/bin/flowtagd", "--cgroup", cg.path, "--pin-dir", pins,
                                "--socket", socket, "--journal", "/var/lib/flowtag/flows.db", "--metrics-address", "", "--output", "none"])
         defer { agent.kill() }
@@ -154,7 +154,7 @@ struct DeployTests {
         let localPort = client.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         var exe: String?
         for _ in 0..<100 where exe == nil {
-            let (_, json, _) = try runCommand(["/usr/sbin/chroot", root, "/usr/local/bin/flowtag", "flows", "--socket", socket,
+            let (_, json, _) = try await runCommand(["/usr/sbin/chroot", root, "/usr/local/bin/flowtag", "flows", "--socket", socket,
                                                "--port", localPort, "--proto", "tcp", "-o", "json"])
             let flows = (try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
             exe = flows.first { ($0["direction"] as? String) == "outbound" }.flatMap { ($0["process"] as? [String: Any])?["exe"] as? String }
@@ -188,7 +188,7 @@ struct RelayCapabilityTests {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             try FileManager.default.createDirectory(atPath: bpfDir, withIntermediateDirectories: true)
             chown(dir, 65534, 65534); chown(bpfDir, 65534, 65534)
-            defer { try? FileManager.default.removeItem(atPath: dir); _ = try? runCommand(["/bin/rm", "-rf", bpfDir]) }
+            defer { try? FileManager.default.removeItem(atPath: dir); _ = try? runQuickCommand(["/bin/rm", "-rf", bpfDir]) }
             try "stream:\n  fast_path: sockmap\n  callouts:\n    - type: allow\n  rules:\n    - remote_port: \(port)\n".write(toFile: dir + "/config.yaml", atomically: true, encoding: .utf8)
             let set = caps.map { "+" + $0 }.joined(separator: ",")
             let a = try Child(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all," + set,
@@ -202,16 +202,16 @@ struct RelayCapabilityTests {
                 let r = try APIClient(socketPath: dir + "/api.sock").get("/v1/stats")
                 return ((try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any])?[field] as? Int) ?? -1
             }
-            func echo(_ argv: [String]) throws {
+            func echo(_ argv: [String]) async throws {
                 let script = "import socket;s=socket.create_connection(('\(ns.hostAddress)',\(port)),timeout=5);s.sendall(b'x');assert s.recv(1)==b'x'"
-                let (rc, _, err) = try runCommand(cg.wrap(argv + [Paths.python, "-c", script]))
+                let (rc, _, err) = try await runCommand(cg.wrap(argv + [Paths.python, "-c", script]))
                 #expect(rc == 0, "\(err)")
             }
-            try echo([])
+            try await echo([])
             #expect(try relayed() == 1, "the agent's own namespace is relayed with \(caps)")
             #expect(try relayed("relay_fast_path_flows") == 1, "on the sockmap fast path with \(caps): \(a.stderrText.suffix(800))")
             for _ in 0..<4 {
-                try echo(ns.wrap([]))
+                try await echo(ns.wrap([]))
                 try await Task.sleep(for: .milliseconds(300))
             }
             if caps.contains("sys_admin") {

@@ -166,7 +166,7 @@ struct RelayFaultTests {
             // its next look at the namespaces (every 5 s) and attaches a program there.
             let (server, _) = try await startServer(bind: ns.nsAddress, netns: ns.name, port: port, in: a.cgroup)
             defer { server.kill() }
-            let (rc, out, err) = try runCommand(ns.wrap([Paths.python, "-c",
+            let (rc, out, err) = try await runCommand(ns.wrap([Paths.python, "-c",
                 "import socket;s=socket.socket();print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET,71,8),'little'))"]))
             let cookie = out.trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(rc == 0 && !cookie.isEmpty, "\(err)")
@@ -207,7 +207,7 @@ struct RelayFaultTests {
             """)
         defer { unlink(config); for s in ["", "-wal", "-shm"] { unlink(journal + s) } }
         let agent = try Child([Paths.repo + "/.build/debug/flowtag-example-uppercase", config])
-        defer { kill(agent.pid, SIGTERM); _ = try? runCommand(["/bin/sleep", "0.5"]); agent.kill() }
+        defer { kill(agent.pid, SIGTERM); _ = try? runQuickCommand(["/bin/sleep", "0.5"]); agent.kill() }
         for _ in 0..<500 where access(socket, F_OK) != 0 && agent.isRunning { try await Task.sleep(for: .milliseconds(20)) }
         try #require(access(socket, F_OK) == 0, "example did not start: \(agent.stderrText)")
         let script = """
@@ -232,7 +232,7 @@ struct RelayFaultTests {
     }
 
     @Test("bad stream config is refused with the key and the reason")
-    func badStreamConfig() throws {
+    func badStreamConfig() async throws {
         let cases: [(String, String, String)] = [
             ("stream:\n  rules:\n    - exe: /nonexistent/binary\n", "stream.rules[0].exe", "no such file"),
             ("stream:\n  rules:\n    - remote: 10.0.0.0/99\n", "stream.rules[0].remote", "not an address"),
@@ -252,7 +252,7 @@ struct RelayFaultTests {
             let path = tempPath("config") + ".yaml"
             try yaml.write(toFile: path, atomically: true, encoding: .utf8)
             defer { unlink(path) }
-            let (rc, _, err) = try runCommand([Paths.flowtagd, "--config", path, "--check-config"])
+            let (rc, _, err) = try await runCommand([Paths.flowtagd, "--config", path, "--check-config"])
             #expect(rc == 78, "\(yaml): \(err)")
             #expect(err.contains(key) && (reason.isEmpty || err.contains(reason)), "\(yaml): \(err)")
         }

@@ -71,4 +71,30 @@ struct RelayFixtureTests {
         // Not a speed check: without the early exit the wait runs its whole 600 s.
         #expect(ContinuousClock.now - started < .seconds(300))
     }
+
+    @Test("commands waited for by more tests than the pool has threads leave it free: a task that must run meanwhile runs")
+    func runCommandLeavesThePoolFree() async throws {
+        let flag = tempPath("flag")
+        defer { unlink(flag) }
+        // One more waiting command than the pool has threads; each ends only once the flag
+        // exists, and only a task on the pool makes it. A blocking wait deadlocks here until
+        // the commands' 20 s timeouts fail them.
+        let waiting = ProcessInfo.processInfo.activeProcessorCount + 1
+        let results = try await withThrowingTaskGroup(of: Int32?.self) { group in
+            for _ in 0..<waiting {
+                group.addTask {
+                    try await runCommand(["/bin/sh", "-c", "while [ ! -e \"$0\" ]; do sleep 0.02; done", flag], timeout: 20).0
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: .milliseconds(200))
+                #expect(FileManager.default.createFile(atPath: flag, contents: nil))
+                return nil
+            }
+            var codes: [Int32] = []
+            for try await code in group { if let code { codes.append(code) } }
+            return codes
+        }
+        #expect(results == Array(repeating: 0, count: waiting))
+    }
 }

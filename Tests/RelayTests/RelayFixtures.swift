@@ -71,7 +71,8 @@ func relayConfig(_ stream: String, extra: String = "") throws -> String {
 /// The agent with a stream section in its config file; stopped and cleaned up after,
 /// also when `body` throws.
 func withRelayAgent(_ stream: String, _ body: (RunningAgent) async throws -> Void) async throws {
-    let config = try relayConfig(stream)
+    // Debug: a failure can quote the relay's per-flow lines (the fast path's counters).
+    let config = try relayConfig(stream, extra: "log_level: debug\n")
     defer { unlink(config) }
     let a = try await RunningAgent(extra: ["--config", config])
     do { try await body(a) } catch { await a.stop(); a.cleanUp(); throw error }
@@ -107,7 +108,9 @@ func expectFastPathUsed(_ a: RunningAgent, _ fastPath: String, flows: Int, sourc
     guard fastPath == "sockmap" else { return }
     try await awaitRelayIdle(a)
     #expect(metric(a, "flowtag_relay_fast_path_flows_total") == flows, "\(String(describing: try? a.metrics()))", sourceLocation: sourceLocation)
-    #expect((metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0) > 0, "the kernel moved no byte", sourceLocation: sourceLocation)
+    #expect((metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0) > 0,
+            "the kernel moved no byte: \(a.process.stderrText.split(separator: "\n").filter { $0.contains("fast path") }.suffix(20))",
+            sourceLocation: sourceLocation)
 }
 
 /// An inbound rule for a server's port with relaypeer's `--edit` pair of callouts. Into
@@ -188,7 +191,7 @@ func relayedFlowCount(_ a: RunningAgent) throws -> Int {
 /// `ss` on both ends of the connections to `port`, for failure messages about stalls.
 func socketState(port: UInt16) -> String {
     let filter = "( sport = :\(port) or dport = :\(port) )"
-    return (try? runCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
+    return (try? runQuickCommand(["/usr/bin/ss", "-tnmi", filter]))?.1 ?? "ss failed"
 }
 
 /// Starts a server (`argv` for a port) on a free port and waits (up to 10 s) until it
@@ -215,19 +218,19 @@ func startListening(attempts: Int = 5, ports: () throws -> UInt16 = freeTCPPort,
 
 /// Whether `server` listens on `port` within 10 s (false at once if it exits).
 private func waitForListener(port: UInt16, server: Child) async throws -> Bool {
-    func listening() -> Bool {
-        let out = (try? runCommand(["/usr/bin/ss", "-Htlnp", "sport = :\(port)"]))?.1 ?? ""
+    func listening() async -> Bool {
+        let out = (try? await runCommand(["/usr/bin/ss", "-Htlnp", "sport = :\(port)"]))?.1 ?? ""
         return out.contains("pid=\(server.pid),")
     }
     let deadline = ContinuousClock.now + .seconds(10)
-    while !listening() && server.isRunning && ContinuousClock.now < deadline {
+    while await !listening(), server.isRunning, ContinuousClock.now < deadline {
         try await Task.sleep(for: .milliseconds(20))
     }
-    return listening()
+    return await listening()
 }
 
 /// A file of `size` seeded random bytes and its sha256 (hex).
-func randomFile(size: Int, seed: UInt64) throws -> (path: String, sha: String) {
+func randomFile(size: Int, seed: UInt64) async throws -> (path: String, sha: String) {
     let path = tempPath("data")
     var g = SeededGenerator(seed: seed)
     var bytes = [UInt8](repeating: 0, count: size)
@@ -236,11 +239,11 @@ func randomFile(size: Int, seed: UInt64) throws -> (path: String, sha: String) {
         for k in 0..<min(8, size - i) { bytes[i + k] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(k))) }
     }
     try Data(bytes).write(to: URL(fileURLWithPath: path))
-    return (path, try sha256(path))
+    return (path, try await sha256(path))
 }
 
-func sha256(_ path: String) throws -> String {
-    let (rc, out, err) = try runCommand(["/usr/bin/sha256sum", path])
+func sha256(_ path: String) async throws -> String {
+    let (rc, out, err) = try await runCommand(["/usr/bin/sha256sum", path])
     guard rc == 0, let sum = out.split(separator: " ").first else { throw TestFailure("sha256sum \(path): \(err)") }
     return String(sum)
 }

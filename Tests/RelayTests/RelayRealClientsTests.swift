@@ -14,7 +14,7 @@ struct RelayRealClientsTests {
     func socatClient(fastPath: String) async throws {
         let (server, port) = try await startServer(mode: "digest")
         defer { server.kill() }
-        let data = try randomFile(size: 2_000_016, seed: 21)
+        let data = try await randomFile(size: 2_000_016, seed: 21)
         defer { unlink(data.path) }
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             var took: [Double] = []
@@ -24,7 +24,7 @@ struct RelayRealClientsTests {
                 // megabytes it wrote still sit in socket buffers (the relay's among them):
                 // a timed assertion on a loaded machine. 60 s: the answer, not the clock.
                 let socat = "exec /usr/bin/socat -t 60 -b 1000 STDIO TCP:127.0.0.1:\(port) < \(data.path)"
-                let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", socat]))
+                let (rc, out, err) = try await runCommand(a.cgroup.wrap(["/bin/sh", "-c", socat]))
                 #expect(rc == 0, "run \(run): \(err)")
                 let answer = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
                 took.append(Date().timeIntervalSince(started))
@@ -39,7 +39,7 @@ struct RelayRealClientsTests {
 
     @Test("socat -b 1000 as the server, relayed clients download from it (socat and relaypeer), byte-exact", arguments: ["copy", "sockmap"])
     func socatServer(fastPath: String) async throws {
-        let data = try randomFile(size: 3_000_000, seed: 22)
+        let data = try await randomFile(size: 3_000_000, seed: 22)
         defer { unlink(data.path) }
         let (server, port) = try await startListening { port in
             ["/usr/bin/socat", "-b", "1000", "TCP-LISTEN:\(port),bind=127.0.0.1,reuseaddr,fork", "OPEN:\(data.path),rdonly"]
@@ -49,9 +49,9 @@ struct RelayRealClientsTests {
             for run in 0..<5 {
                 let out = tempPath("download")
                 defer { unlink(out) }
-                let (rc, _, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/socat -b 1000 -u TCP:127.0.0.1:\(port) CREATE:\(out)"]))
+                let (rc, _, err) = try await runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/socat -b 1000 -u TCP:127.0.0.1:\(port) CREATE:\(out)"]))
                 #expect(rc == 0, "run \(run): \(err)")
-                #expect(try sha256(out) == data.sha, "run \(run)")
+                #expect(try await sha256(out) == data.sha, "run \(run)")
             }
             #expect(try relayedFlowCount(a) == 5)
             try await expectFastPathUsed(a, fastPath, flows: 5)
@@ -62,11 +62,11 @@ struct RelayRealClientsTests {
     func netcatHalfClose(fastPath: String) async throws {
         let (server, port) = try await startServer(mode: "digest")
         defer { server.kill() }
-        let data = try randomFile(size: 5_000_000, seed: 23)
+        let data = try await randomFile(size: 5_000_000, seed: 23)
         defer { unlink(data.path) }
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for run in 0..<5 {
-                let (rc, out, err) = try runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/nc -N 127.0.0.1 \(port) < \(data.path)"]))
+                let (rc, out, err) = try await runCommand(a.cgroup.wrap(["/bin/sh", "-c", "exec /usr/bin/nc -N 127.0.0.1 \(port) < \(data.path)"]))
                 #expect(rc == 0, "run \(run): \(err)")
                 let answer = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
                 #expect(answer["received"] as? Int == 5_000_000 && answer["sha"] as? String == data.sha, "run \(run): \(out)")
@@ -81,7 +81,7 @@ struct RelayRealClientsTests {
         defer { server.kill() }
         try await withRelayAgent("  rules:\n    - remote_port: \(port)\n" + fastPathStream(fastPath)) { a in
             for reverse in [false, true] {
-                let (rc, out, err) = try runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
+                let (rc, out, err) = try await runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
                                                                   + (reverse ? ["-R"] : [])), timeout: 60)
                 #expect(rc == 0, "\(err) \(out.suffix(500))")
                 let report = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
@@ -99,9 +99,9 @@ struct RelayRealClientsTests {
         let dir = tempPath("nginx")
         try FileManager.default.createDirectory(atPath: dir + "/www", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let data = try randomFile(size: 8_000_000, seed: 24)
+        let data = try await randomFile(size: 8_000_000, seed: 24)
         defer { unlink(data.path) }
-        _ = try runCommand(["/bin/cp", data.path, dir + "/www/blob"])
+        _ = try await runCommand(["/bin/cp", data.path, dir + "/www/blob"])
         let (nginx, port) = try await startListening { port in
             try """
                 daemon off; master_process off; worker_processes 1; pid \(dir)/nginx.pid; error_log \(dir)/error.log;
@@ -117,16 +117,16 @@ struct RelayRealClientsTests {
             for run in 0..<5 {
                 let out = tempPath("blob")
                 defer { unlink(out) }
-                let (rc, code, err) = try runCommand(a.cgroup.wrap(["/usr/bin/curl", "-sS", "-o", out, "-w", "%{http_code}",
+                let (rc, code, err) = try await runCommand(a.cgroup.wrap(["/usr/bin/curl", "-sS", "-o", out, "-w", "%{http_code}",
                                                                     "http://127.0.0.1:\(port)/blob"]))
                 #expect(rc == 0 && code == "200", "run \(run): \(code) \(err)")
-                #expect(try sha256(out) == data.sha, "run \(run)")
+                #expect(try await sha256(out) == data.sha, "run \(run)")
             }
             #expect(try relayedFlowCount(a) == 5)
             try await expectFastPathUsed(a, fastPath, flows: 5)
             var curls: [[String: Any]] = []
             for _ in 0..<50 where curls.count < 5 {
-                let (_, history, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])
+                let (_, history, _) = try await a.cli(["history", "--port", "\(port)", "-o", "json"])
                 let flows = ((try? JSONSerialization.jsonObject(with: Data(history.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
                 curls = flows.filter { ($0["process"] as? [String: Any])?["comm"] as? String == "curl" }
                 try await Task.sleep(for: .milliseconds(100))

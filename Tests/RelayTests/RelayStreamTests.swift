@@ -35,12 +35,12 @@ struct RelayStreamTests {
             #expect(metric(a, "flowtag_relay_flows_total") == 3)
             #expect(metric(a, "flowtag_relay_resets_total") == 0)
             #expect(metric(a, "flowtag_relay_reset_bytes_total") == 0)
-            let (_, table, _) = try a.cli(["stats"])
+            let (_, table, _) = try await a.cli(["stats"])
             #expect(table.split(separator: "\n").contains { $0.hasPrefix("relayed flows") && $0.hasSuffix(" 3") }, "\(table)")
             // The journal names each relayed flow by the process's port and the real destination.
             var journaled: Set<Int> = []
             for _ in 0..<50 {
-                let (_, history, _) = try a.cli(["history", "--port", "\(port)", "-o", "json"])
+                let (_, history, _) = try await a.cli(["history", "--port", "\(port)", "-o", "json"])
                 let flows = ((try? JSONSerialization.jsonObject(with: Data(history.utf8))) as? [String: Any])?["flows"] as? [[String: Any]] ?? []
                 journaled = Set(flows.filter { ($0["remote"] as? [String: Any])?["port"] as? Int == Int(port) }
                     .compactMap { ($0["local"] as? [String: Any])?["port"] as? Int })
@@ -111,7 +111,7 @@ struct RelayStreamTests {
             #expect(bytes("send") == bytes("receive"), "an echo: both directions start alike")
             #expect(captures.allSatisfy { ($0["process"] as? [String: Any])?["pid"] as? Int == Int(client.pid) })
             #expect(captures.allSatisfy { ($0["remote"] as? [String: Any])?["port"] as? Int == Int(port) }, "the real destination")
-            let (_, code, _) = try runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", a.socket,
+            let (_, code, _) = try await runCommand(["/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", a.socket,
                                                "http://agent/v1/watch?payload=maybe"])
             #expect(code == "400")
         }
@@ -140,20 +140,20 @@ struct RelayStreamTests {
         defer { unlink(config) }
         let a = try await RunningAgent(extra: ["--config", config], cgroup: cgroup)
         defer { a.cleanUp() }
-        func send(_ argv: [String]) throws -> String {
+        func send(_ argv: [String]) async throws -> String {
             let script = "import socket;s=socket.create_connection(('127.0.0.1',\(port)),timeout=5);s.sendall(b'rainy');g=b''\nwhile len(g)<5:\n g+=s.recv(100)\nprint(g.decode())"
-            let (_, out, _) = try runCommand(argv + [Paths.python, "-c", script])
+            let (_, out, _) = try await runCommand(argv + [Paths.python, "-c", script])
             return out.trimmingCharacters(in: .whitespacesAndNewlines)
         }
         // python, root, in the cgroup: relayed (and edited; the echo has one more byte).
-        #expect(try send(cgroup.wrap([])).hasPrefix("cloud"))
+        #expect(try await send(cgroup.wrap([])).hasPrefix("cloud"))
         #expect(try relayedFlowCount(a) == 1)
         // Another uid: direct.
-        #expect(try send(cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])) == "rainy")
+        #expect(try await send(cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])) == "rainy")
         // A child cgroup (the rule names the exact cgroup): direct.
-        #expect(try send(["/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", child]) == "rainy")
+        #expect(try await send(["/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", child]) == "rainy")
         // Another executable (curl) to the same port: direct.
-        _ = try runCommand(cgroup.wrap(["/usr/bin/curl", "-s", "--max-time", "2", "http://127.0.0.1:\(port)/"]))
+        _ = try await runCommand(cgroup.wrap(["/usr/bin/curl", "-s", "--max-time", "2", "http://127.0.0.1:\(port)/"]))
         #expect(try relayedFlowCount(a) == 1)
         await a.stop()
     }
@@ -412,7 +412,7 @@ struct RelayStreamTests {
             #expect(try a.stats()["relay_inbound_redirected"] as? Int == 2)
             // The journal has the server's flows, inbound from the client's port, owned by the server.
             try await Task.sleep(for: .milliseconds(1500))
-            let (rc, out, err) = try a.cli(["history", "--since", "10m", "--port", "\(port)", "-o", "json"])
+            let (rc, out, err) = try await a.cli(["history", "--since", "10m", "--port", "\(port)", "-o", "json"])
             #expect(rc == 0, "\(err)")
             let flows = ((try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])?["flows"] as? [[String: Any]]) ?? []
             let inbound = flows.compactMap { $0["record"] as? [String: Any] ?? $0 }.filter { $0["direction"] as? String == "inbound" }
@@ -447,7 +447,7 @@ struct RelayStreamTests {
             // A connection made straight to the agent's inbound listeners is reset, not
             // relayed to itself; the relay goes on working.
             let relayedBefore = try relayedFlowCount(a)
-            let (_, listing, _) = try runCommand(["/usr/bin/ss", "-Hltnp"])
+            let (_, listing, _) = try await runCommand(["/usr/bin/ss", "-Hltnp"])
             let own = listing.split(separator: "\n").filter { $0.contains("pid=\(a.process.pid),") }
             // The relay's listeners have a 4096 backlog (ss shows it as Send-Q); the metrics server's is smaller.
             let ports = own.compactMap { line -> String? in

@@ -52,10 +52,10 @@ final class RunningAgent: @unchecked Sendable {
     }
 
     /// The CLI against this agent, as root or as another user.
-    func cli(_ args: [String], as user: UInt32? = nil) throws -> (Int32, String, String) {
+    func cli(_ args: [String], as user: UInt32? = nil) async throws -> (Int32, String, String) {
         var argv = [Paths.flowtag] + args + ["--socket", socket]
         if let user { argv = ["/usr/bin/setpriv", "--reuid=\(user)", "--regid=\(user)", "--clear-groups"] + argv }
-        return try runCommand(argv)
+        return try await runCommand(argv)
     }
 
     var answers: Bool { (try? APIClient(socketPath: socket).get("/v1/version", timeoutSeconds: 2))?.status == 200 }
@@ -77,7 +77,7 @@ final class RunningAgent: @unchecked Sendable {
     func metrics() throws -> String {
         guard let line = process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on http://") }),
               let url = line.split(separator: " ").first(where: { $0.hasPrefix("http://") }) else { throw TestFailure("no metrics address") }
-        let (_, out, _) = try runCommand(["/usr/bin/curl", "-s", "-m", "10", String(url)])
+        let (_, out, _) = try runQuickCommand(["/usr/bin/curl", "-s", "-m", "10", String(url)])
         return out
     }
 
@@ -106,7 +106,7 @@ final class RunningAgent: @unchecked Sendable {
 
     /// Journal rows of one client process to one port: (rows, distinct flows: cookie and local port).
     func journalCount(pid: Int, remotePort: Int, proto: String = "tcp") throws -> (rows: Int, distinct: Int) {
-        let (rc, out, err) = try runCommand(["/usr/bin/sqlite3", journal,
+        let (rc, out, err) = try runQuickCommand(["/usr/bin/sqlite3", journal,
                                              "PRAGMA busy_timeout=5000; SELECT COUNT(*), COUNT(DISTINCT flow || ':' || local_port) FROM flows WHERE pid = \(pid) "
                                              + "AND remote_port = \(remotePort) AND protocol = '\(proto)'"])
         guard rc == 0 else { throw TestFailure("sqlite3: \(err)") }
@@ -115,7 +115,7 @@ final class RunningAgent: @unchecked Sendable {
     }
 
     func journalPorts(pid: Int, remotePort: Int, proto: String = "tcp") throws -> Set<Int> {
-        let (_, out, _) = try runCommand(["/usr/bin/sqlite3", journal,
+        let (_, out, _) = try runQuickCommand(["/usr/bin/sqlite3", journal,
                                           "PRAGMA busy_timeout=5000; SELECT local_port FROM flows WHERE pid = \(pid) AND remote_port = \(remotePort) "
                                           + "AND protocol = '\(proto)'"])
         return Set(out.split(separator: "\n").compactMap { Int($0) })

@@ -182,8 +182,22 @@ final class Child: @unchecked Sendable {
     }
 }
 
-/// Runs a command to completion: (status, stdout, stderr).
-func runCommand(_ argv: [String], timeout: Double = 120) throws -> (Int32, String, String) {
+/// Runs a command to completion: (status, stdout, stderr). It waits with `Task.sleep`:
+/// Swift Testing's pool has a thread per core, and a test blocking one here for a long
+/// client run starved every other test's pollers and event readers.
+func runCommand(_ argv: [String], timeout: Double = 120) async throws -> (Int32, String, String) {
+    let c = try Child(argv)
+    let deadline = Date().addingTimeInterval(timeout)
+    while c.isRunning {
+        if Date() > deadline { c.kill(); throw TestFailure("\(argv) did not finish in \(timeout) s") }
+        try await Task.sleep(for: .milliseconds(2))
+    }
+    return (c.exitStatus ?? -1, c.stdout, c.stderrText)
+}
+
+/// `runCommand` where nothing can await (defer blocks, sync cleanups): quick commands only,
+/// it blocks its thread.
+func runQuickCommand(_ argv: [String], timeout: Double = 30) throws -> (Int32, String, String) {
     let c = try Child(argv)
     let deadline = Date().addingTimeInterval(timeout)
     while c.isRunning {
@@ -212,14 +226,14 @@ func waitForPort(_ file: String, timeout: Double = 30, peer: Child? = nil) async
 
 /// Polls `check` until it returns a value or `timeout` seconds passed, and looks once more
 /// after the deadline: Swift Testing's pool has a thread per core, and tests blocked in
-/// `runCommand` can starve a poller past its deadline while what it waits for has long held.
-func poll<T>(timeout: Double, every: Duration = .milliseconds(10), _ check: () throws -> T?) async throws -> T? {
+/// `runQuickCommand` or sync work can starve a poller past its deadline while what it waits for has long held.
+func poll<T>(timeout: Double, every: Duration = .milliseconds(10), _ check: () async throws -> T?) async throws -> T? {
     let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
     while ContinuousClock.now < deadline {
-        if let value = try check() { return value }
+        if let value = try await check() { return value }
         try await Task.sleep(for: every)
     }
-    return try check()
+    return try await check()
 }
 
 /// A TCP sink peer outside any watched cgroup ("drain" reads until EOF, "close" hangs up
@@ -295,7 +309,7 @@ enum EventDump {
 
 func ensureBPFFS() throws {
     if BPFFS.isMounted(at: "/sys/fs/bpf") { return }
-    let (rc, _, err) = try runCommand(["/bin/mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
+    let (rc, _, err) = try runQuickCommand(["/bin/mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
     guard rc == 0 else { throw TestFailure("mount bpffs: \(err)") }
 }
 
@@ -335,6 +349,6 @@ final class Locked<T>: @unchecked Sendable {
 
 /// Programs attached to a cgroup, as bpftool sees them ("" when none).
 func attachedPrograms(_ cgroup: String) throws -> String {
-    let (_, out, _) = try runCommand(["/usr/sbin/bpftool", "cgroup", "show", cgroup])
+    let (_, out, _) = try runQuickCommand(["/usr/sbin/bpftool", "cgroup", "show", cgroup])
     return out.trimmingCharacters(in: .whitespacesAndNewlines)
 }

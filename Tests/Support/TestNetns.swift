@@ -23,7 +23,7 @@ final class TestNetns: @unchecked Sendable {
                      ["addr", "add", hostAddress + "/30", "dev", hostIf], ["link", "set", hostIf, "up"],
                      ["-n", name, "addr", "add", nsAddress + "/30", "dev", nsIf], ["-n", name, "link", "set", nsIf, "up"],
                      ["-n", name, "route", "add", "default", "via", hostAddress]] {
-            let (rc, _, err) = try runCommand(["/usr/sbin/ip"] + argv)
+            let (rc, _, err) = try runQuickCommand(["/usr/sbin/ip"] + argv)
             guard rc == 0 else { remove(); throw TestFailure("ip \(argv): \(err)") }
         }
     }
@@ -31,5 +31,5 @@ final class TestNetns: @unchecked Sendable {
     /// argv run inside the namespace.
     func wrap(_ argv: [String]) -> [String] { ["/usr/sbin/ip", "netns", "exec", name] + argv }
 
-    func remove() { _ = try? runCommand(["/usr/sbin/ip", "netns", "del", name]) }
+    func remove() { _ = try? runQuickCommand(["/usr/sbin/ip", "netns", "del", name]) }
 }
