@@ -61,6 +61,8 @@ struct StderrLogHandler: LogHandler {
         if let explicit { all.merge(explicit) { $1 } }
         var text = "flowtagd: \(level.rawValue): \(message)"
         for (k, v) in all.sorted(by: { $0.key < $1.key }) { text += " \(k)=\(Self.quoted("\(v)"))" }
+        // Debug lines say when (CLOCK_MONOTONIC seconds): what a stall spent its time on.
+        if level <= .debug { text += " t=\(Self.monotonicSeconds())" }
         text += "\n"
         let bytes = Array(text.utf8)
         var off = 0
@@ -69,6 +71,13 @@ struct StderrLogHandler: LogHandler {
             if n < 0 { if errno == EINTR { continue }; return }
             off += n
         }
+    }
+
+    static func monotonicSeconds() -> String {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let millis = ts.tv_nsec / 1_000_000
+        return "\(ts.tv_sec)." + String(repeating: "0", count: millis < 10 ? 2 : millis < 100 ? 1 : 0) + "\(millis)"
     }
 
     /// A value with spaces or quotes is quoted, so `key=value` pairs stay parseable.

@@ -309,6 +309,11 @@ def blocking(args):
         while i < len(data):
             k = rnd.choice([1, 7, 999, 1000, 1001, 4093, 65537])
             s.sendall(data[i:i + k]); i += k
+            if args.wait_go and i == k:
+                # The callouts decide on the first bytes; the test says when to go on
+                # (once the relay put the flow on its fast path).
+                print(json.dumps({"first": k}), flush=True)
+                sys.stdin.readline()
     except OSError as e:
         errs.append("send: " + str(e))
     t.join(120)
@@ -390,6 +395,7 @@ a = sub.add_parser("upload"); a.add_argument("host"); a.add_argument("port", typ
 a.add_argument("--size", type=int, required=True); a.add_argument("--seed", type=int, default=5)
 a = sub.add_parser("blocking"); a.add_argument("host"); a.add_argument("port", type=int)
 a.add_argument("--size", type=int, default=20 << 20); a.add_argument("--seed", type=int, default=11)
+a.add_argument("--wait-go", action="store_true")
 a = sub.add_parser("names"); a.add_argument("host"); a.add_argument("port", type=int)
 args = p.parse_args()
 {"server": server, "client": client, "stream": stream, "slowread": slowread, "upload": upload,

@@ -352,3 +352,11 @@ func attachedPrograms(_ cgroup: String) throws -> String {
     let (_, out, _) = try runQuickCommand(["/usr/sbin/bpftool", "cgroup", "show", cgroup])
     return out.trimmingCharacters(in: .whitespacesAndNewlines)
 }
+
+/// CLOCK_MONOTONIC seconds, as the agent stamps its debug lines ("t="): for failure
+/// messages that place a test's own steps among the agent's.
+func monotonicNow() -> String {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return String(format: "%d.%03d", Int(ts.tv_sec), Int(ts.tv_nsec / 1_000_000))
+}
