@@ -97,4 +97,26 @@ struct RelayFixtureTests {
         }
         #expect(results == Array(repeating: 0, count: waiting))
     }
+
+    @Test("a listener the test holds is not inherited by the children tests start (ss would name them as listening)")
+    func heldSocketsStayInTheTestProcess() async throws {
+        let (holder, port) = socketListener()
+        defer { close(holder) }
+        try #require(holder >= 0 && port != 0, "no loopback listener")
+        let first = try Child(["/bin/sleep", "30"])
+        defer { first.kill() }
+        let child = try Child(["/bin/sleep", "30"])
+        defer { child.kill() }
+        var st = stat()
+        try #require(fstat(holder, &st) == 0)
+        func targets(_ pid: Int32) throws -> [String: String] {
+            let fds = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")
+            return Dictionary(uniqueKeysWithValues: fds.map { ($0, (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "") })
+        }
+        let held = try targets(child.pid)
+        #expect(!held.values.contains("socket:[\(st.st_ino)]"), "the child holds the listener: \(held)")
+        // Nor the other child's stdin pipe (its write end is the test's).
+        let firstStdin = try #require(try targets(first.pid)["0"])
+        #expect(!held.filter { $0.key != "0" }.values.contains(firstStdin), "the child holds another child's stdin \(firstStdin): \(held)")
+    }
 }

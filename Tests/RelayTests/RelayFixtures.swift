@@ -42,7 +42,7 @@ func freeTCPPort() throws -> UInt16 {
 private let portCounter = Atomic<Int>(0)
 
 private func bindable(_ port: UInt16, family: Int32) -> Bool {
-    let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
+    let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { return family == AF_INET6 } // no IPv6 here: only IPv4 matters
     defer { close(fd) }
     if family == AF_INET {

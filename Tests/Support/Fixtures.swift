@@ -9,7 +9,9 @@ import Glibc
 
 /// A listening TCP socket on a free loopback port (to take a port away from the agent).
 func socketListener() -> (fd: Int32, port: UInt16) {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    // Close-on-exec, as every fd a test holds: a child spawned meanwhile by another test
+    // would hold the listener too (and `ss` name it as the one listening).
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian

@@ -86,7 +86,11 @@ final class Child: @unchecked Sendable {
         outPath = tempPath("out")
         errPath = tempPath("err")
         var fds: [Int32] = [0, 0]
+        // Close-on-exec at once: children other tests spawn must not hold this child's
+        // stdin (dup2 onto fd 0 clears the flag for this child only). Glibc's module has no
+        // pipe2; the moment between the two calls is all that is left.
         guard pipe(&fds) == 0 else { throw TestFailure("pipe failed") }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -111,7 +115,6 @@ final class Child: @unchecked Sendable {
         guard rc == 0 else { close(fds[1]); throw TestFailure("spawn \(argv[0]): \(String(cString: strerror(rc)))") }
         pid = child
         stdinFD = fds[1]
-        fcntl(stdinFD, F_SETFD, FD_CLOEXEC)
     }
 
     var stdout: String { (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "" }
