@@ -25,6 +25,14 @@ public enum AgentLog {
 
     /// `--log-level` values.
     public static let levels = Logger.Level.allCases.map(\.rawValue)
+
+    /// CLOCK_MONOTONIC seconds with milliseconds, as debug lines carry it (`t=`): tests
+    /// place their own steps among the agent's with it.
+    public static func monotonicSeconds() -> String {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return String(format: "%d.%03d", Int(ts.tv_sec), Int(ts.tv_nsec / 1_000_000))
+    }
 }
 
 final class BootstrapOnce: @unchecked Sendable {
@@ -62,7 +70,7 @@ struct StderrLogHandler: LogHandler {
         var text = "flowtagd: \(level.rawValue): \(message)"
         for (k, v) in all.sorted(by: { $0.key < $1.key }) { text += " \(k)=\(Self.quoted("\(v)"))" }
         // Debug lines say when (CLOCK_MONOTONIC seconds): what a stall spent its time on.
-        if level <= .debug { text += " t=\(Self.monotonicSeconds())" }
+        if level <= .debug { text += " t=\(AgentLog.monotonicSeconds())" }
         text += "\n"
         let bytes = Array(text.utf8)
         var off = 0
@@ -71,13 +79,6 @@ struct StderrLogHandler: LogHandler {
             if n < 0 { if errno == EINTR { continue }; return }
             off += n
         }
-    }
-
-    static func monotonicSeconds() -> String {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let millis = ts.tv_nsec / 1_000_000
-        return "\(ts.tv_sec)." + String(repeating: "0", count: millis < 10 ? 2 : millis < 100 ? 1 : 0) + "\(millis)"
     }
 
     /// A value with spaces or quotes is quoted, so `key=value` pairs stay parseable.

@@ -18,7 +18,7 @@ struct AgentLogTests {
     func monotonicStamp() throws {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
-        let first = StderrLogHandler.monotonicSeconds(), second = StderrLogHandler.monotonicSeconds()
+        let first = AgentLog.monotonicSeconds(), second = AgentLog.monotonicSeconds()
         for stamp in [first, second] {
             let parts = stamp.split(separator: ".")
             #expect(parts.count == 2 && parts[1].count == 3 && parts.allSatisfy { $0.allSatisfy(\.isNumber) }, "\(stamp)")

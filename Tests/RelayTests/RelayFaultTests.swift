@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import FlowTagAgent
 @testable import FlowTagTestSupport
 
 #if canImport(Glibc)
@@ -92,10 +93,10 @@ struct RelayFaultTests {
         defer { client.kill() }
         _ = try await client.waitForLines(1, timeout: 30)
         let t0 = Date()
-        let sentAt = monotonicNow() // the agent's debug lines carry the same clock
+        let sentAt = AgentLog.monotonicSeconds() // the agent's debug lines carry the same clock
         kill(a.process.pid, SIGTERM)
         #expect(try await a.process.wait(timeout: 30) == 0, "\(a.process.stderrText.suffix(2000))")
-        #expect(Date().timeIntervalSince(t0) < 10, "SIGTERM at t=\(sentAt), exit seen at t=\(monotonicNow()): \(a.process.stderrText.suffix(3000))")
+        #expect(Date().timeIntervalSince(t0) < 10, "SIGTERM at t=\(sentAt), exit seen at t=\(AgentLog.monotonicSeconds()): \(a.process.stderrText.suffix(3000))")
         #expect(try await client.wait(timeout: 30) == 0)
         let end = client.jsonLines.last ?? [:]
         #expect(end["end"] as? String == "eof", "\(end)\n\(a.process.stderrText.suffix(3000))")

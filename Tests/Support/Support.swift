@@ -190,12 +190,8 @@ final class Child: @unchecked Sendable {
 /// client run starved every other test's pollers and event readers.
 func runCommand(_ argv: [String], timeout: Double = 120) async throws -> (Int32, String, String) {
     let c = try Child(argv)
-    let deadline = Date().addingTimeInterval(timeout)
-    while c.isRunning {
-        if Date() > deadline { c.kill(); throw TestFailure("\(argv) did not finish in \(timeout) s") }
-        try await Task.sleep(for: .milliseconds(2))
-    }
-    return (c.exitStatus ?? -1, c.stdout, c.stderrText)
+    let status = try await c.wait(timeout: timeout)
+    return (status, c.stdout, c.stderrText)
 }
 
 /// `runCommand` where nothing can await (defer blocks, sync cleanups): quick commands only,
@@ -354,12 +350,4 @@ final class Locked<T>: @unchecked Sendable {
 func attachedPrograms(_ cgroup: String) throws -> String {
     let (_, out, _) = try runQuickCommand(["/usr/sbin/bpftool", "cgroup", "show", cgroup])
     return out.trimmingCharacters(in: .whitespacesAndNewlines)
-}
-
-/// CLOCK_MONOTONIC seconds, as the agent stamps its debug lines ("t="): for failure
-/// messages that place a test's own steps among the agent's.
-func monotonicNow() -> String {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return String(format: "%d.%03d", Int(ts.tv_sec), Int(ts.tv_nsec / 1_000_000))
 }
