@@ -216,6 +216,26 @@ func startListening(attempts: Int = 5, ports: () throws -> UInt16 = freeTCPPort,
     throw TestFailure("no server listened in \(failures.count) attempts: " + failures.joined(separator: "; "))
 }
 
+/// The inode of `server`'s listening socket on `port`, or nil while it has none.
+func listenerInode(port: UInt16, server: Child) async -> String? {
+    let out = (try? await runCommand(["/usr/bin/ss", "-Htlnpe", "sport = :\(port)"]))?.1 ?? ""
+    for line in out.split(separator: "\n") where line.contains("pid=\(server.pid),") {
+        if let field = line.split(separator: " ").first(where: { $0.hasPrefix("ino:") }) { return String(field.dropFirst(4)) }
+    }
+    return nil
+}
+
+/// Waits (up to 10 s) until `server` listens on `port` with a socket other than `previous`:
+/// a server that closes its listener after each client (iperf3) is ready again only then.
+func awaitNewListener(port: UInt16, server: Child, previous: String?) async throws -> String? {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while server.isRunning, ContinuousClock.now < deadline {
+        if let inode = await listenerInode(port: port, server: server), inode != previous { return inode }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    return nil
+}
+
 /// Whether `server` listens on `port` within 10 s (false at once if it exits).
 private func waitForListener(port: UInt16, server: Child) async throws -> Bool {
     func listening() async -> Bool {
