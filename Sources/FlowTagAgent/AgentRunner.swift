@@ -34,7 +34,9 @@ public enum AgentRunner {
             return error is ConfigError ? 78 : 1
         }
         await agent.run(until: shutdown)
+        agent.log.debug("services stopped; detaching programs")
         agent.detach()
+        agent.log.debug("programs detached; exiting")
         return 0
     }
 }
