@@ -36,6 +36,7 @@ final class RunningAgent: @unchecked Sendable {
 
     init(extra: [String] = [], journal: String? = nil, cgroup: TestCgroup? = nil, pins: String? = nil,
          socket: String? = nil) async throws {
+        PoolWatchdog.start()
         try ensureBPFFS()
         ownsCgroup = cgroup == nil
         self.cgroup = try cgroup ?? TestCgroup()
