@@ -274,7 +274,10 @@ struct AgentCLITests {
         let restarted = try Child([Paths.flowtagd, "--cgroup", a.cgroup.path, "--pin-dir", a.pins, "--socket", a.socket, "--output", "none",
                                    "--metrics-address", "127.0.0.1:0", "--journal", a.journal])
         defer { restarted.kill() }
-        for _ in 0..<500 where (try? APIClient(socketPath: a.socket).get("/v1/version")) == nil { try await Task.sleep(for: .milliseconds(20)) }
+        let socket = a.socket
+        _ = try await poll(timeout: 10, every: .milliseconds(20)) {
+            try? await offPool { try APIClient(socketPath: socket).get("/v1/version", timeoutSeconds: 2) }
+        }
         #expect(restarted.stderrText.contains("resuming the programs pinned"), "\(restarted.stderrText)")
         #expect(try FlowtagdBinaryTests.attachedPrograms(a.cgroup.path) == attachedBefore, "programs attached twice")
         try await Task.sleep(for: .milliseconds(300))

@@ -33,7 +33,7 @@ struct ReliabilityStartupTests {
         #expect(err.contains("another flowtag agent is running with pins at \(a.pins)"), "\(err)")
         #expect(try FlowtagdBinaryTests.attachedPrograms(other.path).isEmpty)
         #expect(KernelPrograms.hasPins(at: a.pins), "the first agent's pins are gone")
-        #expect(try a.stats()["active_flows"] != nil, "the first agent stopped answering")
+        #expect(try await a.stats()["active_flows"] != nil, "the first agent stopped answering")
         // A pre-planted symlink where the pin directory goes is refused.
         let target = "/sys/fs/bpf/" + uniqueName("target")
         let link = "/sys/fs/bpf/" + uniqueName("link")
@@ -202,7 +202,7 @@ struct ReliabilityStartupTests {
         case "a regular file at the socket path":
             #expect((try? String(contentsOfFile: socket, encoding: .utf8)) == "keep me", "the file at the socket path was touched")
         case "another agent answers on the socket":
-            #expect(try other?.stats()["active_flows"] != nil, "the running agent stopped answering")
+            #expect(try await other?.stats()["active_flows"] != nil, "the running agent stopped answering")
             try await other?.stopCleanly()
         default: break
         }

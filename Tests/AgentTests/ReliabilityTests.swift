@@ -41,7 +41,7 @@ struct ReliabilityTests {
         print("API fuzz: \(out.split(separator: "\n").first ?? "")")
         #expect(rc == 0, "violations (seed \(seed)):\n\(out.prefix(4000))\(err.prefix(2000))")
         #expect(a.process.isRunning, "the agent died: \(a.process.stderrText.suffix(2000))")
-        let stats = try a.stats()
+        let stats = try await a.stats()
         #expect((stats["flows_closed"] as? Int ?? 0) > 0, "the storm's flows were not seen: \(stats)")
         storm.kill()
         try await a.stopCleanly()
@@ -63,12 +63,12 @@ struct ReliabilityTests {
         var peak = before
         while storm.isRunning || watchers.isRunning {
             peak = max(peak, a.rss)
-            _ = try a.stats() // the API answers meanwhile
+            _ = try await a.stats() // the API answers meanwhile
             try await Task.sleep(for: .milliseconds(200))
         }
         let lines = watchers.jsonLines
         let closedByAgent = lines.last?["closed_by_agent"] as? Int ?? -1
-        let stats = try a.stats()
+        let stats = try await a.stats()
         var after = a.rss
         for _ in 0..<50 where after > before + (40 << 20) {
             try await Task.sleep(for: .milliseconds(200))
@@ -118,14 +118,14 @@ struct ReliabilityTests {
             let udpPorts = Set(try String(contentsOfFile: portsFile + ".udp", encoding: .utf8).split(separator: "\n").compactMap { Int($0) })
             var rows = 0, distinct = 0, udpRows = 0, udpDistinct = 0
             for _ in 0..<150 {
-                (rows, distinct) = try a.journalCount(pid: pid, remotePort: Int(port))
-                (udpRows, udpDistinct) = try a.journalCount(pid: pid, remotePort: Int(udpPort), proto: "udp")
-                let udpSeen = try a.journalPorts(pid: pid, remotePort: Int(udpPort), proto: "udp")
+                (rows, distinct) = try await a.journalCount(pid: pid, remotePort: Int(port))
+                (udpRows, udpDistinct) = try await a.journalCount(pid: pid, remotePort: Int(udpPort), proto: "udp")
+                let udpSeen = try await a.journalPorts(pid: pid, remotePort: Int(udpPort), proto: "udp")
                 if distinct >= made && udpSeen.isSuperset(of: udpPorts) { break }
                 try await Task.sleep(for: .milliseconds(200))
             }
-            let missing = ports.subtracting(try a.journalPorts(pid: pid, remotePort: Int(port)))
-            let missingUDP = udpPorts.subtracting(try a.journalPorts(pid: pid, remotePort: Int(udpPort), proto: "udp"))
+            let missing = ports.subtracting(try await a.journalPorts(pid: pid, remotePort: Int(port)))
+            let missingUDP = udpPorts.subtracting(try await a.journalPorts(pid: pid, remotePort: Int(udpPort), proto: "udp"))
             report.append("run \(run): killed at connect \(killAt), \(made) connects + \(datagrams) UDP flows, \(distinct) + \(udpDistinct) journaled, "
                           + "\(missing.count + missingUDP.count) missing, \(rows - distinct + udpRows - udpDistinct) duplicates; \(recovered)")
             #expect(recovered.contains("closes="), "run \(run): the restarted agent recovered no close: the kill missed the window it tests")
@@ -156,11 +156,11 @@ struct ReliabilityTests {
         let pid = try #require(summary["pid"] as? Int), made = try #require(summary["connects"] as? Int)
         var distinct = 0, rows = 0
         for _ in 0..<300 {
-            (rows, distinct) = try a.journalCount(pid: pid, remotePort: Int(port))
+            (rows, distinct) = try await a.journalCount(pid: pid, remotePort: Int(port))
             if distinct >= made { break }
             try await Task.sleep(for: .milliseconds(200))
         }
-        let stats = try a.stats()
+        let stats = try await a.stats()
         print("SIGSTOP 10 s: \(made) connects, \(distinct) journaled, \(stats["kernel_events_lost"] ?? "?") kernel events lost, "
               + "active flows \(stats["active_flows"] ?? "?") after")
         let dropped = stats["kernel_flows_dropped"] as? Int ?? -1
@@ -192,12 +192,12 @@ struct ReliabilityTests {
         // Ingest keeps up although every journal write fails.
         var closed = 0
         for _ in 0..<150 {
-            closed = try a.stats()["flows_closed"] as? Int ?? 0
+            closed = try await a.stats()["flows_closed"] as? Int ?? 0
             if closed >= made { break }
             try await Task.sleep(for: .milliseconds(200))
         }
         #expect(closed >= made, "ingest fell behind with a full journal: \(closed) of \(made) closes seen")
-        let metrics = try a.metrics()
+        let metrics = try await a.metrics()
         #expect(Self.metric(metrics, "flowtag_journal_write_errors_total") > 0, "no journal write error counted")
         #expect(Self.metric(metrics, "flowtag_journal_rows_waiting") > 0)
         // Space returns: the waiting rows are written.
@@ -206,7 +206,7 @@ struct ReliabilityTests {
         let pid = try #require(storm.jsonLines.first?["pid"] as? Int)
         var rows = 0
         for _ in 0..<250 {
-            rows = try a.journalCount(pid: pid, remotePort: Int(port)).distinct
+            rows = try await a.journalCount(pid: pid, remotePort: Int(port)).distinct
             if rows >= made { break }
             try await Task.sleep(for: .milliseconds(200))
         }
@@ -214,13 +214,13 @@ struct ReliabilityTests {
         // Full again, with rows waiting: SIGTERM still stops promptly, and says what it lost.
         let (drc, _, _) = try await runCommand(["/bin/dd", "if=/dev/zero", "of=\(mount)/filler", "bs=1M", "count=100"])
         _ = drc
-        let errorsBefore = Self.metric(try a.metrics(), "flowtag_journal_write_errors_total")
+        let errorsBefore = Self.metric(try await a.metrics(), "flowtag_journal_write_errors_total")
         let storm2 = try a.storm(port: port, count: 20_000)
         defer { storm2.kill() }
         _ = try await storm2.waitForLines(1, timeout: 120)
         var waiting = 0.0, errors = errorsBefore
         for _ in 0..<100 {
-            let m = try a.metrics()
+            let m = try await a.metrics()
             (waiting, errors) = (Self.metric(m, "flowtag_journal_rows_waiting"), Self.metric(m, "flowtag_journal_write_errors_total"))
             if waiting > 0 && errors > errorsBefore { break }
             try await Task.sleep(for: .milliseconds(100))

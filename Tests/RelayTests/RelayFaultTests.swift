@@ -23,8 +23,8 @@ struct RelayFaultTests {
         defer { client.kill() }
         _ = try await client.waitForLines(1, timeout: 30) // bytes are flowing through the relay
         if fastPath == "sockmap" {
-            for _ in 0..<500 where metric(a, "flowtag_relay_fast_path_flows_total") != 1 { try await Task.sleep(for: .milliseconds(10)) }
-            #expect(metric(a, "flowtag_relay_fast_path_flows_total") == 1, "the flow is on the fast path when the agent dies")
+            _ = try await poll(timeout: 10) { await metric(a, "flowtag_relay_fast_path_flows_total") == 1 ? true : nil }
+            #expect(await metric(a, "flowtag_relay_fast_path_flows_total") == 1, "the flow is on the fast path when the agent dies")
         }
         kill(a.process.pid, SIGKILL)
         _ = try await a.process.wait(timeout: 20)
@@ -42,7 +42,7 @@ struct RelayFaultTests {
         defer { b.cleanUp() }
         let r = firstResult(try await relayClient(b, ["127.0.0.1", "\(port)", "--size", "1000000"]))
         #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r)")
-        #expect(try relayedFlowCount(b) == 1)
+        #expect(try await relayedFlowCount(b) == 1)
         await b.stop()
     }
 
@@ -63,10 +63,10 @@ struct RelayFaultTests {
         defer { clients.forEach { $0.kill() } }
         if fastPath == "sockmap" {
             // Fast-path bytes are counted at the end: wait for the flows to be on it and moving.
-            for _ in 0..<500 where metric(a, "flowtag_relay_fast_path_flows_total") != 2 { try await Task.sleep(for: .milliseconds(10)) }
-            #expect(metric(a, "flowtag_relay_fast_path_flows_total") == 2)
+            _ = try await poll(timeout: 10) { await metric(a, "flowtag_relay_fast_path_flows_total") == 2 ? true : nil }
+            #expect(await metric(a, "flowtag_relay_fast_path_flows_total") == 2)
         }
-        for _ in 0..<400 where fastPath == "copy" && (relayHops(a)["from_process"] ?? 0) < 20 << 20 { try await Task.sleep(for: .milliseconds(10)) }
+        if fastPath == "copy" { _ = try await poll(timeout: 10) { (await relayHops(a)["from_process"] ?? 0) >= 20 << 20 ? true : nil } }
         kill(a.process.pid, SIGTERM)
         #expect(try await a.process.wait(timeout: 90) == 0, "\(a.process.stderrText.suffix(2000))")
         for c in clients {
@@ -133,7 +133,7 @@ struct RelayFaultTests {
             let r = firstResult(try await relayClient(a, [ns.nsAddress, "\(port)", "--size", "2000000", "--max-chunk", "30000"]))
             #expect(r["echo_equal"] as? Bool == true, "\(r)")
             #expect(r["eof"] as? Bool == true)
-            #expect(try relayedFlowCount(a) == 1)
+            #expect(try await relayedFlowCount(a) == 1)
         }
     }
 
@@ -152,10 +152,10 @@ struct RelayFaultTests {
             let resident = try Child(ns.wrap(["/bin/sleep", "120"]))
             defer { resident.kill() }
             let first = try await names()
-            #expect(metric(a, "flowtag_relay_no_listener_total") == 1, "\(first)")
-            #expect(try relayedFlowCount(a) == 0)
-            for _ in 0..<100 where (metric(a, "flowtag_relay_listeners") ?? 0) < 2 { try await Task.sleep(for: .milliseconds(50)) }
-            #expect(metric(a, "flowtag_relay_listeners") == 2, "\(a.process.stderrText.suffix(1500))")
+            #expect(await metric(a, "flowtag_relay_no_listener_total") == 1, "\(first)")
+            #expect(try await relayedFlowCount(a) == 0)
+            _ = try await poll(timeout: 10, every: .milliseconds(50)) { (await metric(a, "flowtag_relay_listeners") ?? 0) >= 2 ? true : nil }
+            #expect(await metric(a, "flowtag_relay_listeners") == 2, "\(a.process.stderrText.suffix(1500))")
             for _ in 0..<3 {
                 let r = try await names()
                 let me = try #require(r["sockname"] as? [Any]), saw = try #require(r["peer_saw"] as? [Any])
@@ -163,7 +163,7 @@ struct RelayFaultTests {
                 #expect(me[1] as? Int == saw[1] as? Int, "\(r)")
                 #expect((r["peername"] as? [Any])?[0] as? String == ns.hostAddress, "\(r)")
             }
-            #expect(try relayedFlowCount(a) == 3)
+            #expect(try await relayedFlowCount(a) == 3)
             #expect(a.process.stderrText.contains("relay: listening"))
         }
     }
@@ -192,12 +192,12 @@ struct RelayFaultTests {
                                "--size", "200000", "--max-chunk", "4096", "--seed", "31"])
             #expect(try await c.wait(timeout: 90) == 0, "\(c.stderrText)")
             let r = firstResult(c.jsonLines.last ?? [:])
-            #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r) hops \(relayHops(a))")
+            #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r) hops \(hopsForMessage(a))")
             let served = try await server.waitForLines(1)
             #expect(served.first?["sha"] as? String == r["server_sha"] as? String, "the server got the receive-side edit: \(served)")
             #expect(served.first?["peer_port"] as? Int == r["local_port"] as? Int, "the server's accept names the real client: \(served)")
-            #expect(try a.stats()["relay_inbound_redirected"] as? Int == 1)
-            #expect(try relayedFlowCount(a) == 1)
+            #expect(try await a.stats()["relay_inbound_redirected"] as? Int == 1)
+            #expect(try await relayedFlowCount(a) == 1)
         }
     }
 

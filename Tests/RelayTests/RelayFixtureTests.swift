@@ -98,6 +98,35 @@ struct RelayFixtureTests {
         #expect(results == Array(repeating: 0, count: waiting))
     }
 
+    @Test("blocking work run off the pool (API reads) by more tests than the pool has threads leaves it free")
+    func offPoolLeavesThePoolFree() async throws {
+        let flag = tempPath("flag")
+        defer { unlink(flag) }
+        // As above, with work that blocks its thread (as a socket read with a timeout does)
+        // until a task on the pool makes the flag; on the pool itself it would give up at 20 s.
+        let waiting = ProcessInfo.processInfo.activeProcessorCount + 1
+        let seen = try await withThrowingTaskGroup(of: Bool?.self) { group in
+            for _ in 0..<waiting {
+                group.addTask {
+                    try await offPool { () -> Bool in
+                        let deadline = Date().addingTimeInterval(20)
+                        while access(flag, F_OK) != 0 && Date() < deadline { usleep(20_000) }
+                        return access(flag, F_OK) == 0
+                    }
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: .milliseconds(200))
+                #expect(FileManager.default.createFile(atPath: flag, contents: nil))
+                return nil
+            }
+            var seen: [Bool] = []
+            for try await s in group { if let s { seen.append(s) } }
+            return seen
+        }
+        #expect(seen == Array(repeating: true, count: waiting))
+    }
+
     @Test("a listener the test holds is not inherited by the children tests start (ss would name them as listening)")
     func heldSocketsStayInTheTestProcess() async throws {
         let (holder, port) = socketListener()

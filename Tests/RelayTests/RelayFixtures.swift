@@ -99,16 +99,16 @@ func fastPathStream(_ fastPath: String) -> String {
 /// Waits (up to 10 s) until the relay holds no connection: fast-path bytes are counted
 /// as each connection ends, a moment after its ends saw their FINs.
 func awaitRelayIdle(_ a: RunningAgent) async throws {
-    for _ in 0..<1000 where metric(a, "flowtag_relay_active_flows") != 0 { try await Task.sleep(for: .milliseconds(10)) }
-    #expect(metric(a, "flowtag_relay_active_flows") == 0)
+    let idle = try await poll(timeout: 10) { await metric(a, "flowtag_relay_active_flows") == 0 ? true : nil }
+    #expect(idle == true, "\(a.metricsForMessage())")
 }
 
 /// On the fast path, the kernel moved bytes of `flows` connections (checked once they ended).
 func expectFastPathUsed(_ a: RunningAgent, _ fastPath: String, flows: Int, sourceLocation: SourceLocation = #_sourceLocation) async throws {
     guard fastPath == "sockmap" else { return }
     try await awaitRelayIdle(a)
-    #expect(metric(a, "flowtag_relay_fast_path_flows_total") == flows, "\(String(describing: try? a.metrics()))", sourceLocation: sourceLocation)
-    #expect((metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0) > 0,
+    #expect(await metric(a, "flowtag_relay_fast_path_flows_total") == flows, "\(a.metricsForMessage())", sourceLocation: sourceLocation)
+    #expect((await metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0) > 0,
             "the kernel moved no byte: \(a.process.stderrText.split(separator: "\n").filter { $0.contains("fast path") }.suffix(20))",
             sourceLocation: sourceLocation)
 }
@@ -139,7 +139,8 @@ func relayPeer(_ a: RunningAgent, _ command: String, _ args: [String], timeout: 
     let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, command] + args))
     let status = try await c.wait(timeout: timeout)
     guard status == 0, let report = c.jsonLines.last else {
-        throw TestFailure("\(command) \(args) exited \(status): \(c.stdout) \(c.stderrText) hops \(relayHops(a))")
+        let hops = await relayHops(a)
+        throw TestFailure("\(command) \(args) exited \(status): \(c.stdout) \(c.stderrText) hops \(hops)")
     }
     return report
 }
@@ -154,8 +155,16 @@ func firstResult(_ report: [String: Any]) -> [String: Any] {
 
 /// The relay's byte counters per hop (metrics), for failure messages that say which hop
 /// lost or added bytes.
-func relayHops(_ a: RunningAgent) -> [String: Int] {
-    guard let text = try? a.metrics() else { return [:] }
+func relayHops(_ a: RunningAgent) async -> [String: Int] {
+    hops(inMetrics: (try? await a.metrics()) ?? "")
+}
+
+/// `relayHops` for a failure message (an autoclosure cannot await): blocks its thread.
+func hopsForMessage(_ a: RunningAgent) -> [String: Int] {
+    hops(inMetrics: a.metricsForMessage())
+}
+
+private func hops(inMetrics text: String) -> [String: Int] {
     var hops: [String: Int] = [:]
     for line in text.split(separator: "\n") where line.hasPrefix("flowtag_relay_bytes_total{direction=\"") {
         let name = line.split(separator: "\"")[1]
@@ -175,8 +184,8 @@ func socketBufferMax(_ name: String) throws -> Int {
 }
 
 /// One counter or gauge of the agent's metrics (nil when absent).
-func metric(_ a: RunningAgent, _ name: String) -> Int? {
-    guard let text = try? a.metrics() else { return nil }
+func metric(_ a: RunningAgent, _ name: String) async -> Int? {
+    guard let text = try? await a.metrics() else { return nil }
     for line in text.split(separator: "\n") where line.hasPrefix(name + " ") {
         return line.split(separator: " ").last.flatMap { Double($0) }.map { Int($0) }
     }
@@ -184,8 +193,8 @@ func metric(_ a: RunningAgent, _ name: String) -> Int? {
 }
 
 /// Flows the relay has taken, from `flowtag stats -o json`.
-func relayedFlowCount(_ a: RunningAgent) throws -> Int {
-    (try a.stats()["relayed_flows"] as? Int) ?? -1
+func relayedFlowCount(_ a: RunningAgent) async throws -> Int {
+    (try await a.stats()["relayed_flows"] as? Int) ?? -1
 }
 
 /// `ss` on both ends of the connections to `port`, for failure messages about stalls.

@@ -32,7 +32,7 @@ struct RelayRealClientsTests {
                         "run \(run): \(out) \(err) after \(took[run]) s; the server saw: \(server.stdout.suffix(600))")
             }
             print("socat client (\(fastPath)): runs took \(took.map { String(format: "%.2f", $0) }.joined(separator: " ")) s")
-            #expect(try relayedFlowCount(a) == 10)
+            #expect(try await relayedFlowCount(a) == 10)
             try await expectFastPathUsed(a, fastPath, flows: 10)
         }
     }
@@ -53,7 +53,7 @@ struct RelayRealClientsTests {
                 #expect(rc == 0, "run \(run): \(err)")
                 #expect(try await sha256(out) == data.sha, "run \(run)")
             }
-            #expect(try relayedFlowCount(a) == 5)
+            #expect(try await relayedFlowCount(a) == 5)
             try await expectFastPathUsed(a, fastPath, flows: 5)
         }
     }
@@ -95,7 +95,7 @@ struct RelayRealClientsTests {
                 #expect(report["error"] == nil && sum > 10_000_000, "reverse \(reverse): \(out.suffix(800))")
             }
             // Each test is one control and one data connection.
-            #expect(try relayedFlowCount(a) == 4)
+            #expect(try await relayedFlowCount(a) == 4)
             try await expectFastPathUsed(a, fastPath, flows: 4)
         }
     }
@@ -128,7 +128,7 @@ struct RelayRealClientsTests {
                 #expect(rc == 0 && code == "200", "run \(run): \(code) \(err)")
                 #expect(try await sha256(out) == data.sha, "run \(run)")
             }
-            #expect(try relayedFlowCount(a) == 5)
+            #expect(try await relayedFlowCount(a) == 5)
             try await expectFastPathUsed(a, fastPath, flows: 5)
             var curls: [[String: Any]] = []
             for _ in 0..<50 where curls.count < 5 {

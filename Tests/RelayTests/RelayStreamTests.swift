@@ -17,7 +17,7 @@ struct RelayStreamTests {
             var clientPorts: [Int] = []
             for (size, chunk) in [(10_000_000, 65536), (300_000, 1500), (50_000, 7)] {
                 let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(port)", "--size", "\(size)", "--max-chunk", "\(chunk)", "--seed", "\(size)"]))
-                #expect(r["echo_equal"] as? Bool == true, "\(r) hops \(relayHops(a))")
+                #expect(r["echo_equal"] as? Bool == true, "\(r) hops \(hopsForMessage(a))")
                 #expect(r["eof"] as? Bool == true, "\(r)")
                 clientPorts.append(r["local_port"] as? Int ?? -1)
             }
@@ -28,13 +28,13 @@ struct RelayStreamTests {
             #expect(Set(reports.compactMap { $0["received"] as? Int }) == [10_000_000, 300_000, 50_000])
             let total = 10_000_000 + 300_000 + 50_000
             try await expectFastPathUsed(a, fastPath, flows: 3)
-            let hops = relayHops(a)
+            let hops = await relayHops(a)
             for hop in ["from_process", "to_peer", "from_peer", "to_process"] {
                 #expect(hops[hop] == total, "\(hop): \(hops)")
             }
-            #expect(metric(a, "flowtag_relay_flows_total") == 3)
-            #expect(metric(a, "flowtag_relay_resets_total") == 0)
-            #expect(metric(a, "flowtag_relay_reset_bytes_total") == 0)
+            #expect(await metric(a, "flowtag_relay_flows_total") == 3)
+            #expect(await metric(a, "flowtag_relay_resets_total") == 0)
+            #expect(await metric(a, "flowtag_relay_reset_bytes_total") == 0)
             let (_, table, _) = try await a.cli(["stats"])
             #expect(table.split(separator: "\n").contains { $0.hasPrefix("relayed flows") && $0.hasSuffix(" 3") }, "\(table)")
             // The journal names each relayed flow by the process's port and the real destination.
@@ -147,14 +147,14 @@ struct RelayStreamTests {
         }
         // python, root, in the cgroup: relayed (and edited; the echo has one more byte).
         #expect(try await send(cgroup.wrap([])).hasPrefix("cloud"))
-        #expect(try relayedFlowCount(a) == 1)
+        #expect(try await relayedFlowCount(a) == 1)
         // Another uid: direct.
         #expect(try await send(cgroup.wrap(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])) == "rainy")
         // A child cgroup (the rule names the exact cgroup): direct.
         #expect(try await send(["/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", child]) == "rainy")
         // Another executable (curl) to the same port: direct.
         _ = try await runCommand(cgroup.wrap(["/usr/bin/curl", "-s", "--max-time", "2", "http://127.0.0.1:\(port)/"]))
-        #expect(try relayedFlowCount(a) == 1)
+        #expect(try await relayedFlowCount(a) == 1)
         await a.stop()
     }
 
@@ -207,10 +207,10 @@ struct RelayStreamTests {
             """) { a in
             let r = firstResult(try await relayClient(a, ["127.0.0.1", "\(otherPort)", "--text", "--size", "100000"]))
             #expect(r["echo_equal"] as? Bool == true, "\(r)")
-            #expect(try relayedFlowCount(a) == 0)
+            #expect(try await relayedFlowCount(a) == 0)
             let e = try await relayClient(a, ["127.0.0.1", "\(selectedPort)", "--text", "--size", "1000"])
             #expect(firstResult(e)["echo_equal"] as? Bool == false, "the rule works: the selected echo is edited")
-            #expect(try relayedFlowCount(a) == 1)
+            #expect(try await relayedFlowCount(a) == 1)
         }
     }
 
@@ -224,14 +224,14 @@ struct RelayStreamTests {
             }
             for c in clients {
                 let rc = try await c.wait(timeout: 240)
-                #expect(rc == 0, "\(c.stdout)\(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))")
+                #expect(rc == 0, "\(c.stdout)\(c.stderrText)\nhops \(hopsForMessage(a))\n\(socketState(port: port))")
                 let r = c.jsonLines.last ?? [:]
-                #expect(r["equal"] as? Bool == true, "\(r) hops \(relayHops(a))")
+                #expect(r["equal"] as? Bool == true, "\(r) hops \(hopsForMessage(a))")
             }
-            #expect(try relayedFlowCount(a) == 4)
+            #expect(try await relayedFlowCount(a) == 4)
             try await awaitRelayIdle(a)
             try await expectFastPathUsed(a, fastPath, flows: 4)
-            let hops = relayHops(a)
+            let hops = await relayHops(a)
             #expect(hops["from_process"] == 4 * (200 << 20) && hops["to_peer"] == hops["from_process"], "\(hops)")
         }
     }
@@ -246,7 +246,7 @@ struct RelayStreamTests {
                                             + (handoff ? ["--handoff"] : [])))
             defer { c.kill() }
             let rc = try await c.wait(timeout: 90)
-            #expect(rc == 0, "\(c.stdout) \(c.stderrText)\nhops \(relayHops(a))\n\(socketState(port: port))")
+            #expect(rc == 0, "\(c.stdout) \(c.stderrText)\nhops \(hopsForMessage(a))\n\(socketState(port: port))")
             let lines = try await server.waitForLines(2)
             let early = try #require(lines.first { $0["pushed_after_3s"] != nil }?["pushed_after_3s"] as? Int)
             // What can wait unread: the peer's send buffer, the relay's two sockets' buffers
@@ -259,7 +259,7 @@ struct RelayStreamTests {
             #expect(early < bound, "the peer pushed \(early) bytes while the process read nothing (bound \(bound))")
             let done = try #require(lines.first { $0["sha"] != nil })
             let got = try #require(c.jsonLines.last)
-            #expect(got["got"] as? Int == total, "hops \(relayHops(a))")
+            #expect(got["got"] as? Int == total, "hops \(hopsForMessage(a))")
             #expect(got["sha"] as? String == done["sha"] as? String)
             try await expectFastPathUsed(a, fastPath, flows: 1)
             if fastPath == "sockmap" {
@@ -268,8 +268,8 @@ struct RelayStreamTests {
                 // owed bytes when they came), whose bounded buffer then fills. Counted at the
                 // flow's end: after expectFastPathUsed, which waits for it. Kernel-moved
                 // bytes without a hold would mean an unbounded queue somewhere unmeasured.
-                let holds = metric(a, "flowtag_relay_fast_path_holds_total") ?? 0
-                let moved = metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0
+                let holds = await metric(a, "flowtag_relay_fast_path_holds_total") ?? 0
+                let moved = await metric(a, "flowtag_relay_fast_path_bytes_total") ?? 0
                 #expect(holds > 0 || moved < total, "the kernel moved all \(moved) bytes and its queue was never held")
             }
         }
@@ -281,7 +281,7 @@ struct RelayStreamTests {
             let report = try await relayClient(a, ["127.0.0.1", "\(port)", "--flows", "100", "--size", "200000", "--max-chunk", "20000"], timeout: 120)
             #expect(report["flows"] as? Int == 100)
             #expect(report["all_equal"] as? Bool == true, "\(report)")
-            #expect(try relayedFlowCount(a) == 100)
+            #expect(try await relayedFlowCount(a) == 100)
         }
     }
 
@@ -309,7 +309,7 @@ struct RelayStreamTests {
             // The server resets after its first read: the process sees a reset.
             let reset = try await relayClient(a, ["127.0.0.1", "\(resetPort)", "--size", "100000", "--reset"])
             #expect(firstResult(reset)["reset"] as? Bool == true, "\(reset)")
-            #expect(try relayedFlowCount(a) == 6)
+            #expect(try await relayedFlowCount(a) == 6)
             try await expectFastPathUsed(a, fastPath, flows: 6)
         }
     }
@@ -333,8 +333,8 @@ struct RelayStreamTests {
                 // is about a blocking reader on the kernel's path.
                 let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "blocking", "--wait-go"] + args))
                 _ = try await c.waitForLines(1, timeout: 30)
-                let onFastPath = try await poll(timeout: 30) { metric(a, "flowtag_relay_fast_path_flows_total") == 1 ? true : nil }
-                try #require(onFastPath == true, "the flow never went on the fast path: \(String(describing: try? a.metrics()))")
+                let onFastPath = try await poll(timeout: 30) { await metric(a, "flowtag_relay_fast_path_flows_total") == 1 ? true : nil }
+                try #require(onFastPath == true, "the flow never went on the fast path: \(a.metricsForMessage())")
                 c.send("go")
                 let status = try await c.wait(timeout: 120)
                 r = try #require(c.jsonLines.last, "blocking exited \(status): \(c.stderrText)")
@@ -365,7 +365,7 @@ struct RelayStreamTests {
                 #expect(Self.plain(me[0]) == Self.plain(saw[0]) && me[1] as? Int == saw[1] as? Int, "\(r)")
                 #expect(me[1] as? Int == (r["sockname_late"] as? [Any])?[1] as? Int)
             }
-            #expect(try relayedFlowCount(a) == 5)
+            #expect(try await relayedFlowCount(a) == 5)
         }
     }
 
@@ -400,7 +400,7 @@ struct RelayStreamTests {
             #expect(try await c.wait() == 0, "\(c.stderrText)")
             let end = c.jsonLines.last?["end"] as? String ?? ""
             #expect(end == "reset" || end == "reset at connect", "\(c.stdout)")
-            #expect(metric(a, "flowtag_relay_connect_failures_total") == 1)
+            #expect(await metric(a, "flowtag_relay_connect_failures_total") == 1)
             #expect(a.process.stderrText.contains("the original destination did not accept the connection"))
         }
     }
@@ -419,15 +419,15 @@ struct RelayStreamTests {
                                    "--size", "300000", "--max-chunk", "\(maxChunk)", "--seed", "\(maxChunk)"])
                 #expect(try await c.wait(timeout: 90) == 0, "\(c.stderrText)")
                 let r = firstResult(c.jsonLines.last ?? [:])
-                #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r) hops \(relayHops(a))")
+                #expect(r["echo_equal"] as? Bool == true && r["eof"] as? Bool == true, "\(r) hops \(hopsForMessage(a))")
                 clientPorts.append(r["local_port"] as? Int ?? -1)
                 wanted.append(r["server_sha"] as? String ?? "missing")
             }
             let served = try await server.waitForLines(2)
             #expect(served.compactMap { $0["sha"] as? String } == wanted, "the server got the receive-side edit: \(served)")
             #expect(served.compactMap { $0["peer_port"] as? Int } == clientPorts, "the server's accept names the real client: \(served)")
-            #expect(try relayedFlowCount(a) == 2)
-            #expect(try a.stats()["relay_inbound_redirected"] as? Int == 2)
+            #expect(try await relayedFlowCount(a) == 2)
+            #expect(try await a.stats()["relay_inbound_redirected"] as? Int == 2)
             // The journal has the server's flows, inbound from the client's port, owned by the server.
             try await Task.sleep(for: .milliseconds(1500))
             let (rc, out, err) = try await a.cli(["history", "--since", "10m", "--port", "\(port)", "-o", "json"])
@@ -461,10 +461,10 @@ struct RelayStreamTests {
             let c = try Child([Paths.python, "-c", script])
             #expect(try await c.wait(timeout: 60) == 0, "\(c.stderrText)")
             #expect(c.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "reset", "\(c.stdout) \(c.stderrText)")
-            #expect(try a.stats()["relay_connect_failures"] as? Int == 1)
+            #expect(try await a.stats()["relay_connect_failures"] as? Int == 1)
             // A connection made straight to the agent's inbound listeners is reset, not
             // relayed to itself; the relay goes on working.
-            let relayedBefore = try relayedFlowCount(a)
+            let relayedBefore = try await relayedFlowCount(a)
             let (_, listing, _) = try await runCommand(["/usr/bin/ss", "-Hltnp"])
             let own = listing.split(separator: "\n").filter { $0.contains("pid=\(a.process.pid),") }
             // The relay's listeners have a 4096 backlog (ss shows it as Send-Q); the metrics server's is smaller.
@@ -488,7 +488,7 @@ struct RelayStreamTests {
                 #expect(try await probe.wait(timeout: 30) == 0, "\(probe.stderrText)")
                 #expect(probe.stdout.contains("reset") || probe.stdout.contains("eof"), "\(endpoint): \(probe.stdout)")
             }
-            #expect(try relayedFlowCount(a) == relayedBefore, "nothing relayed to the agent itself")
+            #expect(try await relayedFlowCount(a) == relayedBefore, "nothing relayed to the agent itself")
             #expect(a.process.isRunning)
         }
         // Without the agent the same connect is refused: the rule is gone with it.

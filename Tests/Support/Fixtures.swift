@@ -45,8 +45,12 @@ final class RunningAgent: @unchecked Sendable {
         self.journal = journal ?? tempPath("journal") + ".db"
         process = try Child([Paths.flowtagd, "--cgroup", self.cgroup.path, "--pin-dir", self.pins, "--socket", self.socket,
                              "--output", "none", "--metrics-address", "127.0.0.1:0", "--journal", self.journal] + extra)
-        for _ in 0..<1000 where !answers && process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
-        guard answers else {
+        var up = await answers()
+        for _ in 0..<1000 where !up && process.isRunning {
+            try await Task.sleep(for: .milliseconds(20))
+            up = await answers()
+        }
+        guard up else {
             let err = process.stderrText
             process.kill()
             if ownsCgroup { self.cgroup.remove() }
@@ -61,7 +65,10 @@ final class RunningAgent: @unchecked Sendable {
         return try await runCommand(argv)
     }
 
-    var answers: Bool { (try? APIClient(socketPath: socket).get("/v1/version", timeoutSeconds: 2))?.status == 200 }
+    func answers() async -> Bool {
+        let socket = self.socket
+        return (try? await offPool { try APIClient(socketPath: socket).get("/v1/version", timeoutSeconds: 2) })?.status == 200
+    }
 
     /// The same agent started again on the same cgroup, pins, socket and journal.
     /// The cgroup goes with the newest agent (the one a test cleans up).
@@ -72,16 +79,29 @@ final class RunningAgent: @unchecked Sendable {
         return next
     }
 
-    func stats() throws -> [String: Any] {
-        let r = try APIClient(socketPath: socket).get("/v1/stats")
+    // The API and metrics are read without blocking a thread of Swift's cooperative pool
+    // (one per core, shared by every test): tests polling them on a busy machine held the
+    // whole pool, and other tests' awaits resumed tens of seconds late.
+    func stats() async throws -> [String: Any] {
+        let socket = self.socket
+        let r = try await offPool { try APIClient(socketPath: socket).get("/v1/stats") }
         return (try JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any]) ?? [:]
     }
 
-    func metrics() throws -> String {
+    func metrics() async throws -> String {
+        try await runCommand(["/usr/bin/curl", "-s", "-m", "10", try metricsURL()]).1
+    }
+
+    /// `metrics()` for a failure message (an autoclosure cannot await): blocks its thread.
+    func metricsForMessage() -> String {
+        guard let url = try? metricsURL() else { return "no metrics address" }
+        return (try? runQuickCommand(["/usr/bin/curl", "-s", "-m", "10", url]))?.1 ?? "curl failed"
+    }
+
+    private func metricsURL() throws -> String {
         guard let line = process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on http://") }),
               let url = line.split(separator: " ").first(where: { $0.hasPrefix("http://") }) else { throw TestFailure("no metrics address") }
-        let (_, out, _) = try runQuickCommand(["/usr/bin/curl", "-s", "-m", "10", String(url)])
-        return out
+        return String(url)
     }
 
     /// Resident memory of the agent, bytes.
@@ -108,8 +128,8 @@ final class RunningAgent: @unchecked Sendable {
     }
 
     /// Journal rows of one client process to one port: (rows, distinct flows: cookie and local port).
-    func journalCount(pid: Int, remotePort: Int, proto: String = "tcp") throws -> (rows: Int, distinct: Int) {
-        let (rc, out, err) = try runQuickCommand(["/usr/bin/sqlite3", journal,
+    func journalCount(pid: Int, remotePort: Int, proto: String = "tcp") async throws -> (rows: Int, distinct: Int) {
+        let (rc, out, err) = try await runCommand(["/usr/bin/sqlite3", journal,
                                              "PRAGMA busy_timeout=5000; SELECT COUNT(*), COUNT(DISTINCT flow || ':' || local_port) FROM flows WHERE pid = \(pid) "
                                              + "AND remote_port = \(remotePort) AND protocol = '\(proto)'"])
         guard rc == 0 else { throw TestFailure("sqlite3: \(err)") }
@@ -117,8 +137,8 @@ final class RunningAgent: @unchecked Sendable {
         return (parts.first ?? 0, parts.last ?? 0)
     }
 
-    func journalPorts(pid: Int, remotePort: Int, proto: String = "tcp") throws -> Set<Int> {
-        let (_, out, _) = try runQuickCommand(["/usr/bin/sqlite3", journal,
+    func journalPorts(pid: Int, remotePort: Int, proto: String = "tcp") async throws -> Set<Int> {
+        let (_, out, _) = try await runCommand(["/usr/bin/sqlite3", journal,
                                           "PRAGMA busy_timeout=5000; SELECT local_port FROM flows WHERE pid = \(pid) AND remote_port = \(remotePort) "
                                           + "AND protocol = '\(proto)'"])
         return Set(out.split(separator: "\n").compactMap { Int($0) })

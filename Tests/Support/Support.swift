@@ -194,6 +194,14 @@ func runCommand(_ argv: [String], timeout: Double = 120) async throws -> (Int32,
     return (status, c.stdout, c.stderrText)
 }
 
+/// Runs blocking work (a socket read with a timeout) on a thread of its own and awaits it,
+/// so the cooperative pool's threads stay free for other tests.
+func offPool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { (done: CheckedContinuation<T, Error>) in
+        Thread { done.resume(with: Result { try work() }) }.start()
+    }
+}
+
 /// `runCommand` where nothing can await (defer blocks, sync cleanups): quick commands only,
 /// it blocks its thread.
 func runQuickCommand(_ argv: [String], timeout: Double = 30) throws -> (Int32, String, String) {
