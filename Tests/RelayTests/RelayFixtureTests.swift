@@ -77,55 +77,45 @@ struct RelayFixtureTests {
     func runCommandLeavesThePoolFree() async throws {
         let flag = tempPath("flag")
         defer { unlink(flag) }
-        // One more waiting command than the pool has threads; each ends only once the flag
-        // exists, and only a task on the pool makes it. A blocking wait deadlocks here until
+        // Each command ends only once the flag exists; a blocking wait deadlocks here until
         // the commands' 20 s timeouts fail them.
-        let waiting = ProcessInfo.processInfo.activeProcessorCount + 1
-        let results = try await withThrowingTaskGroup(of: Int32?.self) { group in
-            for _ in 0..<waiting {
-                group.addTask {
-                    try await runCommand(["/bin/sh", "-c", "while [ ! -e \"$0\" ]; do sleep 0.02; done", flag], timeout: 20).0
-                }
-            }
-            group.addTask {
-                try await Task.sleep(for: .milliseconds(200))
-                #expect(FileManager.default.createFile(atPath: flag, contents: nil))
-                return nil
-            }
-            var codes: [Int32] = []
-            for try await code in group { if let code { codes.append(code) } }
-            return codes
+        let codes = try await morePoolWaitersThanThreads(makingFlag: flag) {
+            try await runCommand(["/bin/sh", "-c", "while [ ! -e \"$0\" ]; do sleep 0.02; done", flag], timeout: 20).0
         }
-        #expect(results == Array(repeating: 0, count: waiting))
+        #expect(codes == Array(repeating: 0, count: ProcessInfo.processInfo.activeProcessorCount + 1))
     }
 
     @Test("blocking work run off the pool (API reads) by more tests than the pool has threads leaves it free")
     func offPoolLeavesThePoolFree() async throws {
         let flag = tempPath("flag")
         defer { unlink(flag) }
-        // As above, with work that blocks its thread (as a socket read with a timeout does)
-        // until a task on the pool makes the flag; on the pool itself it would give up at 20 s.
-        let waiting = ProcessInfo.processInfo.activeProcessorCount + 1
-        let seen = try await withThrowingTaskGroup(of: Bool?.self) { group in
-            for _ in 0..<waiting {
-                group.addTask {
-                    try await offPool { () -> Bool in
-                        let deadline = Date().addingTimeInterval(20)
-                        while access(flag, F_OK) != 0 && Date() < deadline { usleep(20_000) }
-                        return access(flag, F_OK) == 0
-                    }
-                }
+        // Work that blocks its thread (as a socket read with a timeout does) until the flag
+        // exists; on the pool itself it would give up at 20 s.
+        let seen = try await morePoolWaitersThanThreads(makingFlag: flag) {
+            try await offPool { () -> Bool in
+                let deadline = Date().addingTimeInterval(20)
+                while access(flag, F_OK) != 0 && Date() < deadline { usleep(20_000) }
+                return access(flag, F_OK) == 0
             }
+        }
+        #expect(seen == Array(repeating: true, count: ProcessInfo.processInfo.activeProcessorCount + 1))
+    }
+
+    /// Runs `waiter` in one more task than the pool has threads, beside a task on the pool
+    /// that makes `flag` after 200 ms (the only way the waiters can end early); their results.
+    private func morePoolWaitersThanThreads<T: Sendable>(makingFlag flag: String,
+                                                         _ waiter: @escaping @Sendable () async throws -> T) async throws -> [T] {
+        try await withThrowingTaskGroup(of: T?.self) { group in
+            for _ in 0...ProcessInfo.processInfo.activeProcessorCount { group.addTask { try await waiter() } }
             group.addTask {
                 try await Task.sleep(for: .milliseconds(200))
                 #expect(FileManager.default.createFile(atPath: flag, contents: nil))
                 return nil
             }
-            var seen: [Bool] = []
-            for try await s in group { if let s { seen.append(s) } }
-            return seen
+            var results: [T] = []
+            for try await r in group { if let r { results.append(r) } }
+            return results
         }
-        #expect(seen == Array(repeating: true, count: waiting))
     }
 
     @Test("a listener the test holds is not inherited by the children tests start (ss would name them as listening)")
