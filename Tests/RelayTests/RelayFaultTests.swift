@@ -23,8 +23,7 @@ struct RelayFaultTests {
         defer { client.kill() }
         _ = try await client.waitForLines(1, timeout: 30) // bytes are flowing through the relay
         if fastPath == "sockmap" {
-            _ = try await poll(timeout: 10) { await metric(a, "flowtag_relay_fast_path_flows_total") == 1 ? true : nil }
-            #expect(await metric(a, "flowtag_relay_fast_path_flows_total") == 1, "the flow is on the fast path when the agent dies")
+            #expect(try await awaitMetric(a, "flowtag_relay_fast_path_flows_total") { $0 == 1 } == 1, "the flow is on the fast path when the agent dies")
         }
         kill(a.process.pid, SIGKILL)
         _ = try await a.process.wait(timeout: 20)
@@ -63,8 +62,7 @@ struct RelayFaultTests {
         defer { clients.forEach { $0.kill() } }
         if fastPath == "sockmap" {
             // Fast-path bytes are counted at the end: wait for the flows to be on it and moving.
-            _ = try await poll(timeout: 10) { await metric(a, "flowtag_relay_fast_path_flows_total") == 2 ? true : nil }
-            #expect(await metric(a, "flowtag_relay_fast_path_flows_total") == 2)
+            #expect(try await awaitMetric(a, "flowtag_relay_fast_path_flows_total") { $0 == 2 } == 2)
         }
         if fastPath == "copy" { _ = try await poll(timeout: 10) { (await relayHops(a)["from_process"] ?? 0) >= 20 << 20 ? true : nil } }
         kill(a.process.pid, SIGTERM)
@@ -154,8 +152,8 @@ struct RelayFaultTests {
             let first = try await names()
             #expect(await metric(a, "flowtag_relay_no_listener_total") == 1, "\(first)")
             #expect(try await relayedFlowCount(a) == 0)
-            _ = try await poll(timeout: 10, every: .milliseconds(50)) { (await metric(a, "flowtag_relay_listeners") ?? 0) >= 2 ? true : nil }
-            #expect(await metric(a, "flowtag_relay_listeners") == 2, "\(a.process.stderrText.suffix(1500))")
+            let listeners = try await awaitMetric(a, "flowtag_relay_listeners", every: .milliseconds(50)) { ($0 ?? 0) >= 2 }
+            #expect(listeners == 2, "\(a.process.stderrText.suffix(1500))")
             for _ in 0..<3 {
                 let r = try await names()
                 let me = try #require(r["sockname"] as? [Any]), saw = try #require(r["peer_saw"] as? [Any])

@@ -99,8 +99,8 @@ func fastPathStream(_ fastPath: String) -> String {
 /// Waits (up to 10 s) until the relay holds no connection: fast-path bytes are counted
 /// as each connection ends, a moment after its ends saw their FINs.
 func awaitRelayIdle(_ a: RunningAgent) async throws {
-    let idle = try await poll(timeout: 10) { await metric(a, "flowtag_relay_active_flows") == 0 ? true : nil }
-    #expect(idle == true, "\(a.metricsForMessage())")
+    let active = try await awaitMetric(a, "flowtag_relay_active_flows") { $0 == 0 }
+    #expect(active == 0, "\(a.metricsForMessage())")
 }
 
 /// On the fast path, the kernel moved bytes of `flows` connections (checked once they ended).
@@ -192,6 +192,17 @@ func metric(_ a: RunningAgent, _ name: String) async -> Int? {
     return nil
 }
 
+/// Reads one metric until `done` holds for it (up to `timeout` s); the last value read.
+func awaitMetric(_ a: RunningAgent, _ name: String, timeout: Double = 10, every: Duration = .milliseconds(10),
+                 until done: (Int?) -> Bool) async throws -> Int? {
+    var last: Int?
+    _ = try await poll(timeout: timeout, every: every) { () async -> Bool? in
+        last = await metric(a, name)
+        return done(last) ? true : nil
+    }
+    return last
+}
+
 /// Flows the relay has taken, from `flowtag stats -o json`.
 func relayedFlowCount(_ a: RunningAgent) async throws -> Int {
     (try await a.stats()["relayed_flows"] as? Int) ?? -1
@@ -213,7 +224,7 @@ func startListening(attempts: Int = 5, ports: () throws -> UInt16 = freeTCPPort,
     for _ in 0..<max(1, attempts) {
         let port = try ports()
         let server = try Child(try argv(port))
-        if try await waitForListener(port: port, server: server) {
+        if try await awaitListener(port: port, server: server) != nil {
             if !failures.isEmpty { print("started again on a new port: \(failures.joined(separator: "; "))") }
             return (server, port)
         }
@@ -234,28 +245,20 @@ func listenerInode(port: UInt16, server: Child) async -> String? {
     return nil
 }
 
-/// Waits (up to 10 s) until `server` listens on `port` with a socket other than `previous`:
-/// a server that closes its listener after each client (iperf3) is ready again only then.
-func awaitNewListener(port: UInt16, server: Child, previous: String?) async throws -> String? {
+/// The inode of `server`'s listener on `port` once it listens (within 10 s; nil at once if
+/// it exits) with a socket other than `previous`: a server that closes its listener after
+/// each client (iperf3) is ready again only then.
+func awaitListener(port: UInt16, server: Child, replacing previous: String? = nil) async throws -> String? {
+    func fresh() async -> String? {
+        guard let inode = await listenerInode(port: port, server: server), inode != previous else { return nil }
+        return inode
+    }
     let deadline = ContinuousClock.now + .seconds(10)
     while server.isRunning, ContinuousClock.now < deadline {
-        if let inode = await listenerInode(port: port, server: server), inode != previous { return inode }
+        if let inode = await fresh() { return inode }
         try await Task.sleep(for: .milliseconds(20))
     }
-    return nil
-}
-
-/// Whether `server` listens on `port` within 10 s (false at once if it exits).
-private func waitForListener(port: UInt16, server: Child) async throws -> Bool {
-    func listening() async -> Bool {
-        let out = (try? await runCommand(["/usr/bin/ss", "-Htlnp", "sport = :\(port)"]))?.1 ?? ""
-        return out.contains("pid=\(server.pid),")
-    }
-    let deadline = ContinuousClock.now + .seconds(10)
-    while await !listening(), server.isRunning, ContinuousClock.now < deadline {
-        try await Task.sleep(for: .milliseconds(20))
-    }
-    return await listening()
+    return await fresh()
 }
 
 /// A file of `size` seeded random bytes and its sha256 (hex).

@@ -84,7 +84,7 @@ struct RelayRealClientsTests {
             // client started in between is refused (and, relayed, reset on its first read).
             var listener: String? = nil
             for reverse in [false, true] {
-                listener = try await awaitNewListener(port: port, server: server, previous: listener)
+                listener = try await awaitListener(port: port, server: server, replacing: listener)
                 try #require(listener != nil, "iperf3 -s is not listening again on \(port): \(socketState(port: port))")
                 let (rc, out, err) = try await runCommand(a.cgroup.wrap(["/usr/bin/iperf3", "-c", "127.0.0.1", "-p", "\(port)", "-t", "2", "-J"]
                                                                   + (reverse ? ["-R"] : [])), timeout: 60)

@@ -333,8 +333,8 @@ struct RelayStreamTests {
                 // is about a blocking reader on the kernel's path.
                 let c = try Child(a.cgroup.wrap([Paths.python, Paths.relayPeer, "blocking", "--wait-go"] + args))
                 _ = try await c.waitForLines(1, timeout: 30)
-                let onFastPath = try await poll(timeout: 30) { await metric(a, "flowtag_relay_fast_path_flows_total") == 1 ? true : nil }
-                try #require(onFastPath == true, "the flow never went on the fast path: \(a.metricsForMessage())")
+                let onFastPath = try await awaitMetric(a, "flowtag_relay_fast_path_flows_total", timeout: 30) { $0 == 1 }
+                try #require(onFastPath == 1, "the flow never went on the fast path: \(a.metricsForMessage())")
                 c.send("go")
                 let status = try await c.wait(timeout: 120)
                 r = try #require(c.jsonLines.last, "blocking exited \(status): \(c.stderrText)")

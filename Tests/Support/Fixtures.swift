@@ -89,19 +89,20 @@ final class RunningAgent: @unchecked Sendable {
     }
 
     func metrics() async throws -> String {
-        try await runCommand(["/usr/bin/curl", "-s", "-m", "10", try metricsURL()]).1
+        try await runCommand(try metricsCommand()).1
     }
 
     /// `metrics()` for a failure message (an autoclosure cannot await): blocks its thread.
     func metricsForMessage() -> String {
-        guard let url = try? metricsURL() else { return "no metrics address" }
-        return (try? runQuickCommand(["/usr/bin/curl", "-s", "-m", "10", url]))?.1 ?? "curl failed"
+        guard let command = try? metricsCommand() else { return "no metrics address" }
+        return (try? runQuickCommand(command))?.1 ?? "curl failed"
     }
 
-    private func metricsURL() throws -> String {
+    /// curl of the agent's /metrics (its address is in the agent's first lines).
+    private func metricsCommand() throws -> [String] {
         guard let line = process.stderrText.split(separator: "\n").first(where: { $0.contains("metrics on http://") }),
               let url = line.split(separator: " ").first(where: { $0.hasPrefix("http://") }) else { throw TestFailure("no metrics address") }
-        return String(url)
+        return ["/usr/bin/curl", "-s", "-m", "10", String(url)]
     }
 
     /// Resident memory of the agent, bytes.
