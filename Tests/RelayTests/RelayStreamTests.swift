@@ -426,8 +426,9 @@ struct RelayStreamTests {
             let served = try await server.waitForLines(2)
             #expect(served.compactMap { $0["sha"] as? String } == wanted, "the server got the receive-side edit: \(served)")
             #expect(served.compactMap { $0["peer_port"] as? Int } == clientPorts, "the server's accept names the real client: \(served)")
-            #expect(try await relayedFlowCount(a) == 2)
-            #expect(try await a.stats()["relay_inbound_redirected"] as? Int == 2)
+            let stats = try await a.stats()
+            #expect(stats["relayed_flows"] as? Int == 2, "\(stats)\n\(a.process.stderrText.suffix(2000))")
+            #expect(stats["relay_inbound_redirected"] as? Int == 2, "\(stats)")
             // The journal has the server's flows, inbound from the client's port, owned by the server.
             try await Task.sleep(for: .milliseconds(1500))
             let (rc, out, err) = try await a.cli(["history", "--since", "10m", "--port", "\(port)", "-o", "json"])

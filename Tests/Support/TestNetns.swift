@@ -14,7 +14,9 @@ final class TestNetns: @unchecked Sendable {
     init() throws {
         name = String(uniqueName("relay").suffix(40))
         let n = nameCounter.add(1, ordering: .relaxed).newValue
-        let tag = "\(getpid() % 100000)\(n % 100)"
+        // Fixed widths (pid, counter): "\(pid)\(n)" made pid 8306 n 68 and pid 830 n 668 one
+        // name. 3 + 12 characters: an interface name's limit.
+        let tag = String(format: "%07d%05d", Int(getpid()), n % 100_000)
         let hostIf = "fth\(tag)", nsIf = "ftn\(tag)"
         hostAddress = "10.\(200 + n % 50).\(getpid() % 250).1"
         nsAddress = "10.\(200 + n % 50).\(getpid() % 250).2"
