@@ -39,6 +39,49 @@ struct RelayFixtureTests {
         #expect(server.isRunning)
     }
 
+    @Test("a claim another process holds is refused until that process dies; two claims of one index conflict in one process too")
+    func hostClaimsAreExclusive() async throws {
+        let claims = HostClaims(path: tempPath("claims"))
+        defer { unlink(claims.path) }
+        let holder = try await holdClaims(claims, from: 7, count: 1)
+        defer { holder.kill() }
+        #expect(try claims.claim(7) == nil, "byte 7 is the other process's")
+        let mine = try #require(try claims.claim(8))
+        #expect(try claims.claim(8) == nil, "a second claim of 8 in this process")
+        mine.release()
+        #expect(try claims.claim(8) != nil, "8 after its release")
+        holder.kill()
+        #expect(try await holder.wait(timeout: 10) != 0)
+        #expect(try claims.claim(7) != nil, "7 once its holder died")
+    }
+
+    @Test("freeTCPPort skips ports another test process claimed: with all of them claimed it fails, naming why")
+    func freeTCPPortHonoursClaims() async throws {
+        let claims = HostClaims(path: tempPath("claims"))
+        defer { unlink(claims.path) }
+        let holder = try await holdClaims(claims, from: 0, count: 65_536)
+        defer { holder.kill() }
+        let error = #expect(throws: TestFailure.self) { try freeTCPPort(claims: claims) }
+        #expect("\(error.map { "\($0)" } ?? "")".contains("unclaimed TCP port"), "\(String(describing: error))")
+        holder.kill()
+        #expect(try await holder.wait(timeout: 10) != 0)
+        let port = try freeTCPPort(claims: claims)
+        #expect(port >= 10_000)
+    }
+
+    /// A python process holding `count` claims from `from` until killed.
+    private func holdClaims(_ claims: HostClaims, from: Int, count: Int) async throws -> Child {
+        let holder = try Child([Paths.python, "-c", """
+            import fcntl, os, struct, sys, time
+            fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack('hhqqi4x', fcntl.F_WRLCK, os.SEEK_SET, \(from), \(count), 0))
+            print('{"held": true}', flush=True)
+            time.sleep(120)
+            """, claims.path])
+        _ = try await holder.waitForLines(1)
+        return holder
+    }
+
     @Test("a poller starved past its deadline still finds what appeared while it was held up")
     func starvedPollerLooksOnceMore() async throws {
         // Its first look is held up past the deadline (as a poller on a busy pool is), and

@@ -26,20 +26,28 @@ func startServer(mode: String = "echo", bind: String = "127.0.0.1", netns: Strin
 
 /// A TCP port nothing is bound to now (127.0.0.1 and ::1), below the kernel's ephemeral
 /// range: no client's source port can take it before the test's server binds it (other
-/// suites run at the same time). Spread by process id and a counter.
-func freeTCPPort() throws -> UInt16 {
+/// suites run at the same time). Spread by process id and a counter, and claimed host-wide
+/// (HostClaims), since being unbound is not enough: an inbound rule names a port nothing
+/// may be bound to yet.
+func freeTCPPort(claims: HostClaims = .shared) throws -> UInt16 {
     let range = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? "32768"
     let low = range.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).first.flatMap { Int($0) } ?? 32768
     let span = max(1, low - 10_000)
     for _ in 0..<2000 {
         let n = Int(portCounter.add(1, ordering: .relaxed).newValue)
         let port = UInt16(10_000 + (Int(getpid()) * 7919 + n * 104_729) % span)
-        if bindable(port, family: AF_INET) && bindable(port, family: AF_INET6) { return port }
+        guard bindable(port, family: AF_INET) && bindable(port, family: AF_INET6),
+              let claim = try claims.claim(Int(port)) else { continue }
+        heldPortClaims.withLock { $0.append(claim) }
+        return port
     }
-    throw TestFailure("no free TCP port below \(low)")
+    throw TestFailure("no free, unclaimed TCP port below \(low) (claims in \(claims.path))")
 }
 
 private let portCounter = Atomic<Int>(0)
+/// Held for the process's life: an inbound rule takes a port's connections host-wide, so
+/// another test process must not pick the port while this one's agent may still steer it.
+private let heldPortClaims = Mutex<[Claim]>([])
 
 private func bindable(_ port: UInt16, family: Int32) -> Bool {
     let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -218,7 +226,7 @@ func socketState(port: UInt16) -> String {
 /// listens. A port is free only when picked: a server that exits before it listens (another
 /// suite bound the port first) is started again on the next port, up to `attempts` times;
 /// any other server that does not listen fails the test here, with its stderr.
-func startListening(attempts: Int = 5, ports: () throws -> UInt16 = freeTCPPort,
+func startListening(attempts: Int = 5, ports: () throws -> UInt16 = { try freeTCPPort() },
                     _ argv: (UInt16) throws -> [String]) async throws -> (Child, UInt16) {
     var failures: [String] = []
     for _ in 0..<max(1, attempts) {

@@ -10,6 +10,11 @@ final class TestNetns: @unchecked Sendable {
     let name: String
     let hostAddress: String
     let nsAddress: String
+    private let subnetClaim: Claim
+
+    /// The /30s 10.200.0.0 to 10.249.255.252, one per claim (HostClaims): other test
+    /// processes on the host make namespaces too.
+    static let subnetCount = 50 * 256 * 64
 
     init() throws {
         name = String(uniqueName("relay").suffix(40))
@@ -18,8 +23,17 @@ final class TestNetns: @unchecked Sendable {
         // name. 3 + 12 characters: an interface name's limit.
         let tag = String(format: "%07d%05d", Int(getpid()), n % 100_000)
         let hostIf = "fth\(tag)", nsIf = "ftn\(tag)"
-        hostAddress = "10.\(200 + n % 50).\(getpid() % 250).1"
-        nsAddress = "10.\(200 + n % 50).\(getpid() % 250).2"
+        let start = (Int(getpid()) &* 64 &+ n) % Self.subnetCount
+        var found: (Int, Claim)?
+        for step in 0..<4096 where found == nil {
+            let i = (start + step) % Self.subnetCount
+            if let c = try HostClaims.shared.claim(HostClaims.subnetBase + i) { found = (i, c) }
+        }
+        guard let (i, claim) = found else { throw TestFailure("no free test subnet (4096 claimed)") }
+        subnetClaim = claim
+        let net = "10.\(200 + i / (256 * 64)).\(i / 64 % 256).", first = i % 64 * 4
+        hostAddress = net + "\(first + 1)"
+        nsAddress = net + "\(first + 2)"
         for argv in [["netns", "add", name], ["-n", name, "link", "set", "lo", "up"],
                      ["link", "add", hostIf, "type", "veth", "peer", "name", nsIf, "netns", name],
                      ["addr", "add", hostAddress + "/30", "dev", hostIf], ["link", "set", hostIf, "up"],
@@ -33,5 +47,8 @@ final class TestNetns: @unchecked Sendable {
     /// argv run inside the namespace.
     func wrap(_ argv: [String]) -> [String] { ["/usr/sbin/ip", "netns", "exec", name] + argv }
 
-    func remove() { _ = try? runQuickCommand(["/usr/sbin/ip", "netns", "del", name]) }
+    func remove() {
+        _ = try? runQuickCommand(["/usr/sbin/ip", "netns", "del", name])
+        subnetClaim.release()
+    }
 }
