@@ -47,7 +47,7 @@ func freeTCPPort(claims: HostClaims = .shared) throws -> UInt16 {
 private let portCounter = Atomic<Int>(0)
 /// Held for the process's life: an inbound rule takes a port's connections host-wide, so
 /// another test process must not pick the port while this one's agent may still steer it.
-private let heldPortClaims = Mutex<[Claim]>([])
+private let heldPortClaims = Mutex<[HostClaims.Claim]>([])
 
 private func bindable(_ port: UInt16, family: Int32) -> Bool {
     let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)

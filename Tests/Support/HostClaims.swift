@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -17,8 +18,8 @@ struct HostClaims: Sendable {
     /// Port claims use bytes 0–65535; other kinds start here.
     static let subnetBase = 65_536
 
-    /// Claims `index` for as long as the returned claim lives (or the process, if it is
-    /// never released); nil when another claim holds it.
+    /// Claims `index` until the claim is released or dropped (or the process ends); nil
+    /// when another claim holds it.
     func claim(_ index: Int) throws -> Claim? {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw TestFailure("open \(path): \(String(cString: strerror(errno)))") }
@@ -38,13 +39,18 @@ struct HostClaims: Sendable {
 
     /// F_OFD_SETLK: Glibc's module hides it (it needs _GNU_SOURCE); 37 on every Linux.
     static let fOFDSetLock: Int32 = 37
-}
 
-/// One held claim; `release()` (or the process's end) gives it up.
-final class Claim: @unchecked Sendable {
-    private var fd: Int32
-    init(fd: Int32) { self.fd = fd }
-    func release() {
-        if fd >= 0 { close(fd); fd = -1 }
+    /// One held claim: its own open file description (close-on-exec, so no child keeps it).
+    final class Claim: Sendable {
+        private let fd: Mutex<Int32>
+        fileprivate init(fd: Int32) { self.fd = Mutex(fd) }
+        deinit { release() }
+
+        func release() {
+            fd.withLock {
+                if $0 >= 0 { close($0) }
+                $0 = -1
+            }
+        }
     }
 }
