@@ -267,6 +267,46 @@ struct KernelFlowTests {
         }
     }
 
+    @Test("a listener older than the programs: its accepted sockets belong to the process that accepts, receives or sends (seeded); one nobody touched is unknown")
+    func acceptedOnOlderListener() async throws {
+        let cg = try TestCgroup()
+        defer { cg.remove() }
+        let p = try Child(cg.wrap([Paths.python, Paths.peer, "accept-variants", "wait"]))
+        defer { p.kill() }
+        _ = try await p.waitForLines(1)
+        let h = try KernelHarness(cgroup: cg)
+        do {
+            p.send("go")
+            let lines = try await p.waitForLines(5)
+            let cases = lines.dropFirst()
+            #expect(cases.allSatisfy { $0["status"] as? Int == 0 }, "\(lines)")
+            let ports = Set(cases.compactMap { $0["client_port"] as? Int })
+            let evs = try await h.waitFor("four inbound flows opened and closed") { evs in
+                evs.filter { $0.isClose && $0.record.direction == .inbound && ports.contains(Int($0.record.remote.port)) }.count == 4
+            }
+            for c in cases {
+                let name = c["case"] as? String ?? "?"
+                let port = try #require(c["client_port"] as? Int), acceptor = try #require(c["acceptor"] as? Int)
+                let opens = evs.filter { $0.isOpen && $0.record.direction == .inbound && Int($0.record.remote.port) == port }
+                #expect(opens.count == 1, "\(name): \(opens.count) open events")
+                guard let open = opens.first?.record else { continue }
+                if name == "null-nothing" {
+                    // No process acted on it and the listener has no stamp: nobody is known.
+                    #expect(open.process.pid == 0 && open.attribution == .unknown, "\(name): \(open.process) \(open.attribution)")
+                } else {
+                    // The stamp names the acceptor; the process (forked from one older than
+                    // the programs) is described from /proc, hence seeded.
+                    #expect(open.process.pid == UInt32(acceptor) && open.attribution == .seeded && open.process.exe == Self.pythonExe,
+                            "\(name): \(open.process) \(open.attribution)")
+                }
+            }
+            await h.shutdown()
+        } catch {
+            await h.shutdown()
+            throw error
+        }
+    }
+
     @Test("the same 5-tuple in two network namespaces is two flows")
     func sameTupleTwoNamespaces() async throws {
         let namespaces = [uniqueName("a"), uniqueName("b")].map { String($0.suffix(40)) }

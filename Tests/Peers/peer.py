@@ -103,14 +103,17 @@ def connect_from(port, src_port):
     s.sendall(b"hi"); s.close()
     print(json.dumps({"pid": os.getpid()}), flush=True)
 
-def accept_variants():
+def accept_variants(wait=""):
     """A listener in this process; for each case a forked child accepts one connection
     that this process makes: with the peer's address (Python's accept), or with
-    accept(fd, NULL, NULL) followed by a receive, a send, or nothing."""
+    accept(fd, NULL, NULL) followed by a receive, a send, or nothing. With "wait", the
+    cases start when told on stdin (the listener is older than the programs)."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(8)
     print(json.dumps({"listener_owner": os.getpid(), "port": l.getsockname()[1]}), flush=True)
+    if wait == "wait":
+        sys.stdin.readline()
     for case in ("addr", "null-recv", "null-send", "null-nothing"):
         c = socket.socket()
         pid = os.fork()
@@ -253,7 +256,7 @@ if __name__ == "__main__":
      "wait-connect": lambda: wait_connect(args[0]),
      "connect-from": lambda: connect_from(args[0], args[1]),
      "listen-once": lambda: listen_once(args[0]),
-     "accept-variants": accept_variants,
+     "accept-variants": lambda: accept_variants(*args),
      "storm": lambda: storm(args[0], args[1], args[2], args[3]),
      "connect-loop": lambda: connect_loop(*args),
      "reconnect": lambda: reconnect(args[0]),

@@ -63,11 +63,13 @@ static __always_inline void tcp_established(struct bpf_sock_ops *skops, __u8 dir
         relay_inbound_server(fp);
         /* Until accept the owner is the listener's (cloned): report at accept. The
          * socket's own stamp is marked inherited too, so the process hooks know to
-         * claim it (see claim_accepted). */
+         * claim it (see claim_accepted). A listener older than the programs has no
+         * stamp to clone: the socket gets an empty one (the flow stays unknown until
+         * a process claims it). */
         if (fp->owner.attribution == FT_ATTR_KERNEL)
             fp->owner.attribution = FT_ATTR_INHERITED;
         fp->flags |= FT_FLOW_PENDING_ACCEPT;
-        struct ft_sock_state *st = sk ? bpf_sk_storage_get(&ft_sk_state, sk, 0, 0) : 0;
+        struct ft_sock_state *st = sk ? bpf_sk_storage_get(&ft_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : 0;
         if (st)
             st->owner.attribution = FT_ATTR_INHERITED;
     }
