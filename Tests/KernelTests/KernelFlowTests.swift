@@ -243,20 +243,8 @@ struct KernelFlowTests {
     func acceptedSocketOwners() async throws {
         try await withKernel { h in
             let p = try Child(h.cgroup.wrap([Paths.python, Paths.peer, "accept-variants"]))
-            let lines = try await p.waitForLines(5)
-            let listenerOwner = try #require(lines[0]["listener_owner"] as? Int)
-            let cases = lines.dropFirst()
-            #expect(cases.allSatisfy { $0["status"] as? Int == 0 }, "\(lines)")
-            let ports = Set(cases.compactMap { $0["client_port"] as? Int })
-            let evs = try await h.waitFor("four inbound flows opened and closed") { evs in
-                evs.filter { $0.isClose && $0.record.direction == .inbound && ports.contains(Int($0.record.remote.port)) }.count == 4
-            }
-            for c in cases {
-                let name = c["case"] as? String ?? "?"
-                let port = try #require(c["client_port"] as? Int), acceptor = try #require(c["acceptor"] as? Int)
-                let opens = evs.filter { $0.isOpen && $0.record.direction == .inbound && Int($0.record.remote.port) == port }
-                #expect(opens.count == 1, "\(name): \(opens.count) open events")
-                guard let open = opens.first?.record else { continue }
+            let listenerOwner = try #require(try await p.waitForLines(1)[0]["listener_owner"] as? Int)
+            for (name, acceptor, open) in try await acceptVariantOpens(p, h) {
                 if name == "null-nothing" {
                     // Nobody acted on it in process context: reported at close with the listener's owner.
                     #expect(open.process.pid == UInt32(listenerOwner) && open.attribution == .inherited, "\(name): \(open.process) \(open.attribution)")
@@ -277,19 +265,7 @@ struct KernelFlowTests {
         let h = try KernelHarness(cgroup: cg)
         do {
             p.send("go")
-            let lines = try await p.waitForLines(5)
-            let cases = lines.dropFirst()
-            #expect(cases.allSatisfy { $0["status"] as? Int == 0 }, "\(lines)")
-            let ports = Set(cases.compactMap { $0["client_port"] as? Int })
-            let evs = try await h.waitFor("four inbound flows opened and closed") { evs in
-                evs.filter { $0.isClose && $0.record.direction == .inbound && ports.contains(Int($0.record.remote.port)) }.count == 4
-            }
-            for c in cases {
-                let name = c["case"] as? String ?? "?"
-                let port = try #require(c["client_port"] as? Int), acceptor = try #require(c["acceptor"] as? Int)
-                let opens = evs.filter { $0.isOpen && $0.record.direction == .inbound && Int($0.record.remote.port) == port }
-                #expect(opens.count == 1, "\(name): \(opens.count) open events")
-                guard let open = opens.first?.record else { continue }
+            for (name, acceptor, open) in try await acceptVariantOpens(p, h) {
                 if name == "null-nothing" {
                     // No process acted on it and the listener has no stamp: nobody is known.
                     #expect(open.process.pid == 0 && open.attribution == .unknown, "\(name): \(open.process) \(open.attribution)")
@@ -305,6 +281,28 @@ struct KernelFlowTests {
             await h.shutdown()
             throw error
         }
+    }
+
+    /// The four cases of peer.py's accept-variants (its listener line already read): each
+    /// case's name, the process that accepted, and its flow's one open event.
+    private func acceptVariantOpens(_ p: Child, _ h: KernelHarness) async throws -> [(String, Int, FlowRecord)] {
+        let lines = try await p.waitForLines(5)
+        let cases = lines.dropFirst()
+        #expect(cases.allSatisfy { $0["status"] as? Int == 0 }, "\(lines)")
+        let ports = Set(cases.compactMap { $0["client_port"] as? Int })
+        let evs = try await h.waitFor("four inbound flows opened and closed") { evs in
+            evs.filter { $0.isClose && $0.record.direction == .inbound && ports.contains(Int($0.record.remote.port)) }.count == 4
+        }
+        var opens: [(String, Int, FlowRecord)] = []
+        for c in cases {
+            let name = c["case"] as? String ?? "?"
+            let port = try #require(c["client_port"] as? Int), acceptor = try #require(c["acceptor"] as? Int)
+            let found = evs.filter { $0.isOpen && $0.record.direction == .inbound && Int($0.record.remote.port) == port }
+            #expect(found.count == 1, "\(name): \(found.count) open events")
+            if let open = found.first?.record { opens.append((name, acceptor, open)) }
+        }
+        #expect(opens.count == 4, "\(opens.map(\.0)) of four cases")
+        return opens
     }
 
     @Test("the same 5-tuple in two network namespaces is two flows")
